@@ -1,0 +1,50 @@
+# Two commands on a fresh machine: `make run` (the whole DAG on embedded defaults) and `make test`.
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+# Embedded defaults: everything lives under ./var (Airflow SQLite metadata, MLflow SQLite store, data, cache).
+export RECSYS_HOME ?= $(CURDIR)/var
+export AIRFLOW_HOME ?= $(RECSYS_HOME)/airflow
+export AIRFLOW__CORE__DAGS_FOLDER ?= $(CURDIR)/dags
+export AIRFLOW__CORE__PLUGINS_FOLDER ?= $(CURDIR)/plugins
+export AIRFLOW__CORE__LOAD_EXAMPLES ?= False
+export AIRFLOW__CORE__UNIT_TEST_MODE ?= False
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+
+.PHONY: help install java run test lock clean
+
+help:
+	@echo "make run    set up, then run the whole DAG (airflow dags test movielens_recsys)"
+	@echo "make test   set up, then run the test suite"
+	@echo "make lock   re-resolve setup.cfg's ranges into constraints.txt"
+
+java:
+	@command -v java >/dev/null 2>&1 || { echo "Java 17 or 21 is required by Spark 4 and was not found: install OpenJDK 17 (e.g. apt-get install openjdk-17-jre-headless) or set JAVA_HOME." >&2; exit 1; }
+	@v=$$(java -version 2>&1 | sed -n 's/.*version "\([0-9]*\).*/\1/p' | head -1); \
+	if [ -z "$$v" ] || [ "$$v" -lt 17 ]; then echo "Java 17 or 21 is required by Spark 4; found Java '$$v' ($$(command -v java))." >&2; exit 1; fi
+
+$(STAMP): setup.cfg pyproject.toml constraints.txt
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "$(PYTHON) not found: Python 3.11 is required (set PYTHON=...)." >&2; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+install: java $(STAMP)
+
+run: install
+	$(BIN)/airflow db migrate >/dev/null
+	$(BIN)/airflow dags test movielens_recsys
+
+test: install
+	$(BIN)/python -m pytest
+
+lock:
+	rm -rf /tmp/recsys-lock && $(PYTHON) -m venv /tmp/recsys-lock
+	/tmp/recsys-lock/bin/pip install --quiet -e '.[dev]'
+	( head -2 constraints.txt; /tmp/recsys-lock/bin/pip freeze --exclude-editable ) > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+
+clean:
+	rm -rf var .pytest_cache

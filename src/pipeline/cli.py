@@ -1,0 +1,104 @@
+"""``recsys``: run the pipeline's stages in-process, with the same Params the DAG has.
+
+    recsys run --source SRC --work-dir DIR [--stages a,b,...] [--param NAME=VALUE ...]
+    recsys params
+    recsys settings
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from pipeline import __version__, storage
+from pipeline.errors import RecsysError
+from pipeline.params import PARAMS, parse_cli_param
+
+
+def _cmd_run(args) -> int:
+    from pipeline import stages
+    from pipeline.settings import load_settings
+
+    params = dict(parse_cli_param(p) for p in args.param)
+    if args.source:
+        params["source"] = args.source
+    names = stages.parse_stages(args.stages)
+    work_dir = Path(args.work_dir).resolve() if args.work_dir else None
+    run_id = args.run_id
+    if run_id is None and work_dir and "ingest" not in names and (work_dir / stages.REPORT).exists():
+        run_id = storage.read_json(work_dir / stages.REPORT).get("run_id")  # continue that run
+    ctx = stages.make_context(run_id=run_id, work_dir=work_dir, params=params, settings=load_settings())
+    if "ingest" in names and (ctx.run_dir / stages.REPORT).exists():
+        (ctx.run_dir / stages.REPORT).unlink()  # a run from ingest on starts a fresh report
+    report = stages.run_pipeline(ctx, names)
+    print(json.dumps({"report": str(ctx.run_dir / stages.REPORT), "run_id": ctx.run_id,
+                      "timings_s": report.get("timings_s", {})}, indent=2))
+    return 0
+
+
+def _cmd_params(args) -> int:
+    if args.json:
+        print(json.dumps([{"name": p.name, "default": p.default, "description": p.description,
+                           **p.json_schema()} for p in PARAMS], indent=2))
+        return 0
+    for p in PARAMS:
+        print(f"{p.name} = {json.dumps(p.default)}  ({p.type}{', one of ' + str(list(p.enum)) if p.enum else ''})")
+        print(f"    {p.description}")
+    return 0
+
+
+def _cmd_settings(args) -> int:
+    from pipeline.settings import load_settings
+
+    print(json.dumps(load_settings().public_dict(), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="recsys", description="MovieLens recommender pipeline")
+    parser.add_argument("--version", action="version", version=f"recsys {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run stages in this process and write <work-dir>/report.json")
+    run.add_argument("--source", help="grouplens:<name>, a local folder or .zip, or s3://bucket/prefix "
+                                      "(default: RECSYS_SOURCE / MOVIELENS_DIR / grouplens:ml-latest-small)")
+    run.add_argument("--work-dir", help="the run folder (default: <data_root>/runs/<run_id>)")
+    run.add_argument("--stages", help="comma-separated stages to run (default: all, in pipeline order)")
+    run.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                     help="override a Param; VALUE is JSON (see `recsys params`)")
+    run.add_argument("--run-id", help="run id (default: a new one, or the work dir's when continuing)")
+    run.set_defaults(func=_cmd_run)
+
+    params = sub.add_parser("params", help="list the Params with defaults and descriptions")
+    params.add_argument("--json", action="store_true")
+    params.set_defaults(func=_cmd_params)
+
+    settings = sub.add_parser("settings", help="print the effective settings")
+    settings.set_defaults(func=_cmd_settings)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("py4j", "great_expectations", "urllib3", "botocore", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        return args.func(args)
+    except RecsysError as exc:
+        print(f"recsys: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

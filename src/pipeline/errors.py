@@ -1,0 +1,37 @@
+"""The project's own exception types: errors a user can cause, with a message saying what and where."""
+
+
+class RecsysError(Exception):
+    """Base class: the command line prints the message and exits non-zero."""
+
+    exit_code = 1
+
+
+class ConfigError(RecsysError):
+    """A setting or Param has a value the pipeline cannot use."""
+
+    exit_code = 2
+
+
+class SourceError(RecsysError):
+    """The dataset source cannot be reached, downloaded or recognised."""
+
+    exit_code = 3
+
+
+class DataFormatError(RecsysError):
+    """A file cannot be read as the table it should hold (bad bytes, truncated row, wrong delimiter)."""
+
+    exit_code = 4
+
+
+class DataValidationError(RecsysError):
+    """A table failed its expectation suite (table-level failure, or too many bad rows)."""
+
+    exit_code = 5
+
+
+class StageError(RecsysError):
+    """A stage was asked to run without the outputs of the stages it depends on."""
+
+    exit_code = 6

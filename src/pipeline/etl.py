@@ -1,0 +1,117 @@
+"""Stage ``etl`` (Spark): dense user/movie indices and the persisted train/validation/test split.
+
+Indices follow the seed's ``userIndex``/``movieIndex``: Spark's StringIndexer, most frequent first (ties in
+the ids' string order), kept as mapping tables. The split is per user: each user's ratings are ordered by a
+seeded hash of (user, movie) -- or by time, newest first, for the temporal strategy -- and the first
+``round(n * test_fraction)`` go to test, the next ``round(n * validation_fraction)`` to validation, the rest
+to train (never fewer than one training row per user). A hash, unlike ``rand()``, gives the same split
+whatever the partitioning, so the split is reproducible on any cluster.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from pipeline import storage
+
+SPLIT_COLUMNS = ["user_id", "movie_id", "rating", "ts", "user_idx", "movie_idx"]
+SPLITS = ("train", "validation", "test")
+
+
+def index_ids(ratings):
+    """(users, movies): mapping tables ``user_id -> user_idx`` and ``movie_id -> movie_idx`` (dense, 0-based)."""
+    from pyspark.ml.feature import StringIndexer
+    from pyspark.sql import functions as F
+
+    out = []
+    for col, idx in (("user_id", "user_idx"), ("movie_id", "movie_idx")):
+        model = StringIndexer(inputCol=col, outputCol=idx, stringOrderType="frequencyDesc").fit(ratings)
+        counts = ratings.groupBy(col).agg(F.count(F.lit(1)).alias("n_ratings"))
+        mapping = model.transform(counts).select(col, F.col(idx).cast("int").alias(idx), "n_ratings")
+        out.append(mapping)
+    return tuple(out)
+
+
+def assign_split(ratings, strategy: str, seed: int, validation_fraction: float, test_fraction: float):
+    """``ratings`` with a ``split`` column: 'train' | 'validation' | 'test'."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    if strategy == "random":
+        order = [F.xxhash64(F.lit(seed), "user_id", "movie_id"), F.col("movie_id")]
+    elif strategy == "temporal":
+        order = [F.col("ts").desc(), F.col("movie_id").desc()]
+    else:
+        raise ValueError(f"unknown split strategy {strategy!r}")
+    by_user = Window.partitionBy("user_id")
+    n = F.count(F.lit(1)).over(by_user)
+    pos = F.row_number().over(by_user.orderBy(*order)) - 1
+    n_test = F.least(F.floor(n * test_fraction + 0.5), n - 1)
+    n_val = F.greatest(F.least(F.floor(n * validation_fraction + 0.5), n - 1 - n_test), F.lit(0))
+    return (
+        ratings.withColumn("_n", n)
+        .withColumn("_pos", pos)
+        .withColumn("_n_test", n_test)
+        .withColumn("_n_val", n_val)
+        .withColumn(
+            "split",
+            F.when(F.col("_pos") < F.col("_n_test"), "test")
+            .when(F.col("_pos") < F.col("_n_test") + F.col("_n_val"), "validation")
+            .otherwise("train"),
+        )
+        .drop("_n", "_pos", "_n_test", "_n_val")
+    )
+
+
+def rows_fingerprint(df) -> str:
+    """Order-independent fingerprint of (user_id, movie_id, rating, ts) rows: same rows, same value."""
+    from pyspark.sql import functions as F
+
+    row = df.agg(
+        F.count(F.lit(1)).alias("n"),
+        F.sum(F.xxhash64("user_id", "movie_id", "rating", "ts").cast("decimal(38,0)")).alias("h"),
+    ).first()
+    return hashlib.sha256(f"{row['n']}:{row['h']}".encode()).hexdigest()[:16]
+
+
+def split_ratings(spark, validate_dir: Path, out_dir: Path, strategy: str = "random", seed: int = 42,
+                  validation_fraction: float = 0.1, test_fraction: float = 0.1) -> dict:
+    """Index ids, split the validated ratings and persist splits, index tables and a manifest."""
+    from pyspark.sql import functions as F
+
+    manifest = storage.read_manifest(validate_dir, "etl")
+    ratings = spark.read.parquet(manifest["tables"]["ratings"]["path"]).select("user_id", "movie_id", "rating", "ts")
+    users, movies = index_ids(ratings)
+    indexed = ratings.join(F.broadcast(users.select("user_id", "user_idx")), "user_id").join(
+        F.broadcast(movies.select("movie_id", "movie_idx")), "movie_id"
+    )
+    split = assign_split(indexed, strategy, seed, validation_fraction, test_fraction).cache()
+    out_dir = Path(out_dir)
+    tables, counts, paths = {}, {}, {}
+    with storage.atomic_dir(out_dir) as tmp:
+        for name in SPLITS:
+            part = split.where(F.col("split") == name).select(*SPLIT_COLUMNS)
+            part.write.parquet(str(tmp / f"{name}.parquet"))
+            paths[name] = str(out_dir / f"{name}.parquet")
+        for name in SPLITS:  # counts and fingerprints from what was written, not from the plan
+            written = spark.read.parquet(str(tmp / f"{name}.parquet"))
+            counts[name] = written.count()
+            tables[name] = {"rows": counts[name], "path": paths[name], "columns": SPLIT_COLUMNS,
+                            "fingerprint": rows_fingerprint(written)}
+        for name, mapping in (("user_index", users), ("movie_index", movies)):
+            mapping.coalesce(1).write.parquet(str(tmp / f"{name}.parquet"))
+            tables[name] = {"rows": mapping.count(), "path": str(out_dir / f"{name}.parquet")}
+        summary = {
+            "strategy": strategy,
+            "seed": seed,
+            "train": counts["train"],
+            "validation": counts["validation"],
+            "test": counts["test"],
+            "test_fingerprint": tables["test"]["fingerprint"],
+            "paths": paths,
+        }
+        storage.write_manifest(tmp, "etl", tables, split=summary, dataset=manifest["dataset"],
+                               fractions={"validation": validation_fraction, "test": test_fraction})
+    split.unpersist()
+    return {"split": summary}

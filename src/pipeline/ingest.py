@@ -1,0 +1,328 @@
+"""Stage ``ingest``: fetch a MovieLens variant, detect its format and normalise it to the common schema.
+
+Sources: ``grouplens:<name>`` (downloaded once into the cache, checksum-verified), a local folder (or .zip),
+or ``s3://bucket/prefix`` (through boto3). Output: one parquet file per table plus ``manifest.json``.
+Parse failures (undecodable bytes, a row with the wrong number of fields, an empty file) stop here, naming
+the file and line; everything that parses goes on to validation, bad values included, so that row-level
+problems can be quarantined there with their reason.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import re
+import shutil
+import urllib.error
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from pipeline import storage
+from pipeline.errors import DataFormatError, SourceError
+from pipeline.movielens import FORMATS, GENRES_100K, HALF_STARS, Format, TableFile, detect_format
+
+log = logging.getLogger(__name__)
+
+_VARIANT_NAME = re.compile(r"^ml-[A-Za-z0-9-]+$")
+
+
+# --- sources ----------------------------------------------------------------------------------------------
+
+
+def _find_dataset_dir(root: Path) -> Path:
+    """``root`` itself, or its single sub-folder, whichever holds a known MovieLens format."""
+    candidates = [root] + sorted(p for p in root.iterdir() if p.is_dir())
+    for candidate in candidates:
+        if detect_format(p.name for p in candidate.iterdir() if p.is_file()):
+            return candidate
+    known = ", ".join("+".join(f.marker) for f in FORMATS)
+    found = sorted(p.name for p in root.iterdir())[:20]
+    raise SourceError(f"{root}: no MovieLens ratings file found (looked for {known}); the folder holds {found}")
+
+
+def _extract_zip(zip_path: Path, dest: Path) -> Path:
+    if not dest.exists():
+        try:
+            with storage.atomic_dir(dest) as tmp, zipfile.ZipFile(zip_path) as zf:
+                zf.extractall(tmp)
+        except zipfile.BadZipFile as exc:
+            raise SourceError(f"{zip_path}: not a valid zip archive ({exc})") from exc
+    return _find_dataset_dir(dest)
+
+
+def _http_get(url: str, dest: Path) -> None:
+    tmp = dest.with_name(f".tmp-{dest.name}")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as resp, open(tmp, "wb") as out:
+            shutil.copyfileobj(resp, out)
+    except (urllib.error.URLError, OSError) as exc:
+        tmp.unlink(missing_ok=True)
+        raise SourceError(f"cannot download {url}: {exc}") from exc
+    tmp.replace(dest)
+
+
+def fetch_grouplens(name: str, settings) -> Path:
+    """Download ``<grouplens_url>/<name>.zip`` into the cache once, verify its MD5, and extract it."""
+    if not _VARIANT_NAME.match(name):
+        raise SourceError(f"grouplens:{name}: not a MovieLens dataset name (expected e.g. ml-latest-small)")
+    cache = settings.cache_dir / "grouplens"
+    cache.mkdir(parents=True, exist_ok=True)
+    zip_path = cache / f"{name}.zip"
+    verified = cache / f"{name}.zip.sha256"
+    if not (zip_path.exists() and verified.exists() and verified.read_text().strip() == storage.file_sha256(zip_path)):
+        base = settings.grouplens_url.rstrip("/")
+        md5_path = cache / f"{name}.zip.md5"
+        _http_get(f"{base}/{name}.zip.md5", md5_path)
+        match = re.search(r"\b[0-9a-fA-F]{32}\b", md5_path.read_text(errors="replace"))
+        if not match:
+            raise SourceError(f"{base}/{name}.zip.md5 holds no MD5 checksum")
+        _http_get(f"{base}/{name}.zip", zip_path)
+        import hashlib
+
+        actual = hashlib.md5(zip_path.read_bytes()).hexdigest()
+        if actual != match.group(0).lower():
+            zip_path.unlink()
+            raise SourceError(
+                f"{base}/{name}.zip: checksum mismatch (MD5 {actual}, published {match.group(0).lower()}); "
+                "the download was discarded"
+            )
+        verified.write_text(storage.file_sha256(zip_path))
+        shutil.rmtree(cache / name, ignore_errors=True)
+    return _extract_zip(zip_path, cache / name)
+
+
+def resolve_source(source: str, settings) -> tuple[Path, str]:
+    """A local folder holding the dataset files, and the variant's name."""
+    if source.startswith("grouplens:"):
+        name = source.split(":", 1)[1]
+        return fetch_grouplens(name, settings), name
+    if source.startswith("s3://"):
+        bucket, prefix = storage.parse_s3_uri(source)
+        dest = settings.cache_dir / "s3" / bucket / (prefix or "_root")
+        folder = dest.parent / f".fetch-{dest.name}"
+        storage.download_s3_prefix(source, folder, settings)
+        if dest.exists():
+            shutil.rmtree(dest)
+        folder.rename(dest)
+        name = prefix.rsplit("/", 1)[-1] if prefix else bucket
+        return _find_dataset_dir(dest), name
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise SourceError(f"dataset source {source!r} does not exist (expected a folder, a .zip, "
+                          "grouplens:<name> or s3://bucket/prefix)")
+    if path.is_file() and path.suffix == ".zip":
+        dest = settings.cache_dir / "zips" / f"{path.stem}-{storage.file_sha256(path)[:12]}"
+        return _extract_zip(path, dest), path.stem
+    folder = _find_dataset_dir(path)
+    return folder, folder.name
+
+
+# --- reading one file -------------------------------------------------------------------------------------
+
+
+def _decode(data: bytes, path: Path, encodings: tuple[str, ...]) -> bytes:
+    """The file's bytes as UTF-8 (transcoded when the variant allows Latin-1); bad bytes name their line."""
+    try:
+        data.decode("utf-8")
+        return data
+    except UnicodeDecodeError as exc:
+        if "latin-1" in encodings:
+            return data.decode("latin-1").encode("utf-8")
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise DataFormatError(
+            f"{path}: line {line}: bytes {data[exc.start:exc.start + 4]!r} are not valid UTF-8 "
+            f"({exc.reason}); MovieLens CSV files are UTF-8"
+        ) from exc
+
+
+def _split_line(line: str, delimiter: str, quoted: bool) -> list[str]:
+    if quoted:
+        return next(csv.reader([line], delimiter=delimiter))
+    return line.split(delimiter)
+
+
+def _first_bad_row(text: str, delimiter: str, quoted: bool, ncols: int, first_line: int) -> tuple[int, str, int]:
+    for offset, line in enumerate(text.splitlines()):
+        if not line:
+            continue
+        fields = _split_line(line, delimiter, quoted)
+        if len(fields) != ncols:
+            return first_line + offset, line, len(fields)
+    return -1, "", ncols
+
+
+def read_table_file(path: Path, spec: TableFile) -> pa.Table:
+    """Read one file as strings (every column), with ``_line``, the line number of each row in the file."""
+    data = path.read_bytes()
+    if not data.strip():
+        raise DataFormatError(f"{path}: the file is empty ({len(data)} bytes): expected a {spec.table} table")
+    data = _decode(data, path, spec.encodings)
+    delimiter = spec.delimiter
+    if len(delimiter) > 1:  # ml-1m/10m '::' -- arrow wants one byte
+        data = data.replace(delimiter.encode(), b"\x1f")
+        delimiter = "\x1f"
+    text_head = data[: data.find(b"\n") if b"\n" in data else len(data)].decode("utf-8").rstrip("\r")
+    if spec.header:
+        names = [n.strip() for n in _split_line(text_head, delimiter, spec.quoted)]
+        skip = 1
+    else:
+        names = list(spec.columns)
+        skip = 0
+    try:
+        table = pacsv.read_csv(
+            io.BytesIO(data),
+            read_options=pacsv.ReadOptions(column_names=names, skip_rows=skip),
+            parse_options=pacsv.ParseOptions(delimiter=delimiter, quote_char='"' if spec.quoted else False),
+            convert_options=pacsv.ConvertOptions(
+                column_types={n: pa.string() for n in names}, strings_can_be_null=False,
+                quoted_strings_can_be_null=False,
+            ),
+        )
+    except pa.ArrowInvalid as exc:
+        body = data.decode("utf-8").split("\n", skip)[-1] if skip else data.decode("utf-8")
+        line, row, got = _first_bad_row(body, delimiter, spec.quoted, len(names), skip + 1)
+        if line > 0:
+            shown = row.replace("\x1f", spec.delimiter)
+            raise DataFormatError(
+                f"{path}: line {line}: expected {len(names)} fields, found {got}: {shown[:120]!r} "
+                "(truncated row or stray delimiter)"
+            ) from exc
+        raise DataFormatError(f"{path}: cannot be parsed as a {spec.delimiter!r}-separated table: {exc}") from exc
+    lines = np.arange(table.num_rows, dtype=np.int64) + skip + 1
+    return table.append_column("_line", pa.array(lines))
+
+
+# --- normalising to the common schema --------------------------------------------------------------------
+
+
+def _to_int(col: pa.ChunkedArray) -> tuple[pa.Array, np.ndarray]:
+    """int64 with nulls for blank or non-integer text; also the mask of non-blank values that failed."""
+    try:
+        return pc.cast(col, pa.int64()), np.zeros(len(col), dtype=bool)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        pass
+    raw = col.to_pandas()
+    num = pd.to_numeric(raw, errors="coerce")
+    whole = num.notna() & (num == np.floor(num.fillna(0))) & (num.abs() < 2**62)
+    failed = (raw.str.strip() != "") & ~whole
+    values = pd.array(np.where(whole, num.fillna(0), 0).astype(np.int64), dtype="Int64")
+    values[~whole.to_numpy()] = pd.NA
+    return pa.array(values, type=pa.int64()), failed.to_numpy()
+
+
+def _to_float(col: pa.ChunkedArray) -> tuple[pa.Array, np.ndarray]:
+    try:
+        return pc.cast(col, pa.float64()), np.zeros(len(col), dtype=bool)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        pass
+    raw = col.to_pandas()
+    num = pd.to_numeric(raw, errors="coerce")
+    failed = (raw.str.strip() != "") & num.isna()
+    return pa.array(num.to_numpy(), type=pa.float64(), from_pandas=True), failed.to_numpy()
+
+
+_YEAR = re.compile(r"\((\d{4})(?:\s*[-\u2013]\s*\d{0,4})?\)\s*$")
+
+
+def _parse_year(title: str) -> int | None:
+    match = _YEAR.search(title or "")
+    return int(match.group(1)) if match else None
+
+
+def normalise(raw: pa.Table, spec: TableFile) -> pa.Table:
+    """Rename to the common columns and convert types; unparseable values become nulls, their row text kept
+    in ``_raw`` so that validation can quarantine the row with what was actually there."""
+    columns: dict[str, pa.Array] = {}
+    failed = np.zeros(raw.num_rows, dtype=bool)
+    present = {src: dst for src, dst in spec.rename.items() if src in raw.column_names}
+    for src, dst in present.items():
+        col = raw.column(src)
+        if dst in ("user_id", "movie_id", "ts", "tmdb_id"):
+            columns[dst], bad = _to_int(col)
+            failed |= bad
+        elif dst == "rating":
+            columns[dst], bad = _to_float(col)
+            failed |= bad
+        else:
+            columns[dst] = col
+    if spec.table == "movies" and "title" in columns:
+        titles = columns["title"].to_pylist()
+        columns["title"] = pa.array([t.strip() for t in titles], type=pa.string())
+        columns["year"] = pa.array([_parse_year(t) for t in titles], type=pa.int64())
+        if "genres" in columns:
+            columns["genres"] = pa.array(
+                [[] if g in ("", "(no genres listed)") else g.split("|") for g in columns["genres"].to_pylist()],
+                type=pa.list_(pa.string()),
+            )
+        elif all(g in raw.column_names for g in GENRES_100K):
+            flags = np.column_stack([np.asarray(raw.column(g).to_pylist()) == "1" for g in GENRES_100K])
+            columns["genres"] = pa.array(
+                [[g for g, on in zip(GENRES_100K, row) if on and g != "unknown"] for row in flags],
+                type=pa.list_(pa.string()),
+            )
+    # keep columns the variant does not know about (a wrong delimiter shows up as one odd column)
+    for name in raw.column_names:
+        if name not in spec.rename and name not in spec.columns and name != "_line":
+            columns[name] = raw.column(name)
+    columns["_line"] = raw.column("_line")
+    if failed.any():
+        text_cols = [c for c in raw.column_names if c != "_line"]
+        joined = pc.binary_join_element_wise(*[raw.column(c) for c in text_cols], spec.delimiter)
+        columns["_raw"] = pc.if_else(pa.array(failed), joined, pa.scalar(None, pa.string()))
+    return pa.table(columns)
+
+
+# --- the stage --------------------------------------------------------------------------------------------
+
+
+def ingest_movielens(source: str, out_dir: Path, settings) -> dict:
+    """Read the dataset at ``source`` and write ``<table>.parquet`` + ``manifest.json`` into ``out_dir``."""
+    folder, name = resolve_source(source, settings)
+    files = {p.name for p in folder.iterdir() if p.is_file()}
+    fmt: Format = detect_format(files)
+    variant = name if _VARIANT_NAME.match(name) else f"movielens-{fmt.name}"
+    tables, counts = {}, {}
+    with storage.atomic_dir(Path(out_dir)) as tmp:
+        for spec in fmt.files:
+            path = folder / spec.filename
+            if not path.exists():
+                if spec.required:
+                    raise SourceError(f"{folder}: {spec.filename} is missing ({fmt.name} format needs it)")
+                continue
+            table = normalise(read_table_file(path, spec), spec)
+            out = tmp / f"{spec.table}.parquet"
+            pq.write_table(table, out)
+            counts[spec.table] = table.num_rows
+            tables[spec.table] = {
+                "rows": table.num_rows,
+                "path": str(Path(out_dir) / out.name),
+                "source_file": str(path),
+                "sha256": storage.file_sha256(path),
+                "columns": table.column_names,
+            }
+            log.info("ingested %s: %d rows from %s", spec.table, table.num_rows, path)
+        ratings = pq.read_table(tmp / "ratings.parquet", columns=["user_id"])
+        users = pc.count_distinct(ratings.column("user_id")).as_py() if "user_id" in ratings.column_names else 0
+        fingerprint = storage.combine_fingerprints({t: info["sha256"] for t, info in tables.items()})
+        dataset = {
+            "variant": variant,
+            "format": fmt.name,
+            "rating_values": "halves" if fmt.rating_values == HALF_STARS else "whole",
+            "ratings": counts["ratings"],
+            "users": users,
+            "movies": counts["movies"],
+            "tags": counts.get("tags"),
+            "fingerprint": fingerprint,
+        }
+        storage.write_manifest(tmp, "ingest", tables, source=source, dataset=dataset,
+                               rating_values=list(fmt.rating_values))
+    return {"source": source, "dataset": dataset}

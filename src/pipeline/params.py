@@ -1,0 +1,105 @@
+"""Per-run Params: one table shared by the DAG's trigger form and ``recsys run --param``."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.errors import ConfigError
+
+_PY_TYPES = {"string": str, "integer": int, "number": (int, float), "boolean": bool, "array": list}
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    name: str
+    default: Any
+    type: str
+    description: str
+    enum: tuple | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+
+    def json_schema(self) -> dict:
+        schema: dict[str, Any] = {"type": self.type}
+        if self.enum:
+            schema["enum"] = list(self.enum)
+        if self.minimum is not None:
+            schema["minimum"] = self.minimum
+        if self.maximum is not None:
+            schema["maximum"] = self.maximum
+        return schema
+
+    def check(self, value: Any) -> Any:
+        expected = _PY_TYPES[self.type]
+        if isinstance(value, bool) and self.type in ("integer", "number"):
+            raise ConfigError(f"Param {self.name}: expected {self.type}, got boolean {value!r}")
+        if not isinstance(value, expected):
+            raise ConfigError(f"Param {self.name}: expected {self.type}, got {type(value).__name__} {value!r}")
+        if self.enum and value not in self.enum:
+            raise ConfigError(f"Param {self.name}: {value!r} is not one of {list(self.enum)}")
+        if self.minimum is not None and value < self.minimum:
+            raise ConfigError(f"Param {self.name}: {value!r} is below the minimum {self.minimum}")
+        if self.maximum is not None and value > self.maximum:
+            raise ConfigError(f"Param {self.name}: {value!r} is above the maximum {self.maximum}")
+        return float(value) if self.type == "number" else value
+
+
+PARAMS: tuple[ParamSpec, ...] = (
+    ParamSpec(
+        "source",
+        "",
+        "string",
+        "Dataset source: 'grouplens:<name>' (e.g. grouplens:ml-latest-small), a local folder, or s3://bucket/prefix. "
+        "Empty means the configured default (RECSYS_SOURCE / MOVIELENS_DIR).",
+    ),
+    ParamSpec("split_strategy", "random", "string",
+              "How test/validation rows are chosen per user: 'random' (stratified by user, seeded) or "
+              "'temporal' (each user's latest ratings).", enum=("random", "temporal")),
+    ParamSpec("seed", 42, "integer", "Seed of the random split.", minimum=0),
+    ParamSpec("validation_fraction", 0.1, "number", "Fraction of each user's ratings held out for validation.",
+              minimum=0.0, maximum=0.5),
+    ParamSpec("test_fraction", 0.1, "number", "Fraction of each user's ratings held out for test.",
+              minimum=0.0, maximum=0.5),
+    ParamSpec("quarantine_threshold", 0.001, "number",
+              "Largest fraction of a table's rows that may fail row-level expectations and be quarantined "
+              "before the run stops (0.001 = 0.1 %).", minimum=0.0, maximum=1.0),
+    ParamSpec("olap_min_ratings", 10, "integer",
+              "Minimum number of ratings for a movie to enter the popularity / mean-rating table.", minimum=1),
+)
+
+PARAMS_BY_NAME = {p.name: p for p in PARAMS}
+
+
+def defaults() -> dict:
+    return {p.name: p.default for p in PARAMS}
+
+
+def resolve_params(overrides: dict | None = None) -> dict:
+    """Defaults overlaid with ``overrides``, each checked against its spec; unknown names are an error."""
+    overrides = overrides or {}
+    unknown = sorted(set(overrides) - set(PARAMS_BY_NAME))
+    if unknown:
+        raise ConfigError(f"unknown Params {unknown}; see `recsys params` for the list")
+    resolved = defaults()
+    for name, value in overrides.items():
+        resolved[name] = PARAMS_BY_NAME[name].check(value)
+    if resolved["validation_fraction"] + resolved["test_fraction"] >= 0.9:
+        raise ConfigError(
+            "Params validation_fraction + test_fraction must leave at least 10 % of the ratings for training"
+        )
+    return resolved
+
+
+def parse_cli_param(text: str) -> tuple[str, Any]:
+    """``NAME=VALUE`` with VALUE in JSON; a bare word that is not JSON is taken as a string."""
+    if "=" not in text:
+        raise ConfigError(f"--param takes NAME=VALUE, got {text!r}")
+    name, raw = text.split("=", 1)
+    name = name.strip()
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return name, value

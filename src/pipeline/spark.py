@@ -1,0 +1,33 @@
+"""The one SparkSession factory: a classic (JVM) session, ``local[2]`` by default, master URL from settings."""
+
+from __future__ import annotations
+
+import os
+
+
+def get_spark(settings, app_name: str = "movielens-recsys"):
+    """Return the process's SparkSession, creating it from the settings on first use."""
+    from pyspark.sql import SparkSession
+
+    active = SparkSession.getActiveSession()
+    if active is not None:
+        return active
+    os.environ.setdefault("PYSPARK_PYTHON", os.environ.get("PYSPARK_PYTHON") or __import__("sys").executable)
+    builder = (
+        SparkSession.builder.master(settings.spark_master)
+        .appName(app_name)
+        .config("spark.driver.memory", settings.spark_driver_memory)
+        .config("spark.sql.shuffle.partitions", str(settings.spark_shuffle_partitions))
+        .config("spark.sql.session.timeZone", "UTC")
+        .config("spark.ui.showConsoleProgress", "false")
+        .config("spark.sql.adaptive.enabled", "true")
+        .config("spark.sql.warehouse.dir", str(settings.home / "spark-warehouse"))
+        .config("spark.driver.extraJavaOptions", f"-Dderby.system.home={settings.home / 'derby'}")
+    )
+    if settings.spark_master.startswith("local"):
+        # loopback only: a laptop or CI box needs no externally reachable driver
+        builder = builder.config("spark.driver.host", "127.0.0.1").config("spark.driver.bindAddress", "127.0.0.1")
+        builder = builder.config("spark.ui.enabled", os.environ.get("RECSYS_SPARK_UI", "false"))
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel(os.environ.get("RECSYS_SPARK_LOG_LEVEL", "WARN"))
+    return spark

@@ -1,0 +1,130 @@
+"""The stages as the DAG and the command line call them: one function per stage taking a ``RunContext``.
+
+Each returns the sections it adds to ``report.json`` (small, JSON-able: what XCom carries). Stages find
+their inputs by the run-folder convention ``<run_dir>/<stage>/`` and check the upstream manifest.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline import storage
+from pipeline.errors import ConfigError
+from pipeline.params import resolve_params
+from pipeline.settings import Settings, load_settings
+
+log = logging.getLogger(__name__)
+
+REPORT = "report.json"
+
+
+@dataclass
+class RunContext:
+    settings: Settings
+    run_id: str
+    run_dir: Path
+    params: dict = field(default_factory=dict)
+
+    def stage_dir(self, stage: str) -> Path:
+        return storage.stage_dir(self.run_dir, stage)
+
+    @property
+    def source(self) -> str:
+        return self.params.get("source") or self.settings.source
+
+
+def make_context(run_id: str | None = None, work_dir: Path | str | None = None, params: dict | None = None,
+                 settings: Settings | None = None) -> RunContext:
+    """A run's context: the run folder is ``work_dir`` or ``<data_root>/runs/<run_id>``."""
+    settings = settings or load_settings()
+    run_id = run_id or storage.new_run_id()
+    run_dir = Path(work_dir).resolve() if work_dir else settings.runs_dir / storage.safe_run_id(run_id)
+    return RunContext(settings=settings, run_id=run_id, run_dir=run_dir, params=resolve_params(params))
+
+
+def ingest(ctx: RunContext) -> dict:
+    from pipeline.ingest import ingest_movielens
+
+    return ingest_movielens(ctx.source, ctx.stage_dir("ingest"), ctx.settings)
+
+
+def validate(ctx: RunContext) -> dict:
+    from pipeline.validate import validate_tables
+
+    return validate_tables(ctx.stage_dir("ingest"), ctx.stage_dir("validate"), ctx.params["quarantine_threshold"])
+
+
+def etl(ctx: RunContext) -> dict:
+    from pipeline.etl import split_ratings
+    from pipeline.spark import get_spark
+
+    p = ctx.params
+    return split_ratings(get_spark(ctx.settings), ctx.stage_dir("validate"), ctx.stage_dir("etl"),
+                         strategy=p["split_strategy"], seed=p["seed"],
+                         validation_fraction=p["validation_fraction"], test_fraction=p["test_fraction"])
+
+
+def olap(ctx: RunContext) -> dict:
+    from pipeline.olap import summarize_ratings
+    from pipeline.spark import get_spark
+
+    return summarize_ratings(get_spark(ctx.settings), ctx.stage_dir("validate"), ctx.stage_dir("olap"),
+                             min_ratings=ctx.params["olap_min_ratings"])
+
+
+# In pipeline order. Later stages (baseline, als, autorec, gate, similarity, recommend) join this table
+# when they exist; nothing is listed that does not really run.
+STAGES = {"ingest": ingest, "validate": validate, "etl": etl, "olap": olap}
+
+
+def parse_stages(text: str | None) -> list[str]:
+    if not text:
+        return list(STAGES)
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in names if s not in STAGES]
+    if unknown:
+        raise ConfigError(f"unknown stages {unknown}; available, in order: {', '.join(STAGES)}")
+    return [s for s in STAGES if s in names]  # always pipeline order
+
+
+def run_stage(name: str, ctx: RunContext) -> dict:
+    """Run one stage; its report sections plus ``timings_s``."""
+    log.info("stage %s: starting (run %s, folder %s)", name, ctx.run_id, ctx.run_dir)
+    started = time.perf_counter()
+    sections = STAGES[name](ctx)
+    seconds = round(time.perf_counter() - started, 2)
+    log.info("stage %s: done in %.1f s", name, seconds)
+    return {**sections, "timings_s": {name: seconds}}
+
+
+def merge_report(ctx: RunContext, summaries: list[dict]) -> dict:
+    """``report.json`` of the run: the existing one (if stages ran before) updated with these summaries."""
+    path = ctx.run_dir / REPORT
+    report = storage.read_json(path) if path.exists() else {}
+    if report.get("run_id") not in (None, ctx.run_id):
+        report = {}
+    report["run_id"] = ctx.run_id
+    report.setdefault("source", ctx.source)
+    timings = report.get("timings_s", {})
+    for summary in summaries:
+        if not summary:
+            continue
+        for key, value in summary.items():
+            if key == "timings_s":
+                timings.update(value)
+            else:
+                report[key] = value
+    report["timings_s"] = timings
+    storage.write_json_atomic(path, report)
+    return report
+
+
+def run_pipeline(ctx: RunContext, stages: list[str]) -> dict:
+    """Run ``stages`` in order in this process, writing ``report.json`` after each one."""
+    report = {}
+    for name in stages:
+        report = merge_report(ctx, [run_stage(name, ctx)])
+    return report
