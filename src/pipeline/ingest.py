@@ -205,7 +205,7 @@ def read_table_file(path: Path, spec: TableFile) -> pa.Table:
 
 
 def _to_int(col: pa.ChunkedArray) -> tuple[pa.Array, np.ndarray]:
-    """int64 with nulls for blank or non-integer text; also the mask of non-blank values that failed."""
+    """int64 with nulls for blank or non-integer text; also the mask of the values that became null."""
     try:
         return pc.cast(col, pa.int64()), np.zeros(len(col), dtype=bool)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
@@ -213,7 +213,7 @@ def _to_int(col: pa.ChunkedArray) -> tuple[pa.Array, np.ndarray]:
     raw = col.to_pandas()
     num = pd.to_numeric(raw, errors="coerce")
     whole = num.notna() & (num == np.floor(num.fillna(0))) & (num.abs() < 2**62)
-    failed = (raw.str.strip() != "") & ~whole
+    failed = ~whole  # blank included: the quarantine keeps the text of every row whose value went missing
     values = pd.array(np.where(whole, num.fillna(0), 0).astype(np.int64), dtype="Int64")
     values[~whole.to_numpy()] = pd.NA
     return pa.array(values, type=pa.int64()), failed.to_numpy()
@@ -226,7 +226,7 @@ def _to_float(col: pa.ChunkedArray) -> tuple[pa.Array, np.ndarray]:
         pass
     raw = col.to_pandas()
     num = pd.to_numeric(raw, errors="coerce")
-    failed = (raw.str.strip() != "") & num.isna()
+    failed = num.isna()
     return pa.array(num.to_numpy(), type=pa.float64(), from_pandas=True), failed.to_numpy()
 
 
@@ -291,6 +291,7 @@ def ingest_movielens(source: str, out_dir: Path, settings) -> dict:
     fmt: Format = detect_format(files)
     variant = name if _VARIANT_NAME.match(name) else f"movielens-{fmt.name}"
     tables, counts = {}, {}
+    users = 0  # stays 0 when ratings has no user_id column (a wrong delimiter): validation names the problem
     with storage.atomic_dir(Path(out_dir)) as tmp:
         for spec in fmt.files:
             path = folder / spec.filename
@@ -302,6 +303,8 @@ def ingest_movielens(source: str, out_dir: Path, settings) -> dict:
             out = tmp / f"{spec.table}.parquet"
             pq.write_table(table, out)
             counts[spec.table] = table.num_rows
+            if spec.table == "ratings" and "user_id" in table.column_names:
+                users = pc.count_distinct(table.column("user_id")).as_py()
             tables[spec.table] = {
                 "rows": table.num_rows,
                 "path": str(Path(out_dir) / out.name),
@@ -310,8 +313,6 @@ def ingest_movielens(source: str, out_dir: Path, settings) -> dict:
                 "columns": table.column_names,
             }
             log.info("ingested %s: %d rows from %s", spec.table, table.num_rows, path)
-        ratings = pq.read_table(tmp / "ratings.parquet", columns=["user_id"])
-        users = pc.count_distinct(ratings.column("user_id")).as_py() if "user_id" in ratings.column_names else 0
         fingerprint = storage.combine_fingerprints({t: info["sha256"] for t, info in tables.items()})
         dataset = {
             "variant": variant,

@@ -25,6 +25,7 @@ def get_spark(settings, app_name: str = "movielens-recsys"):
         .config("spark.driver.extraJavaOptions", f"-Dderby.system.home={settings.home / 'derby'}")
     )
     if settings.spark_master.startswith("local"):
+        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
         # loopback only: a laptop or CI box needs no externally reachable driver
         builder = builder.config("spark.driver.host", "127.0.0.1").config("spark.driver.bindAddress", "127.0.0.1")
         builder = builder.config("spark.ui.enabled", os.environ.get("RECSYS_SPARK_UI", "false"))
