@@ -68,3 +68,9 @@ def airflow_db():
     airflow = Path(sys.executable).with_name("airflow")
     subprocess.run([str(airflow), "db", "migrate"], check=True, capture_output=True, env=os.environ.copy())
     return Path(os.environ["AIRFLOW_HOME"])
+
+
+def pytest_configure(config):
+    import logging
+
+    logging.getLogger("py4j").setLevel(logging.WARNING)  # its shutdown chatter hits closed streams

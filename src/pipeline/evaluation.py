@@ -1,0 +1,149 @@
+"""The one evaluation every model goes through: rating error on every test row, and top-k ranking quality.
+
+Rating error (DESIGN.md, "Evaluation protocol"): every test row is predicted. Rows whose user or movie is
+absent from the training split ("cold" rows), and rows the model cannot score (it returns NaN), get the
+bias baseline's prediction instead of being dropped; all predictions are clipped to the rating scale.
+RMSE and MAE are over all test rows, with the count and RMSE of the cold rows beside them.
+
+Ranking quality: each model's top-k lists (training movies already excluded by the model) are compared with
+the test ratings >= ``threshold`` (binary relevance). Pure numpy/pandas, so it runs wherever a model does.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from pipeline.errors import ConfigError, DataValidationError
+
+if TYPE_CHECKING:
+    from pipeline.baseline import BiasBaseline
+
+RATING_MIN, RATING_MAX = 0.5, 5.0
+RELEVANCE_THRESHOLD = 4.0
+
+Predict = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+def _pair(y_true, y_pred) -> tuple[np.ndarray, np.ndarray]:
+    y_true = np.asarray(y_true, dtype=np.float64)
+    y_pred = np.asarray(y_pred, dtype=np.float64)
+    if y_true.shape != y_pred.shape:
+        raise ValueError(f"y_true has shape {y_true.shape} but y_pred has shape {y_pred.shape}")
+    if y_true.size == 0:
+        raise ValueError("cannot compute an error over zero ratings")
+    return y_true, y_pred
+
+
+def rmse(y_true, y_pred) -> float:
+    """Root mean squared error."""
+    y_true, y_pred = _pair(y_true, y_pred)
+    return float(np.sqrt(np.mean((y_true - y_pred) ** 2)))
+
+
+def mae(y_true, y_pred) -> float:
+    """Mean absolute error."""
+    y_true, y_pred = _pair(y_true, y_pred)
+    return float(np.mean(np.abs(y_true - y_pred)))
+
+
+def clip_ratings(pred, lo: float = RATING_MIN, hi: float = RATING_MAX) -> np.ndarray:
+    """Predictions clipped to the rating scale [lo, hi] (NaN stays NaN)."""
+    return np.clip(np.asarray(pred, dtype=np.float64), lo, hi)
+
+
+def precision_at_k(recommended: Sequence, relevant: set, k: int) -> float:
+    """Share of the first k recommendations that are relevant; divided by k even when fewer were recommended."""
+    hits = sum(1 for item in list(recommended)[:k] if item in relevant)
+    return hits / k
+
+
+def recall_at_k(recommended: Sequence, relevant: set, k: int) -> float:
+    """Share of the relevant items found in the first k recommendations; 0.0 when nothing is relevant."""
+    if not relevant:
+        return 0.0
+    hits = sum(1 for item in list(recommended)[:k] if item in relevant)
+    return hits / len(relevant)
+
+
+def ndcg_at_k(recommended: Sequence, relevant: set, k: int) -> float:
+    """Binary-relevance NDCG@k with a log2 discount; the ideal list holds min(k, |relevant|) hits.
+
+    0.0 when nothing is relevant.
+    """
+    if not relevant:
+        return 0.0
+    dcg = sum(1.0 / math.log2(rank + 2) for rank, item in enumerate(list(recommended)[:k]) if item in relevant)
+    ideal = sum(1.0 / math.log2(rank + 2) for rank in range(min(k, len(relevant))))
+    return dcg / ideal
+
+
+def ranking_metrics(top_k: Mapping, test: pd.DataFrame, k: int = 10,
+                    threshold: float = RELEVANCE_THRESHOLD) -> dict:
+    """Mean precision@k, recall@k and NDCG@k of ``top_k`` (user_id -> movie_ids) against the test ratings.
+
+    Averaged over the test users with at least one relevant test rating (rating >= threshold): a user with
+    nothing relevant has no defined recall or NDCG, so counting them would only dilute every model alike.
+    A user missing from ``top_k`` counts as recommending nothing (zeros), so a model cannot gain by skipping
+    users. ``users`` is how many users were averaged; the means are None when there are none.
+    """
+    if k < 1:
+        raise ConfigError(f"k must be a positive number of recommendations, got {k!r}")
+    liked = test.loc[test["rating"] >= threshold, ["user_id", "movie_id"]]
+    relevant_by_user = liked.groupby("user_id")["movie_id"].agg(set)
+    sums = np.zeros(3)
+    for user_id, relevant in relevant_by_user.items():
+        recommended = top_k.get(user_id, ())
+        sums += (precision_at_k(recommended, relevant, k), recall_at_k(recommended, relevant, k),
+                 ndcg_at_k(recommended, relevant, k))
+    n_users = len(relevant_by_user)
+    means = [float(s / n_users) if n_users else None for s in sums]
+    return {f"precision_at_{k}": means[0], f"recall_at_{k}": means[1], f"ndcg_at_{k}": means[2],
+            "users": int(n_users)}
+
+
+def predictions_with_fallback(test: pd.DataFrame, predict: Predict, fallback: BiasBaseline,
+                              train: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """(predictions, cold): a clipped prediction for every test row, and the mask of cold rows.
+
+    ``predict(user_ids, movie_ids)`` is only asked about warm rows (user and movie both in ``train``); where
+    it returns NaN (or any non-finite value) the row gets ``fallback``'s prediction, as cold rows do.
+    """
+    users = test["user_id"].to_numpy()
+    movies = test["movie_id"].to_numpy()
+    cold = ~(test["user_id"].isin(pd.unique(train["user_id"])).to_numpy()
+             & test["movie_id"].isin(pd.unique(train["movie_id"])).to_numpy())
+    pred = np.full(len(test), np.nan)
+    warm = ~cold
+    if warm.any():
+        scored = np.asarray(predict(users[warm], movies[warm]), dtype=np.float64)
+        if scored.shape != (int(warm.sum()),):
+            raise ValueError(f"predict returned shape {scored.shape} for {int(warm.sum())} (user, movie) pairs")
+        pred[warm] = scored
+    missing = ~np.isfinite(pred)
+    if missing.any():
+        pred[missing] = fallback.predict(users[missing], movies[missing])
+    return clip_ratings(pred), cold
+
+
+def rating_metrics(test: pd.DataFrame, predict: Predict, fallback: BiasBaseline, train: pd.DataFrame) -> dict:
+    """RMSE and MAE over every test row (cold or unscorable rows take ``fallback``), plus the cold rows' RMSE.
+
+    Keys: test_rmse, test_mae, test_rows, cold_test_rows, cold_test_rmse (None when no row is cold).
+    """
+    if len(test) == 0:
+        raise DataValidationError("the test split has no rows: there is nothing to evaluate")
+    pred, cold = predictions_with_fallback(test, predict, fallback, train)
+    truth = test["rating"].to_numpy(dtype=np.float64)
+    n_cold = int(cold.sum())
+    return {
+        "test_rmse": rmse(truth, pred),
+        "test_mae": mae(truth, pred),
+        "test_rows": int(len(test)),
+        "cold_test_rows": n_cold,
+        "cold_test_rmse": rmse(truth[cold], pred[cold]) if n_cold else None,
+    }
