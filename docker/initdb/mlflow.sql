@@ -1,0 +1,2 @@
+-- The MLflow tracking server's own database beside Airflow's.
+CREATE DATABASE mlflow;
