@@ -20,18 +20,27 @@ class ParamSpec:
     enum: tuple | None = None
     minimum: float | None = None
     maximum: float | None = None
+    item_type: str | None = None  # for arrays: the type of each element (bounds apply to elements)
 
     def json_schema(self) -> dict:
-        schema: dict[str, Any] = {"type": self.type}
+        bounds: dict[str, Any] = {}
+        if self.minimum is not None:
+            bounds["minimum"] = self.minimum
+        if self.maximum is not None:
+            bounds["maximum"] = self.maximum
+        if self.type == "array":
+            return {"type": "array", "minItems": 1, "items": {"type": self.item_type, **bounds}}
+        schema: dict[str, Any] = {"type": self.type, **bounds}
         if self.enum:
             schema["enum"] = list(self.enum)
-        if self.minimum is not None:
-            schema["minimum"] = self.minimum
-        if self.maximum is not None:
-            schema["maximum"] = self.maximum
         return schema
 
     def check(self, value: Any) -> Any:
+        if self.type == "array":
+            if not isinstance(value, list) or not value:
+                raise ConfigError(f"Param {self.name}: expected a non-empty list, got {value!r}")
+            item = ParamSpec(self.name, None, self.item_type, "", minimum=self.minimum, maximum=self.maximum)
+            return [item.check(v) for v in value]
         expected = _PY_TYPES[self.type]
         if isinstance(value, bool) and self.type in ("integer", "number"):
             raise ConfigError(f"Param {self.name}: expected {self.type}, got boolean {value!r}")
@@ -67,6 +76,14 @@ PARAMS: tuple[ParamSpec, ...] = (
               "before the run stops (0.001 = 0.1 %).", minimum=0.0, maximum=1.0),
     ParamSpec("olap_min_ratings", 10, "integer",
               "Minimum number of ratings for a movie to enter the popularity / mean-rating table.", minimum=1),
+    ParamSpec("als_ranks", [10, 25, 50], "array", "ALS grid: numbers of latent factors (rank).",
+              item_type="integer", minimum=1),
+    ParamSpec("als_reg_params", [0.05, 0.1, 0.125, 0.15, 0.2], "array", "ALS grid: regularization (regParam).",
+              item_type="number", minimum=0.0),
+    ParamSpec("als_max_iters", [15], "array", "ALS grid: iterations (maxIter).", item_type="integer", minimum=1),
+    ParamSpec("als_parallel_fits", 2, "integer",
+              "How many ALS grid points Spark fits at once (overlaps driver work with executor work).",
+              minimum=1, maximum=16),
 )
 
 PARAMS_BY_NAME = {p.name: p for p in PARAMS}

@@ -33,6 +33,7 @@ class Settings:
     spark_master: str = "local[2]"
     spark_driver_memory: str = "4g"
     spark_shuffle_partitions: int = 8
+    spark_checkpoint_dir: str = ""  # empty: <home>/spark-checkpoints; on a cluster, a path every node sees
     mlflow_tracking_uri: str = ""
     mlflow_experiment: str = "movielens-recsys"
     registered_model: str = "movielens-recommender"
@@ -68,6 +69,7 @@ _ENV = {
     "spark_master": ["RECSYS_SPARK_MASTER", "SPARK_MASTER"],
     "spark_driver_memory": ["RECSYS_SPARK_DRIVER_MEMORY"],
     "spark_shuffle_partitions": ["RECSYS_SPARK_SHUFFLE_PARTITIONS"],
+    "spark_checkpoint_dir": ["RECSYS_SPARK_CHECKPOINT_DIR"],
     "mlflow_tracking_uri": ["MLFLOW_TRACKING_URI"],
     "mlflow_experiment": ["RECSYS_MLFLOW_EXPERIMENT"],
     "registered_model": ["RECSYS_REGISTERED_MODEL"],

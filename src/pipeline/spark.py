@@ -22,7 +22,9 @@ def get_spark(settings, app_name: str = "movielens-recsys"):
         .config("spark.ui.showConsoleProgress", "false")
         .config("spark.sql.adaptive.enabled", "true")
         .config("spark.sql.warehouse.dir", str(settings.home / "spark-warehouse"))
-        .config("spark.driver.extraJavaOptions", f"-Dderby.system.home={settings.home / 'derby'}")
+        # ALS's long lineage is serialized recursively: a bigger thread stack avoids StackOverflowError,
+        # most of all on the py4j threads that run concurrent grid fits
+        .config("spark.driver.extraJavaOptions", f"-Xss32m -Dderby.system.home={settings.home / 'derby'}")
     )
     if settings.spark_master.startswith("local"):
         os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
@@ -30,5 +32,7 @@ def get_spark(settings, app_name: str = "movielens-recsys"):
         builder = builder.config("spark.driver.host", "127.0.0.1").config("spark.driver.bindAddress", "127.0.0.1")
         builder = builder.config("spark.ui.enabled", os.environ.get("RECSYS_SPARK_UI", "false"))
     spark = builder.getOrCreate()
+    # lets ALS checkpoint (and cut) its lineage every checkpointInterval iterations
+    spark.sparkContext.setCheckpointDir(settings.spark_checkpoint_dir or str(settings.home / "spark-checkpoints"))
     spark.sparkContext.setLogLevel(os.environ.get("RECSYS_SPARK_LOG_LEVEL", "WARN"))
     return spark

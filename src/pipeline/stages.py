@@ -75,9 +75,24 @@ def olap(ctx: RunContext) -> dict:
                              min_ratings=ctx.params["olap_min_ratings"])
 
 
+def baseline(ctx: RunContext) -> dict:
+    from pipeline.models import run_baseline
+
+    return run_baseline(ctx.stage_dir("etl"), ctx.stage_dir("baseline"), ctx)
+
+
+def als(ctx: RunContext) -> dict:
+    from pipeline.models import run_als
+    from pipeline.spark import get_spark
+
+    return run_als(get_spark(ctx.settings), ctx.stage_dir("etl"), ctx.stage_dir("als"), ctx)
+
+
 # In pipeline order. Later stages (baseline, als, autorec, gate, similarity, recommend) join this table
 # when they exist; nothing is listed that does not really run.
-STAGES = {"ingest": ingest, "validate": validate, "etl": etl, "olap": olap}
+STAGES = {"ingest": ingest, "validate": validate, "etl": etl, "olap": olap, "baseline": baseline, "als": als}
+# Sections that several stages add to (one key per model) rather than replace.
+MERGED_SECTIONS = ("models", "ranking")
 
 
 def parse_stages(text: str | None) -> list[str]:
@@ -115,6 +130,8 @@ def merge_report(ctx: RunContext, summaries: list[dict]) -> dict:
         for key, value in summary.items():
             if key == "timings_s":
                 timings.update(value)
+            elif key in MERGED_SECTIONS:
+                report.setdefault(key, {}).update(value)
             else:
                 report[key] = value
     report["timings_s"] = timings

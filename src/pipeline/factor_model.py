@@ -1,0 +1,166 @@
+"""One model interface for every trained recommender: ratings as dot products of user and item factors.
+
+    r(u, m) = offset + user_bias[u] + item_bias[m] + user_factors[u] . item_factors[m]  (+ baseline(u, m))
+
+ALS exports its factors (trained on the residuals of the bias baseline, which is then added back); AutoRec
+exports its item codes as item factors and its decoder weights as user factors. Predictions are plain numpy,
+so a registered model scores any (user_id, movie_id) pairs without Spark or TensorFlow. Pairs whose user or
+movie the model never saw in training come back NaN: the evaluation (and the registry wrapper) fill them
+with the bias baseline, never drop them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.baseline import BiasBaseline
+from pipeline.evaluation import RATING_MAX, RATING_MIN
+
+
+def _index(ids: np.ndarray) -> pd.Index:
+    return pd.Index(np.asarray(ids, dtype=np.int64))
+
+
+@dataclass
+class FactorModel:
+    name: str
+    user_ids: np.ndarray
+    movie_ids: np.ndarray
+    user_factors: np.ndarray
+    item_factors: np.ndarray
+    user_bias: np.ndarray | None = None
+    item_bias: np.ndarray | None = None
+    offset: float = 0.0
+    baseline: BiasBaseline | None = None  # added to the dot product when the factors model residuals
+    fallback: BiasBaseline | None = None  # predicts the pairs the factors cannot (cold users and movies)
+    min_rating: float = RATING_MIN
+    max_rating: float = RATING_MAX
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.user_ids = np.asarray(self.user_ids, dtype=np.int64)
+        self.movie_ids = np.asarray(self.movie_ids, dtype=np.int64)
+        self.user_factors = np.asarray(self.user_factors, dtype=np.float32)
+        self.item_factors = np.asarray(self.item_factors, dtype=np.float32)
+        n_users, n_items = len(self.user_ids), len(self.movie_ids)
+        self.user_bias = np.zeros(n_users, np.float32) if self.user_bias is None else np.asarray(self.user_bias, np.float32)
+        self.item_bias = np.zeros(n_items, np.float32) if self.item_bias is None else np.asarray(self.item_bias, np.float32)
+        if self.user_factors.shape[0] != n_users or self.item_factors.shape[0] != n_items:
+            raise ValueError("factor rows must match the ids")
+        self._users = _index(self.user_ids)
+        self._movies = _index(self.movie_ids)
+
+    @property
+    def rank(self) -> int:
+        return int(self.item_factors.shape[1])
+
+    def _rows(self, user_ids, movie_ids):
+        return (self._users.get_indexer(np.asarray(user_ids, dtype=np.int64)),
+                self._movies.get_indexer(np.asarray(movie_ids, dtype=np.int64)))
+
+    def predict(self, user_ids, movie_ids) -> np.ndarray:
+        """Predicted ratings, clipped to the scale; NaN where the user or movie is unknown to the model."""
+        u, m = self._rows(user_ids, movie_ids)
+        known = (u >= 0) & (m >= 0)
+        out = np.full(len(u), np.nan)
+        uk, mk = u[known], m[known]
+        dots = np.einsum("ij,ij->i", self.user_factors[uk], self.item_factors[mk]).astype(np.float64)
+        value = self.offset + self.user_bias[uk] + self.item_bias[mk] + dots
+        if self.baseline is not None:
+            value = value + self.baseline.predict(np.asarray(user_ids)[known], np.asarray(movie_ids)[known])
+        out[known] = np.clip(value, self.min_rating, self.max_rating)
+        return out
+
+    def predict_all(self, user_ids, movie_ids) -> np.ndarray:
+        """Predictions for every pair: cold users/movies get the fallback baseline, as in the evaluation."""
+        out = self.predict(user_ids, movie_ids)
+        missing = ~np.isfinite(out)
+        if missing.any():
+            if self.fallback is None:
+                raise ValueError(f"model {self.name!r} has no fallback baseline for {int(missing.sum())} cold pairs")
+            out[missing] = self.fallback.predict(np.asarray(user_ids)[missing], np.asarray(movie_ids)[missing])
+        return out
+
+    def _item_scores(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per-item terms that matter for ranking one user's items (user terms are constant per user)."""
+        item_term = self.item_bias.astype(np.float64)
+        if self.baseline is not None:
+            item_term = item_term + self.baseline._lookup(self.baseline.item_bias_, self.movie_ids)
+        return item_term, self.item_factors
+
+    def top_k(self, user_ids, k: int, exclude: dict | None = None, batch: int = 2048) -> dict:
+        """The k best-scored known movies for each known user, skipping ``exclude[user]`` (e.g. seen movies)."""
+        exclude = exclude or {}
+        item_term, V = self._item_scores()
+        user_ids = [int(u) for u in user_ids]
+        rows = self._users.get_indexer(np.asarray(user_ids, dtype=np.int64))
+        out = {}
+        known = [(u, r) for u, r in zip(user_ids, rows) if r >= 0]
+        for start in range(0, len(known), batch):
+            chunk = known[start:start + batch]
+            scores = self.user_factors[[r for _, r in chunk]] @ V.T + item_term[None, :]
+            for (user, _), row in zip(chunk, scores):
+                seen = exclude.get(user)
+                if seen:
+                    cols = self._movies.get_indexer(np.fromiter(seen, dtype=np.int64))
+                    row[cols[cols >= 0]] = -np.inf
+                kk = min(k, len(row))
+                top = np.argpartition(-row, kk - 1)[:kk]
+                top = top[np.argsort(-row[top], kind="stable")]
+                out[user] = [int(self.movie_ids[i]) for i in top if np.isfinite(row[i])]
+        return out
+
+    def item_embeddings(self) -> tuple[np.ndarray, np.ndarray]:
+        """(movie_ids, vectors): what the similar-movie tables are computed from."""
+        return self.movie_ids, self.item_factors
+
+    # --- persistence (the MLflow pyfunc wrapper stores exactly these files) ------------------------------
+
+    def save(self, folder: Path) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        arrays = dict(user_ids=self.user_ids, movie_ids=self.movie_ids, user_factors=self.user_factors,
+                      item_factors=self.item_factors, user_bias=self.user_bias, item_bias=self.item_bias)
+        meta = {"name": self.name, "offset": self.offset, "min_rating": self.min_rating,
+                "max_rating": self.max_rating, "meta": self.meta}
+        for key in ("baseline", "fallback"):
+            b = getattr(self, key)
+            meta[key] = None
+            if b is not None:
+                arrays.update({f"{key}_user_ids": b.user_bias_.index.to_numpy(np.int64),
+                               f"{key}_user_bias": b.user_bias_.to_numpy(),
+                               f"{key}_movie_ids": b.item_bias_.index.to_numpy(np.int64),
+                               f"{key}_item_bias": b.item_bias_.to_numpy()})
+                meta[key] = {"mu": b.mu_, "damping_user": b.damping_user, "damping_item": b.damping_item}
+        np.savez(folder / "factors.npz", **arrays)
+        (folder / "model.json").write_text(json.dumps(meta, indent=2, default=float))
+        return folder
+
+    @classmethod
+    def load(cls, folder: Path) -> FactorModel:
+        folder = Path(folder)
+        meta = json.loads((folder / "model.json").read_text())
+        z = np.load(folder / "factors.npz")
+        stored = {}
+        for key in ("baseline", "fallback"):
+            stored[key] = None if meta.get(key) is None else baseline_from_arrays(
+                meta[key], z[f"{key}_user_ids"], z[f"{key}_user_bias"], z[f"{key}_movie_ids"],
+                z[f"{key}_item_bias"], meta["min_rating"], meta["max_rating"])
+        return cls(name=meta["name"], user_ids=z["user_ids"], movie_ids=z["movie_ids"],
+                   user_factors=z["user_factors"], item_factors=z["item_factors"], user_bias=z["user_bias"],
+                   item_bias=z["item_bias"], offset=meta["offset"], baseline=stored["baseline"], fallback=stored["fallback"],
+                   min_rating=meta["min_rating"], max_rating=meta["max_rating"], meta=meta.get("meta", {}))
+
+
+def baseline_from_arrays(info: dict, user_ids, user_bias, movie_ids, item_bias, lo=RATING_MIN, hi=RATING_MAX):
+    """A fitted BiasBaseline rebuilt from its stored biases."""
+    b = BiasBaseline(info["damping_user"], info["damping_item"], lo, hi)
+    b.mu_ = float(info["mu"])
+    b.user_bias_ = pd.Series(np.asarray(user_bias, dtype=np.float64), index=pd.Index(user_ids, dtype=np.int64))
+    b.item_bias_ = pd.Series(np.asarray(item_bias, dtype=np.float64), index=pd.Index(movie_ids, dtype=np.int64))
+    return b

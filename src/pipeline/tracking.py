@@ -1,0 +1,120 @@
+"""MLflow: the experiment, nested runs, plots, and the one pyfunc wrapper every registered model uses.
+
+The pyfunc carries a saved ``FactorModel`` (factors, id mappings, the baseline it may add and the fallback
+baseline for cold pairs) plus this package as code, so ``mlflow.pyfunc.load_model("models:/name@champion")``
+scores any (user_id, movie_id) pairs without Spark or TensorFlow.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def configure(settings) -> str:
+    """Point MLflow at the settings' tracking URI and experiment; returns the experiment id."""
+    import mlflow
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if settings.mlflow_tracking_uri.startswith("sqlite:///"):
+        Path(settings.mlflow_tracking_uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    mlflow.set_registry_uri(settings.mlflow_tracking_uri)
+    experiment = mlflow.get_experiment_by_name(settings.mlflow_experiment)
+    if experiment is None:
+        artifact_location = None
+        if settings.mlflow_tracking_uri.startswith("sqlite:///"):  # keep artifacts beside the embedded store
+            artifact_location = (settings.home / "mlartifacts").as_uri()
+        experiment_id = mlflow.create_experiment(settings.mlflow_experiment, artifact_location=artifact_location)
+    else:
+        experiment_id = experiment.experiment_id
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
+
+
+def run_tags(ctx, split: dict | None = None) -> dict:
+    """Tags tying an MLflow run to the pipeline run, its dataset and its test rows."""
+    tags = {"recsys.run_id": ctx.run_id, "recsys.run_dir": str(ctx.run_dir)}
+    if split:
+        tags["recsys.test_fingerprint"] = split.get("test_fingerprint", "")
+        tags["recsys.split"] = f"{split.get('strategy')}/seed={split.get('seed')}"
+    return tags
+
+
+@contextmanager
+def quiet_mlflow():
+    """MLflow logs a line per artifact upload and model-env inference; keep stage logs readable."""
+    logger = logging.getLogger("mlflow")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _pyfunc_class():
+    import mlflow.pyfunc
+
+    class FactorModelPyfunc(mlflow.pyfunc.PythonModel):
+        """Input: a DataFrame with user_id and movie_id. Output: predicted ratings (cold pairs: baseline)."""
+
+        def load_context(self, context):
+            from pipeline.factor_model import FactorModel
+
+            self.model = FactorModel.load(context.artifacts["factor_model"])
+
+        def predict(self, context, model_input, params=None):
+            frame = pd.DataFrame(model_input)
+            return self.model.predict_all(frame["user_id"].to_numpy(np.int64), frame["movie_id"].to_numpy(np.int64))
+
+    return FactorModelPyfunc
+
+
+def log_factor_model(model, name: str = "model", registered_model_name: str | None = None):
+    """Log ``model`` as a pyfunc with signature, input example and explicit pip requirements."""
+    import mlflow
+    from mlflow.models import infer_signature
+
+    example = pd.DataFrame({"user_id": model.user_ids[:3].astype(np.int64),
+                            "movie_id": model.movie_ids[:3].astype(np.int64)})
+    signature = infer_signature(example, model.predict_all(example.user_id, example.movie_id))
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = model.save(Path(tmp) / "factor_model")
+        import pyarrow
+
+        requirements = [f"mlflow=={mlflow.__version__}", f"numpy=={np.__version__}", f"pandas=={pd.__version__}",
+                        f"pyarrow=={pyarrow.__version__}"]
+        with quiet_mlflow():
+            return mlflow.pyfunc.log_model(
+                name=name, python_model=_pyfunc_class()(), artifacts={"factor_model": str(folder)},
+                code_paths=[str(PACKAGE_DIR)], signature=signature, input_example=example,
+                pip_requirements=requirements, registered_model_name=registered_model_name,
+            )
+
+
+def log_figure(fig, artifact_file: str) -> None:
+    import mlflow
+
+    mlflow.log_figure(fig, artifact_file)
+
+
+def log_item_factors(model, artifact_path: str = "item_factors") -> None:
+    """The item factors (embeddings) as parquet ``movie_id, vector``: what the similarity stage reads."""
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "item_factors.parquet"
+        pd.DataFrame({"movie_id": model.movie_ids, "vector": list(model.item_factors)}).to_parquet(path, index=False)
+        with quiet_mlflow():
+            mlflow.log_artifact(str(path), artifact_path)

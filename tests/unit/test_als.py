@@ -1,0 +1,62 @@
+"""ALS on a planted low-rank structure, and the MLflow record of the grid (parent + one child per point)."""
+
+import json
+
+import pytest
+
+from pipeline.als import best_point, grid_points, search_grid
+from pipeline.baseline import BiasBaseline
+from pipeline.evaluation import rating_metrics
+from stage_inputs import planted_ratings, write_split
+
+pytestmark = pytest.mark.spark
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    folder, frames = write_split(tmp_path_factory.mktemp("split") / "etl", planted_ratings())
+    return folder, frames
+
+
+def test_als_learns_a_planted_low_rank_structure(spark, planted):
+    _, frames = planted
+    base = BiasBaseline().fit(frames["train"])
+    points = grid_points([1, 3], [0.05], [15])
+    results, model = search_grid(spark, frames["train"], frames["validation"], base, points)
+    assert [r["rank"] for r in results] == [1, 3]
+    assert best_point(results)["rank"] == 3  # the planted rank wins on validation
+    als_rmse = rating_metrics(frames["test"], model.predict, base, frames["train"])["test_rmse"]
+    base_rmse = rating_metrics(frames["test"], base.predict, base, frames["train"])["test_rmse"]
+    assert als_rmse < 0.75 * base_rmse, (als_rmse, base_rmse)
+
+
+def test_grid_is_logged_as_a_parent_with_one_nested_run_per_point(spark, planted, tmp_path):
+    import mlflow
+
+    from pipeline import stages
+    from pipeline.models import run_als
+    from pipeline.settings import load_settings
+
+    folder, _ = planted
+    settings = load_settings({"RECSYS_HOME": str(tmp_path / "home")})
+    ctx = stages.make_context(work_dir=tmp_path / "run", settings=settings, params={
+        "als_ranks": [2, 3], "als_reg_params": [0.05, 0.1], "als_max_iters": [5]})
+    section = run_als(spark, folder, tmp_path / "run" / "als", ctx)["models"]["als"]
+    assert section["grid"] == grid_points([2, 3], [0.05, 0.1], [5])
+    assert set(section) >= {"best_params", "val_rmse", "test_rmse", "test_mae", "test_rows", "cold_test_rows",
+                            "cold_test_rmse", "mlflow_run_id", "ranking"}
+    assert set(section["ranking"]) == {"precision_at_10", "recall_at_10", "ndcg_at_10"}
+
+    client = mlflow.MlflowClient(settings.mlflow_tracking_uri)
+    parent = client.get_run(section["mlflow_run_id"])
+    assert parent.data.params["best_rank"] == str(section["best_params"]["rank"])
+    assert parent.data.metrics["test_rmse"] == pytest.approx(section["test_rmse"])
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    logged = sorted((c.data.params["rank"], c.data.params["reg_param"], c.data.params["max_iter"]) for c in children)
+    assert logged == [("2", "0.05", "5"), ("2", "0.1", "5"), ("3", "0.05", "5"), ("3", "0.1", "5")]
+    assert all("val_rmse" in c.data.metrics and "fit_s" in c.data.metrics for c in children)
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"als_val_rmse_heatmap.png", "grid.json", "item_factors"} <= artifacts
+    grid = json.loads((tmp_path / "run" / "als" / "grid.json").read_text())
+    assert len(grid) == 4
