@@ -1,15 +1,18 @@
 """
-### MovieLens recommender: the data half
+### MovieLens recommender
 
 Takes MovieLens ratings through **ingest** (GroupLens download, local folder or `s3://` prefix, any
 MovieLens format) → **validate** (Great Expectations suites from `expectations/`; bad rows quarantined
 with their reason, the run stops above `quarantine_threshold` or on a table-level failure) → **etl**
 (Spark: dense user/movie indices, per-user train/validation/test split) → **olap** (Spark SQL summaries
-and `summary.md`) → **report** (`report.json` in the run folder).
+and `summary.md`), and in parallel after the split the models: **baseline** (global mean, damped
+user+item biases, popularity), **als** (Spark ALS grid search on the baseline's residuals, one MLflow
+child run per grid point) and **autorec** (TensorFlow item-based autoencoder, early-stopped on validation
+RMSE) → **compare_models** (every model on the same test rows; `models.md`) → **report** (`report.json`).
 
 Every run writes under `<data_root>/runs/<run_id>/<stage>/`; each task calls one function of the
-`pipeline` package and returns only a small summary (paths, counts) through XCom. The trigger form's
-Params are the run's configuration; `recsys params` lists the same Params for the command line.
+`pipeline` package and returns only a small summary (paths, metrics, MLflow run ids) through XCom. The
+trigger form's Params are the run's configuration; `recsys params` lists the same Params.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ def _context() -> stages.RunContext:
     catchup=False,
     max_active_runs=1,
     doc_md=__doc__,
-    tags=["movielens", "recsys", "spark", "great-expectations"],
+    tags=["movielens", "recsys", "spark", "mlflow", "tensorflow", "great-expectations"],
     default_args={"retries": 2, "retry_delay": timedelta(minutes=1), "owner": "recsys"},
     params={p.name: Param(p.default, description=p.description, **p.json_schema()) for p in PARAMS},
 )
@@ -61,6 +64,26 @@ def movielens_recsys():
         return stages.run_stage("olap", _context())
 
     @task
+    def baseline() -> dict:
+        """Global mean, damped user+item bias baseline and popularity ranking on this run's split."""
+        return stages.run_stage("baseline", _context())
+
+    @task
+    def als() -> dict:
+        """Spark ALS grid search (validation RMSE), nested MLflow runs, test metrics of the chosen point."""
+        return stages.run_stage("als", _context())
+
+    @task
+    def autorec() -> dict:
+        """TensorFlow item-based AutoRec, early-stopped on validation RMSE; curves and model in MLflow."""
+        return stages.run_stage("autorec", _context())
+
+    @task
+    def compare_models(models: list[dict]) -> dict:
+        """Every model of the run side by side on the same test rows (models.md)."""
+        return stages.compare_models(_context(), models)
+
+    @task
     def report(summaries: list[dict]) -> str:
         """Merge the stages' summaries into report.json in the run folder."""
         ctx = _context()
@@ -69,7 +92,10 @@ def movielens_recsys():
 
     ingested, validated, split, summarized = ingest(), validate(), etl(), olap()
     ingested >> validated >> split >> summarized
-    report([ingested, validated, split, summarized])
+    models = [baseline(), als(), autorec()]
+    split >> models
+    comparison = compare_models(models)
+    report([ingested, validated, split, summarized, *models, comparison])
 
 
 movielens_recsys()

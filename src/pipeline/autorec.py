@@ -127,22 +127,22 @@ class ItemAutoRec(keras.layers.Layer):
 
 @dataclass
 class ItemRows:
-    """Training ratings grouped by movie (CSR): movie ``i``'s entries are ``users/values[indptr[i]:indptr[i+1]]``."""
+    """Training ratings grouped by movie (CSR): movie ``i``'s entries are ``users/values[indptr[i]:indptr[i+1]]``.
+
+    ``order`` maps CSR positions back to the input rows (entry k is input row ``order[k]``).
+    """
 
     indptr: np.ndarray
     users: np.ndarray
     values: np.ndarray
+    order: np.ndarray
 
     @classmethod
     def from_codes(cls, items: np.ndarray, users: np.ndarray, values: np.ndarray, n_items: int) -> ItemRows:
         order = np.lexsort((users, items))
         indptr = np.zeros(n_items + 1, dtype=np.int64)
         np.cumsum(np.bincount(items, minlength=n_items), out=indptr[1:])
-        return cls(indptr, users[order].astype(np.int64), values[order].astype(np.float32))
-
-    @property
-    def n_items(self) -> int:
-        return len(self.indptr) - 1
+        return cls(indptr, users[order].astype(np.int64), values[order].astype(np.float32), order)
 
     def batch(self, items: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(rows, users, values) of the movies ``items``; rows are positions in ``items``."""
@@ -165,14 +165,17 @@ class AutoRecRun:
 
 
 def _check_hyper_parameters(hidden_units, l2, dropout, learning_rate, epochs, batch_size, patience, normalization):
+    def count(value):
+        return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1
+
     checks = [
-        ("hidden_units", hidden_units, isinstance(hidden_units, (int, np.integer)) and hidden_units >= 1, "an integer >= 1"),
+        ("hidden_units", hidden_units, count(hidden_units), "an integer >= 1"),
         ("l2", l2, l2 >= 0, "a number >= 0"),
         ("dropout", dropout, 0 <= dropout < 1, "a number in [0, 1)"),
         ("learning_rate", learning_rate, learning_rate > 0, "a number > 0"),
-        ("epochs", epochs, isinstance(epochs, (int, np.integer)) and epochs >= 1, "an integer >= 1"),
-        ("batch_size", batch_size, isinstance(batch_size, (int, np.integer)) and batch_size >= 1, "an integer >= 1"),
-        ("patience", patience, isinstance(patience, (int, np.integer)) and patience >= 1, "an integer >= 1"),
+        ("epochs", epochs, count(epochs), "an integer >= 1"),
+        ("batch_size", batch_size, count(batch_size), "an integer >= 1"),
+        ("patience", patience, count(patience), "an integer >= 1"),
         ("normalization", normalization, normalization in NORMALIZATIONS, f"one of {NORMALIZATIONS}"),
     ]
     for name, value, ok, expected in checks:
@@ -263,17 +266,15 @@ def fit_autorec(train: pd.DataFrame, validation: pd.DataFrame, *, hidden_units: 
             out[items] = encode(b_rows, b_users, b_values, np.int64(len(items))).numpy()
         return out
 
-    # Training entries in CSR order (for the training-set RMSE), with their baseline part.
+    # Training entries in CSR order, for the training-set RMSE.
     train_items = np.repeat(np.arange(n_items, dtype=np.int64), np.diff(rows.indptr))
-    train_truth = rows.values.astype(np.float64)  # residual targets; add offset + baseline back below
-    order = np.lexsort((user_codes, item_codes))
-    train_base_sorted = train_base[order]
-    train_truth = train_truth + offset + train_base_sorted
+    train_truth, train_base_sorted = ratings[rows.order], train_base[rows.order]
 
     def rmses() -> tuple[float, float, np.ndarray]:
         codes = all_codes()
         w_dec, b_dec = network.w_dec.numpy(), network.b_dec.numpy()
-        train_rmse = _clipped_rmse(train_truth, train_base_sorted, codes, w_dec, b_dec, offset, train_items, rows.users)
+        train_rmse = _clipped_rmse(train_truth, train_base_sorted, codes, w_dec, b_dec, offset, train_items,
+                                   rows.users)
         val_rmse = _clipped_rmse(val_truth, val_base, codes, w_dec, b_dec, offset, val_items, val_users)
         return train_rmse, val_rmse, codes
 
@@ -333,6 +334,8 @@ def train_autorec(train: pd.DataFrame, validation: pd.DataFrame, *, hidden_units
     share of observed inputs hidden from the encoder at each step. With ``normalization="baseline"`` the
     network models residuals of ``baseline`` (fitted with ``fit_best_damping`` on train/validation if not
     given), which the returned model adds back; with ``"mean"`` the global training mean is its offset.
+    Initialisation, batch order and dropout masks all derive from ``seed``, so a rerun gives the same model
+    (up to the last bits of TensorFlow's multi-threaded sums). Call ``configure_threads`` first.
     """
     run = fit_autorec(train, validation, hidden_units=hidden_units, l2=l2, dropout=dropout,
                       learning_rate=learning_rate, epochs=epochs, batch_size=batch_size, patience=patience,

@@ -194,3 +194,103 @@ def run_als(spark, etl_dir: Path, out_dir: Path, ctx) -> dict:
     }
     section.pop("ranking_users", None)
     return {"models": {"als": section}}
+
+
+# --- stage: autorec ---------------------------------------------------------------------------------------
+
+
+def _curves(history: list[dict], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    frame = pd.DataFrame(history)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(frame["epoch"], frame["train_rmse"], label="training-set RMSE (observed ratings; not for decisions)")
+    ax.plot(frame["epoch"], frame["val_rmse"], label="validation RMSE")
+    best = frame.loc[frame["val_rmse"].idxmin()]
+    ax.axvline(best["epoch"], color="grey", ls="--", lw=1)
+    ax.set(xlabel="epoch", ylabel="RMSE", title=f"AutoRec (best epoch {int(best['epoch'])})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def run_autorec(etl_dir: Path, out_dir: Path, ctx) -> dict:
+    """Train item-based AutoRec, early-stopped on validation RMSE; score on test; log curves and model."""
+    p = ctx.params
+    if not p["autorec_enabled"]:
+        log.info("autorec: skipped (autorec_enabled is false)")
+        return {}
+    import mlflow
+
+    from pipeline import tracking
+    from pipeline.autorec import configure_threads, train_autorec
+
+    configure_threads()
+    frames, split = load_split(etl_dir, "autorec")
+    baseline, _ = reference_baseline(frames)
+    hyper = {k: p[f"autorec_{k}"] for k in ("hidden_units", "l2", "dropout", "learning_rate", "epochs",
+                                            "batch_size", "patience", "normalization")}
+    tracking.configure(ctx.settings)
+    out_dir = Path(out_dir)
+    with storage.atomic_dir(out_dir) as tmp, \
+            mlflow.start_run(run_name="autorec", tags=tracking.run_tags(ctx, split)) as run:
+        mlflow.log_params({**hyper, "seed": p["seed"], "model": "I-AutoRec (item-based)"})
+        started = time.perf_counter()
+        model, history = train_autorec(
+            frames["train"], frames["validation"], seed=p["seed"], baseline=baseline,
+            on_epoch=lambda row: mlflow.log_metrics(
+                {"train_rmse": row["train_rmse"], "val_rmse": row["val_rmse"]}, step=int(row["epoch"])),
+            **hyper)
+        train_s = time.perf_counter() - started
+        model.fallback = baseline
+        val = rating_metrics(frames["validation"], model.predict, baseline, frames["train"])
+        scores = evaluate_factor_model(model, frames, baseline)
+        model.save(tmp / "model")
+        curves = _curves(history, tmp / "autorec_curves.png")
+        pd.DataFrame(history).to_csv(tmp / "history.csv", index=False)
+        best_epoch = int(min(history, key=lambda r: r["val_rmse"])["epoch"])
+        mlflow.log_metrics({"best_epoch": best_epoch, "val_rmse_all_rows": val["test_rmse"],
+                            "train_seconds": train_s, **_metrics_for_mlflow(scores)})
+        mlflow.log_artifact(str(curves))
+        mlflow.log_artifact(str(tmp / "history.csv"))
+        tracking.log_item_factors(model)
+        tracking.log_factor_model(model)
+        storage.write_manifest(tmp, "autorec", {}, params=hyper, mlflow_run_id=run.info.run_id)
+    section = {"params": hyper, "best_epoch": best_epoch, "epochs_run": len(history), "val_rmse": val["test_rmse"],
+               **scores, "mlflow_run_id": run.info.run_id, "train_seconds": round(train_s, 2),
+               "model_path": str(out_dir / "model")}
+    section.pop("ranking_users", None)
+    return {"models": {"autorec": section}}
+
+
+# --- summary of the model half --------------------------------------------------------------------------------
+
+CANDIDATES = ("als", "autorec")  # the challenger is chosen among these; the baseline is the bar to beat
+
+
+def compare_models(models: dict, run_dir: Path) -> dict:
+    """The models side by side; the best candidate by validation RMSE (test figures are reported, not used)."""
+    rows = []
+    for name, m in models.items():
+        if "test_rmse" not in m:
+            continue
+        rows.append({"model": name, "val_rmse": m.get("val_rmse"), "test_rmse": m["test_rmse"],
+                     "test_mae": m["test_mae"], "cold_test_rmse": m.get("cold_test_rmse"),
+                     **{k: m.get("ranking", {}).get(k) for k in ("precision_at_10", "recall_at_10", "ndcg_at_10")}})
+    candidates = [r for r in rows if r["model"] in CANDIDATES and r["val_rmse"] is not None]
+    best = min(candidates, key=lambda r: r["val_rmse"])["model"] if candidates else None
+    lines = ["| model | validation RMSE | test RMSE | test MAE | cold-row RMSE | P@10 | R@10 | NDCG@10 |",
+             "|---|---|---|---|---|---|---|---|"]
+    fmt = lambda v: "" if v is None else f"{v:.4f}"  # noqa: E731
+    for r in rows:
+        lines.append(f"| {r['model']}{' (best by validation)' if r['model'] == best else ''} | "
+                     + " | ".join(fmt(r[k]) for k in ("val_rmse", "test_rmse", "test_mae", "cold_test_rmse",
+                                                       "precision_at_10", "recall_at_10", "ndcg_at_10")) + " |")
+    storage.write_text_atomic(Path(run_dir) / "models.md", "# Models of this run\n\n" + "\n".join(lines) + "\n")
+    return {"model_comparison": {"best_by_validation_rmse": best, "rows": rows,
+                                 "table": str(Path(run_dir) / "models.md")}}

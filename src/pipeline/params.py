@@ -84,6 +84,21 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("als_parallel_fits", 2, "integer",
               "How many ALS grid points Spark fits at once (overlaps driver work with executor work).",
               minimum=1, maximum=16),
+    ParamSpec("autorec_enabled", True, "boolean", "Train the AutoRec autoencoder (TensorFlow)."),
+    ParamSpec("autorec_hidden_units", 100, "integer", "AutoRec code size (encoding_dim): each movie's embedding length.",
+              minimum=1, maximum=4096),
+    ParamSpec("autorec_l2", 30.0, "number", "AutoRec L2 weight (the paper's lambda).", minimum=0.0),
+    ParamSpec("autorec_dropout", 0.5, "number", "Share of observed inputs hidden from the encoder at each step.",
+              minimum=0.0, maximum=0.95),
+    ParamSpec("autorec_learning_rate", 0.001, "number", "Adam learning rate.", minimum=1e-6, maximum=1.0),
+    ParamSpec("autorec_epochs", 100, "integer", "Most epochs; early stopping on validation RMSE usually ends sooner.",
+              minimum=1),
+    ParamSpec("autorec_batch_size", 512, "integer", "Movies per training batch.", minimum=1),
+    ParamSpec("autorec_patience", 10, "integer", "Epochs without a better validation RMSE before stopping.",
+              minimum=1),
+    ParamSpec("autorec_normalization", "baseline", "string",
+              "What the network models: 'baseline' (residuals of the bias baseline) or 'mean' (ratings minus the "
+              "global mean).", enum=("baseline", "mean")),
 )
 
 PARAMS_BY_NAME = {p.name: p for p in PARAMS}

@@ -88,9 +88,16 @@ def als(ctx: RunContext) -> dict:
     return run_als(get_spark(ctx.settings), ctx.stage_dir("etl"), ctx.stage_dir("als"), ctx)
 
 
+def autorec(ctx: RunContext) -> dict:
+    from pipeline.models import run_autorec
+
+    return run_autorec(ctx.stage_dir("etl"), ctx.stage_dir("autorec"), ctx)
+
+
 # In pipeline order. Later stages (baseline, als, autorec, gate, similarity, recommend) join this table
 # when they exist; nothing is listed that does not really run.
-STAGES = {"ingest": ingest, "validate": validate, "etl": etl, "olap": olap, "baseline": baseline, "als": als}
+STAGES = {"ingest": ingest, "validate": validate, "etl": etl, "olap": olap, "baseline": baseline, "als": als,
+          "autorec": autorec}
 # Sections that several stages add to (one key per model) rather than replace.
 MERGED_SECTIONS = ("models", "ranking")
 
@@ -139,9 +146,22 @@ def merge_report(ctx: RunContext, summaries: list[dict]) -> dict:
     return report
 
 
+MODEL_STAGES = ("baseline", "als", "autorec")
+
+
+def compare_models(ctx: RunContext, summaries: list[dict]) -> dict:
+    """The summary after the model stages: every model of the run side by side (``models.md``)."""
+    from pipeline.models import compare_models as compare
+
+    report = merge_report(ctx, summaries)
+    return compare(report.get("models", {}), ctx.run_dir)
+
+
 def run_pipeline(ctx: RunContext, stages: list[str]) -> dict:
     """Run ``stages`` in order in this process, writing ``report.json`` after each one."""
     report = {}
     for name in stages:
         report = merge_report(ctx, [run_stage(name, ctx)])
+    if any(name in MODEL_STAGES for name in stages):
+        report = merge_report(ctx, [compare_models(ctx, [])])
     return report

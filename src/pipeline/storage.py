@@ -57,12 +57,7 @@ def atomic_dir(target: Path) -> Iterator[Path]:
 
 
 def write_json_atomic(path: Path, data) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".tmp-{path.name}-{uuid.uuid4().hex[:8]}"
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def write_manifest(folder: Path, stage: str, tables: dict, **extra) -> dict:
@@ -143,3 +138,12 @@ def download_s3_prefix(uri: str, dest: Path, settings) -> list[Path]:
 
 def read_json(path: Path):
     return json.loads(Path(path).read_text())
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".tmp-{path.name}-{uuid.uuid4().hex[:8]}"
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path

@@ -37,11 +37,16 @@ def test_every_dag_is_tagged_documented_and_retries(dagbag, dag_id):
 
 def test_tasks_are_the_real_stages_in_order(dagbag):
     dag = dagbag.dags[DAG_ID]
-    assert {t.task_id for t in dag.tasks} == {"ingest", "validate", "etl", "olap", "report"}
+    assert {t.task_id for t in dag.tasks} == {"ingest", "validate", "etl", "olap", "baseline", "als", "autorec",
+                                              "compare_models", "report"}
     assert dag.get_task("validate").upstream_task_ids == {"ingest"}
     assert dag.get_task("etl").upstream_task_ids == {"validate"}
     assert dag.get_task("olap").upstream_task_ids == {"etl"}
-    assert dag.get_task("report").upstream_task_ids == {"ingest", "validate", "etl", "olap"}
+    for model in ("baseline", "als", "autorec"):  # in parallel after the split
+        assert dag.get_task(model).upstream_task_ids == {"etl"}
+    assert dag.get_task("compare_models").upstream_task_ids == {"baseline", "als", "autorec"}
+    assert dag.get_task("report").upstream_task_ids == {"ingest", "validate", "etl", "olap", "baseline", "als",
+                                                        "autorec", "compare_models"}
     assert dag.get_task("validate").retries == 0  # bad data does not improve on retry
     for task in dag.tasks:
         assert task.doc_md or task.doc or task.__doc__
@@ -67,14 +72,15 @@ def _sample(real: Path, dest: Path, max_user: int = 40) -> Path:
 
 
 @pytest.mark.integration
-def test_dag_test_runs_the_data_half_on_a_sample(airflow_db, dagbag, real_movielens, tmp_path):
+def test_dag_test_runs_end_to_end_on_a_sample(airflow_db, dagbag, real_movielens, tmp_path):
     from pipeline.settings import load_settings
     from pipeline.storage import safe_run_id
 
     sample = _sample(real_movielens, tmp_path / "ml-sample")
     expected = pd.read_csv(sample / "ratings.csv")
     dag = dagbag.dags[DAG_ID]
-    run = dag.test(run_conf={"source": str(sample), "seed": 7, "olap_min_ratings": 3})
+    run = dag.test(run_conf={"source": str(sample), "seed": 7, "olap_min_ratings": 3, "als_ranks": [4, 8],
+                             "als_reg_params": [0.1], "als_max_iters": [5], "autorec_epochs": 5})
     assert run.state == "success"
     report_path = load_settings().runs_dir / safe_run_id(run.run_id) / "report.json"
     report = json.loads(report_path.read_text())
@@ -88,4 +94,12 @@ def test_dag_test_runs_the_data_half_on_a_sample(airflow_db, dagbag, real_moviel
     assert split["train"] + split["validation"] + split["test"] == len(expected)
     assert set(report["olap"]["tables"]) >= {"genre_year", "user_activity", "movie_popularity",
                                               "ratings_per_month", "tags_per_movie"}
-    assert set(report["timings_s"]) == {"ingest", "validate", "etl", "olap"}
+    assert set(report["timings_s"]) == {"ingest", "validate", "etl", "olap", "baseline", "als", "autorec"}
+    models = report["models"]
+    assert set(models) == {"baseline", "als", "autorec"}
+    assert [p["rank"] for p in models["als"]["grid"]] == [4, 8]
+    for name in ("als", "autorec"):  # every model scored on every test row
+        assert models[name]["test_rows"] == split["test"]
+        assert models[name]["mlflow_run_id"]
+    assert report["model_comparison"]["best_by_validation_rmse"] in ("als", "autorec")
+    assert "precision_at_10" in report["ranking"]["popularity"]

@@ -150,3 +150,12 @@ def test_a_validation_split_without_warm_rows_is_rejected(planted):
     cold = pd.DataFrame({"user_id": [1], "movie_id": [1], "rating": [3.0]})
     with pytest.raises(DataValidationError, match="validation"):
         train_autorec(train, cold, **FAST)
+
+
+def test_same_seed_gives_the_same_model(planted):
+    train, validation, _ = planted
+    params = {**FAST, "dropout": 0.3, "epochs": 5}
+    first, first_history = train_autorec(train, validation, **params)
+    second, second_history = train_autorec(train, validation, **params)
+    assert [r["val_rmse"] for r in first_history] == pytest.approx([r["val_rmse"] for r in second_history], abs=1e-6)
+    np.testing.assert_allclose(first.item_factors, second.item_factors, atol=1e-5)
