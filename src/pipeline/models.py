@@ -69,6 +69,12 @@ def _metrics_for_mlflow(scores: dict, prefix: str = "") -> dict:
     return flat
 
 
+def _candidate(name: str, val_rmse: float, scores: dict, out_dir: Path, model_uri: str | None, run_id: str) -> dict:
+    """What the gate needs of a model stage, kept in its manifest."""
+    return {"name": name, "val_rmse": val_rmse, "test_rmse": scores["test_rmse"], "model_path": str(Path(out_dir) / "model"),
+            "model_uri": model_uri, "mlflow_run_id": run_id}
+
+
 # --- stage: baseline ----------------------------------------------------------------------------------------
 
 
@@ -105,7 +111,8 @@ def run_baseline(etl_dir: Path, out_dir: Path, ctx) -> dict:
     out_dir = Path(out_dir)
     with storage.atomic_dir(out_dir) as tmp:
         bias_model.save(tmp / "model")
-        storage.write_manifest(tmp, "baseline", {}, damping_grid=damping_grid, params=chosen)
+        storage.write_manifest(tmp, "baseline", {}, damping_grid=damping_grid, params=chosen,
+                               candidate=_candidate("baseline", val, scores, out_dir, None, run.info.run_id))
     section = {
         **scores, "val_rmse": val, "params": chosen, "fit_s": round(fit_s, 3), "mlflow_run_id": run.info.run_id,
         "model_path": str(out_dir / "model"),
@@ -185,8 +192,10 @@ def run_als(spark, etl_dir: Path, out_dir: Path, ctx) -> dict:
             mlflow.log_artifact(str(heatmap))
             mlflow.log_artifact(str(tmp / "grid.json"))
             tracking.log_item_factors(model)
-            tracking.log_factor_model(model)
-        storage.write_manifest(tmp, "als", {}, best_params=best, mlflow_run_id=parent.info.run_id)
+            info = tracking.log_factor_model(model)
+        storage.write_manifest(tmp, "als", {}, best_params=best, mlflow_run_id=parent.info.run_id,
+                               candidate=_candidate("als", val["val_rmse"], scores, out_dir, info.model_uri,
+                                                    parent.info.run_id))
     section = {
         "grid": points, "grid_val_rmse": [r["val_rmse"] for r in results], "best_params": best,
         "val_rmse": val["val_rmse"], **scores, "mlflow_run_id": parent.info.run_id,
@@ -259,8 +268,10 @@ def run_autorec(etl_dir: Path, out_dir: Path, ctx) -> dict:
         mlflow.log_artifact(str(curves))
         mlflow.log_artifact(str(tmp / "history.csv"))
         tracking.log_item_factors(model)
-        tracking.log_factor_model(model)
-        storage.write_manifest(tmp, "autorec", {}, params=hyper, mlflow_run_id=run.info.run_id)
+        info = tracking.log_factor_model(model)
+        storage.write_manifest(tmp, "autorec", {}, params=hyper, mlflow_run_id=run.info.run_id,
+                               candidate=_candidate("autorec", val["test_rmse"], scores, out_dir, info.model_uri,
+                                                    run.info.run_id))
     section = {"params": hyper, "best_epoch": best_epoch, "epochs_run": len(history), "val_rmse": val["test_rmse"],
                **scores, "mlflow_run_id": run.info.run_id, "train_seconds": round(train_s, 2),
                "model_path": str(out_dir / "model")}

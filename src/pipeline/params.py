@@ -99,6 +99,11 @@ PARAMS: tuple[ParamSpec, ...] = (
     ParamSpec("autorec_normalization", "baseline", "string",
               "What the network models: 'baseline' (residuals of the bias baseline) or 'mean' (ratings minus the "
               "global mean).", enum=("baseline", "mean")),
+    ParamSpec("promotion_margin", 0.0, "number",
+              "How much lower the challenger's test RMSE must be than the champion's to be promoted "
+              "(0 = strictly better).", minimum=0.0),
+    ParamSpec("similar_k", 10, "integer", "How many similar movies to keep per movie.", minimum=1, maximum=100),
+    ParamSpec("recommend_k", 10, "integer", "How many recommendations to serve per user.", minimum=1, maximum=100),
 )
 
 PARAMS_BY_NAME = {p.name: p for p in PARAMS}

@@ -94,10 +94,16 @@ def autorec(ctx: RunContext) -> dict:
     return run_autorec(ctx.stage_dir("etl"), ctx.stage_dir("autorec"), ctx)
 
 
+def gate(ctx: RunContext) -> dict:
+    from pipeline.gate import run_gate
+
+    return run_gate(ctx)
+
+
 # In pipeline order. Later stages (baseline, als, autorec, gate, similarity, recommend) join this table
 # when they exist; nothing is listed that does not really run.
 STAGES = {"ingest": ingest, "validate": validate, "etl": etl, "olap": olap, "baseline": baseline, "als": als,
-          "autorec": autorec}
+          "autorec": autorec, "gate": gate}
 # Sections that several stages add to (one key per model) rather than replace.
 MERGED_SECTIONS = ("models", "ranking")
 
@@ -112,14 +118,28 @@ def parse_stages(text: str | None) -> list[str]:
     return [s for s in STAGES if s in names]  # always pipeline order
 
 
-def run_stage(name: str, ctx: RunContext) -> dict:
-    """Run one stage; its report sections plus ``timings_s``."""
+def run_stage(name: str, ctx: RunContext, fn=None) -> dict:
+    """Run one stage (or ``fn``, a part of it); its report sections plus ``timings_s``."""
     log.info("stage %s: starting (run %s, folder %s)", name, ctx.run_id, ctx.run_dir)
     started = time.perf_counter()
-    sections = STAGES[name](ctx)
+    sections = (fn or STAGES[name])(ctx)
     seconds = round(time.perf_counter() - started, 2)
     log.info("stage %s: done in %.1f s", name, seconds)
     return {**sections, "timings_s": {name: seconds}}
+
+
+def evaluate_gate(ctx: RunContext) -> dict:
+    """The DAG's first half of ``gate``: scores and the decision, before the branch."""
+    from pipeline.gate import evaluate_challenger
+
+    return run_stage("gate", ctx, evaluate_challenger)
+
+
+def apply_gate(ctx: RunContext, gate_summary: dict) -> dict:
+    """The DAG's ``promote`` / ``keep_champion``: apply the gate's decision (compare-and-set on the alias)."""
+    from pipeline.gate import apply_decision
+
+    return run_stage("promotion", ctx, lambda c: apply_decision(c, gate_summary["gate"]))
 
 
 def merge_report(ctx: RunContext, summaries: list[dict]) -> dict:

@@ -95,7 +95,12 @@ def log_factor_model(model, name: str = "model", registered_model_name: str | No
 
         requirements = [f"mlflow=={mlflow.__version__}", f"numpy=={np.__version__}", f"pandas=={pd.__version__}",
                         f"pyarrow=={pyarrow.__version__}"]
-        with quiet_mlflow():
+        import warnings
+
+        with quiet_mlflow(), warnings.catch_warnings():
+            # integer ids are what callers pass; a type-hinted predict is not what a pyfunc wrapper needs
+            warnings.filterwarnings("ignore", message=".*integer column.*")
+            warnings.filterwarnings("ignore", message=".*type hints.*")
             return mlflow.pyfunc.log_model(
                 name=name, python_model=_pyfunc_class()(), artifacts={"factor_model": str(folder)},
                 code_paths=[str(PACKAGE_DIR)], signature=signature, input_example=example,

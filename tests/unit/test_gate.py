@@ -1,0 +1,122 @@
+"""The promotion gate: first promotion, a worse challenger kept out, the margin, the race guard."""
+
+import mlflow
+import numpy as np
+import pytest
+
+from pipeline import stages, storage, tracking
+from pipeline.baseline import BiasBaseline
+from pipeline.factor_model import FactorModel
+from pipeline.gate import CHALLENGER, CHAMPION, apply_decision, evaluate_challenger, run_gate
+from pipeline.models import _candidate, evaluate_factor_model, load_split, run_baseline
+from pipeline.settings import load_settings
+from stage_inputs import planted_ratings, write_split
+
+
+@pytest.fixture
+def world(tmp_path):
+    """One MLflow store and a split with a planted rank-3 structure."""
+    settings = load_settings({"RECSYS_HOME": str(tmp_path / "home")})
+    ratings = planted_ratings(n_users=60, n_movies=40, observed=0.5, seed=3)
+    return settings, ratings, tmp_path
+
+
+def _run(world, name, quality, params=None):
+    """A run folder holding the baseline and one candidate whose factors are the truth plus noise."""
+    settings, ratings, tmp_path = world
+    run_dir = tmp_path / name
+    write_split(run_dir / "etl", ratings)
+    ctx = stages.make_context(run_id=name, work_dir=run_dir, settings=settings, params=params or {})
+    run_baseline(run_dir / "etl", run_dir / "baseline", ctx)
+    frames, _ = load_split(run_dir / "etl", "test")
+    base = BiasBaseline().fit(frames["train"])
+    # the best rank-3 fit of the residuals (an SVD of the dense residual matrix: fine at this size)
+    train = frames["train"]
+    users, movies = np.sort(train.user_id.unique()), np.sort(train.movie_id.unique())
+    R = np.zeros((len(users), len(movies)))
+    R[np.searchsorted(users, train.user_id), np.searchsorted(movies, train.movie_id)] = (
+        train.rating - base.predict(train.user_id, train.movie_id))
+    u, s, vt = np.linalg.svd(R / 0.5, full_matrices=False)  # observed share ~0.5
+    U, V = u[:, :3] * np.sqrt(s[:3]), vt[:3].T * np.sqrt(s[:3])
+    rng = np.random.default_rng(len(name))
+    V = V * quality + rng.normal(0, 1.0 - quality, V.shape)
+    model = FactorModel("als", users, movies, U, V, baseline=base, fallback=base)
+    scores = evaluate_factor_model(model, frames, base)
+    tracking.configure(settings)
+    with mlflow.start_run(run_name=name) as run:
+        info = tracking.log_factor_model(model)
+    model_dir = run_dir / "als"
+    model.save(model_dir / "model")
+    storage.write_manifest(model_dir, "als", {}, candidate=_candidate("als", scores["test_rmse"], scores, model_dir,
+                                                                      info.model_uri, run.info.run_id))
+    return ctx, scores["test_rmse"]
+
+
+def test_first_run_promotes_a_challenger_that_beats_the_baseline(world):
+    ctx, _ = _run(world, "run1", quality=1.0)
+    promotion = run_gate(ctx)["promotion"]
+    assert promotion["decision"] == "promoted" and promotion["champion_version_before"] is None
+    assert promotion["challenger_test_rmse"] < promotion["baseline_test_rmse"]
+    client = mlflow.MlflowClient()
+    name = ctx.settings.registered_model
+    assert client.get_model_version_by_alias(name, CHAMPION).version == promotion["champion_version"]
+    tags = client.get_model_version(name, promotion["challenger_version"]).tags
+    assert tags["recsys.decision"] == "promoted"
+    assert tags["recsys.test_fingerprint"] == "tiny" and "recsys.challenger_test_rmse" in tags
+
+
+def test_a_worse_challenger_is_kept_out_and_the_champion_stays(world):
+    good, _ = _run(world, "good", quality=1.0)
+    first = run_gate(good)["promotion"]
+    bad, _ = _run(world, "bad", quality=0.2)
+    second = run_gate(bad)["promotion"]
+    assert second["decision"] == "kept"
+    assert second["champion_version"] == first["champion_version"] == second["champion_version_before"]
+    assert second["challenger_test_rmse"] > second["champion_test_rmse_before"]
+    client = mlflow.MlflowClient()
+    name = good.settings.registered_model
+    assert client.get_model_version_by_alias(name, CHAMPION).version == first["champion_version"]
+    assert client.get_model_version_by_alias(name, CHALLENGER).version == second["challenger_version"]
+    assert client.get_model_version(name, second["challenger_version"]).tags["recsys.decision"] == "kept"
+
+
+def test_the_champion_is_rescored_on_this_runs_test_rows(world):
+    good, _ = _run(world, "good", quality=1.0)
+    run_gate(good)
+    again, rmse = _run(world, "again", quality=1.0)
+    gate = evaluate_challenger(again)["gate"]
+    # same data, same model: the champion loaded back from the registry scores exactly the same
+    assert gate["champion_test_rmse_before"] == pytest.approx(gate["challenger_test_rmse"], abs=1e-9)
+    assert gate["decision"] == "keep"  # equal is not better: promotion must be strict
+
+
+def test_margin_keeps_a_challenger_that_is_better_by_less(world):
+    ok, _ = _run(world, "ok", quality=0.7)
+    run_gate(ok)
+    better, _ = _run(world, "better", quality=1.0, params={"promotion_margin": 5.0})
+    gate = evaluate_challenger(better)["gate"]
+    assert gate["challenger_test_rmse"] < gate["champion_test_rmse_before"]
+    assert gate["decision"] == "keep" and "margin" in gate["reason"]
+
+
+def test_two_racing_runs_cannot_both_win(world):
+    first, _ = _run(world, "first", quality=0.6)
+    run_gate(first)
+    a, _ = _run(world, "a", quality=1.0)
+    b, _ = _run(world, "b", quality=0.9)
+    gate_a = evaluate_challenger(a)["gate"]
+    gate_b = evaluate_challenger(b)["gate"]  # both compared against the same champion
+    assert gate_a["decision"] == gate_b["decision"] == "promote"
+    assert apply_decision(a, gate_a)["promotion"]["decision"] == "promoted"
+    late = apply_decision(b, gate_b)["promotion"]
+    assert late["decision"] == "kept" and "champion moved" in late["reason"]
+    client = mlflow.MlflowClient()
+    assert client.get_model_version_by_alias(a.settings.registered_model, CHAMPION).version == \
+        gate_a["challenger_version"]
+
+
+def test_a_challenger_worse_than_the_baseline_is_never_promoted(world):
+    ctx, rmse = _run(world, "noise", quality=0.0)
+    promotion = run_gate(ctx)["promotion"]
+    assert rmse > promotion["baseline_test_rmse"]
+    assert promotion["decision"] == "kept" and promotion["champion_version"] is None
