@@ -59,7 +59,7 @@ def main() -> int:
     fast_s = time.perf_counter() - t0
 
     out = {
-        "dataset": split and ctx.source, "grid_points": len(points), "train_rows": len(frames["train"]),
+        "dataset": ctx.source, "grid_points": len(points), "train_rows": len(frames["train"]),
         "spark_master": ctx.settings.spark_master,
         "naive_seconds": round(naive_s, 1), "pipeline_seconds": round(fast_s, 1),
         "speedup": round(naive_s / fast_s, 2),

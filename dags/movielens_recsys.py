@@ -8,7 +8,11 @@ with their reason, the run stops above `quarantine_threshold` or on a table-leve
 and `summary.md`), and in parallel after the split the models: **baseline** (global mean, damped
 user+item biases, popularity), **als** (Spark ALS grid search on the baseline's residuals, one MLflow
 child run per grid point) and **autorec** (TensorFlow item-based autoencoder, early-stopped on validation
-RMSE) → **compare_models** (every model on the same test rows; `models.md`) → **report** (`report.json`).
+RMSE) → **compare_models** (every model on the same test rows) → **gate** (the best candidate by
+validation RMSE against the registry's `champion`, both scored on this run's test rows) → branch:
+**promote** (compare-and-set of the `champion` alias) or **keep_champion** → **similarity** (Euclidean,
+cosine and LSH similar-movie tables from the champion's embeddings) → **recommend** (top-N per user and
+cold start, published atomically under `<data_root>/serving/`) → **report** (`report.json`).
 
 Every run writes under `<data_root>/runs/<run_id>/<stage>/`; each task calls one function of the
 `pipeline` package and returns only a small summary (paths, metrics, MLflow run ids) through XCom. The
@@ -23,6 +27,8 @@ from airflow.sdk import Param, dag, get_current_context, task
 
 from pipeline import stages
 from pipeline.params import PARAMS
+
+AFTER_BRANCH = "none_failed_min_one_success"  # run whichever branch was taken
 
 
 def _context() -> stages.RunContext:
@@ -84,10 +90,40 @@ def movielens_recsys():
         return stages.compare_models(_context(), models)
 
     @task
-    def report(summaries: list[dict]) -> str:
+    def gate() -> dict:
+        """Score the challenger and the registry's champion on this run's test rows; register the challenger."""
+        return stages.evaluate_gate(_context())
+
+    @task.branch
+    def decide(gate_summary: dict) -> str:
+        """Promote only a challenger that beats the champion (by the margin) and the bias baseline."""
+        return "promote" if gate_summary["gate"]["decision"] == "promote" else "keep_champion"
+
+    @task
+    def promote(gate_summary: dict) -> dict:
+        """Move the `champion` alias to the challenger (compare-and-set: only if the champion did not move)."""
+        return stages.apply_gate(_context(), gate_summary)
+
+    @task
+    def keep_champion(gate_summary: dict) -> dict:
+        """Keep the champion; record the decision on the challenger's version."""
+        return stages.apply_gate(_context(), gate_summary)
+
+    @task(trigger_rule=AFTER_BRANCH)
+    def similarity() -> dict:
+        """Similar-movie tables (Euclidean, cosine, LSH) from the champion's item embeddings."""
+        return stages.run_stage("similarity", _context())
+
+    @task
+    def recommend() -> dict:
+        """Top-N per user from the champion, cold start by similar movies / popularity; publish atomically."""
+        return stages.run_stage("recommend", _context())
+
+    @task(trigger_rule=AFTER_BRANCH)
+    def report(summaries: list) -> str:
         """Merge the stages' summaries into report.json in the run folder."""
         ctx = _context()
-        stages.merge_report(ctx, summaries)
+        stages.merge_report(ctx, [s for s in summaries if s])
         return str(ctx.run_dir / stages.REPORT)
 
     ingested, validated, split, summarized = ingest(), validate(), etl(), olap()
@@ -95,7 +131,15 @@ def movielens_recsys():
     models = [baseline(), als(), autorec()]
     split >> models
     comparison = compare_models(models)
-    report([ingested, validated, split, summarized, *models, comparison])
+    gated = gate()
+    comparison >> gated
+    promoted, kept = promote(gated), keep_champion(gated)
+    decide(gated) >> [promoted, kept]
+    similar = similarity()
+    [promoted, kept] >> similar
+    served = recommend()
+    similar >> served
+    report([ingested, validated, split, summarized, *models, comparison, gated, promoted, kept, similar, served])
 
 
 movielens_recsys()

@@ -74,3 +74,44 @@ def pytest_configure(config):
     import logging
 
     logging.getLogger("py4j").setLevel(logging.WARNING)  # its shutdown chatter hits closed streams
+
+
+def _tree_digest(folder: Path) -> dict:
+    """{relative path: (sha256, mtime_ns)} of every file under ``folder`` (links resolved)."""
+    import hashlib
+
+    folder = Path(folder).resolve()
+    return {str(p.relative_to(folder)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="session")
+def real_pipeline(real_movielens, tmp_path_factory, spark):
+    """Two consecutive `recsys run`s on the real ml-latest-small and one MLflow store: the first with the
+    defaults (it promotes), the second sabotaged (it must be kept out, the served tables untouched)."""
+    from pipeline import cli
+    from pipeline.settings import load_settings
+
+    root = tmp_path_factory.mktemp("real")
+    previous = os.environ.get("RECSYS_HOME")
+    os.environ["RECSYS_HOME"] = str(root / "home")
+    try:
+        first, second = root / "run1", root / "run2"
+        assert cli.main(["run", "--source", str(real_movielens), "--work-dir", str(first)]) == 0
+        serving = load_settings().serving_dir
+        before = {"target": os.readlink(serving / "current"), "files": _tree_digest(serving / "current")}
+        sabotage = ["--param", "als_ranks=[1]", "--param", "als_reg_params=[10.0]", "--param", "als_max_iters=[1]",
+                    "--param", "autorec_enabled=false"]
+        assert cli.main(["run", "--source", str(real_movielens), "--work-dir", str(second), *sabotage]) == 0
+        after = {"target": os.readlink(serving / "current"), "files": _tree_digest(serving / "current")}
+        settings = load_settings()
+    finally:
+        if previous is None:
+            os.environ.pop("RECSYS_HOME", None)
+        else:
+            os.environ["RECSYS_HOME"] = previous
+    import json
+
+    return {"first": json.loads((first / "report.json").read_text()), "first_dir": first,
+            "second": json.loads((second / "report.json").read_text()), "second_dir": second,
+            "serving": serving, "before": before, "after": after, "settings": settings}

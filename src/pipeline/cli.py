@@ -3,6 +3,11 @@
     recsys run --source SRC --work-dir DIR [--stages a,b,...] [--param NAME=VALUE ...]
     recsys params
     recsys settings
+    recsys similar --movie TITLE_OR_ID [-k 10] [--metric cosine|euclidean|lsh] [--json]
+    recsys recommend (--user ID | --ratings "ID:RATING,..." | --popular) [-k 10] [--genres G1,G2] [--json]
+
+``similar`` and ``recommend`` read the served tables (``<data_root>/serving/current``) with pandas only:
+no Spark, TensorFlow or MLflow is imported, so they answer in about a second.
 """
 
 from __future__ import annotations
@@ -58,6 +63,47 @@ def _cmd_settings(args) -> int:
     return 0
 
 
+def _print_query_result(frame, args, score_label: str = "score") -> None:
+    from pipeline.query import format_table
+
+    if args.json:
+        text = json.dumps(frame.to_dict("records"), indent=2, default=str)
+    else:
+        text = format_table(frame, score_label)
+    try:
+        print(text)
+        sys.stdout.flush()
+    except BrokenPipeError:  # e.g. `recsys recommend ... | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def _cmd_similar(args) -> int:
+    from pipeline.query import similar_to_title
+    from pipeline.serving import open_served
+    from pipeline.settings import load_settings
+
+    served = open_served(load_settings().serving_dir)
+    frame = similar_to_title(served, args.movie, args.k, args.metric)
+    _print_query_result(frame, args, "distance" if args.metric == "euclidean" else "similarity")
+    return 0
+
+
+def _cmd_recommend(args) -> int:
+    from pipeline import query
+    from pipeline.serving import open_served
+    from pipeline.settings import load_settings
+
+    served = open_served(load_settings().serving_dir)
+    if args.user is not None:
+        frame = query.recommend_user(served, args.user, args.k, args.genres)
+    elif args.ratings is not None:
+        frame = query.recommend_ratings(served, args.ratings, args.k, args.genres, args.metric)
+    else:
+        frame = query.recommend_popular(served, args.k, args.genres)
+    _print_query_result(frame, args)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recsys", description="MovieLens recommender pipeline")
     parser.add_argument("--version", action="version", version=f"recsys {__version__}")
@@ -80,6 +126,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     settings = sub.add_parser("settings", help="print the effective settings")
     settings.set_defaults(func=_cmd_settings)
+
+    similar = sub.add_parser("similar", help="movies similar to one movie, from the served tables")
+    similar.add_argument("--movie", required=True, metavar="TITLE_OR_ID",
+                         help='a title as in the catalog, e.g. "Toy Story (1995)", or a movie id')
+    similar.add_argument("-k", type=int, default=10, help="how many (default 10)")
+    similar.add_argument("--metric", choices=("cosine", "euclidean", "lsh"), default="cosine",
+                         help="similarity table to read (default cosine)")
+    similar.add_argument("--json", action="store_true", help="print JSON records instead of a table")
+    similar.set_defaults(func=_cmd_similar)
+
+    rec = sub.add_parser("recommend", help="recommendations for a known user, a new user's ratings, or anyone")
+    who = rec.add_mutually_exclusive_group(required=True)
+    who.add_argument("--user", type=int, metavar="ID", help="a user the model knows")
+    who.add_argument("--ratings", metavar='"ID:RATING,..."',
+                     help='a new user\'s ratings, e.g. "1:5,260:4.5" (item-based cold start)')
+    who.add_argument("--popular", action="store_true", help="popular movies (a user with no ratings)")
+    rec.add_argument("-k", type=int, default=10, help="how many (default 10)")
+    rec.add_argument("--genres", metavar="G1,G2", help="only movies of any of these genres (case-insensitive)")
+    rec.add_argument("--metric", choices=("cosine", "euclidean", "lsh"), default="cosine",
+                     help="similarity table used for --ratings (default cosine)")
+    rec.add_argument("--json", action="store_true", help="print JSON records instead of a table")
+    rec.set_defaults(func=_cmd_recommend)
     return parser
 
 

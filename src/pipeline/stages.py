@@ -100,10 +100,49 @@ def gate(ctx: RunContext) -> dict:
     return run_gate(ctx)
 
 
+def similarity(ctx: RunContext) -> dict:
+    """Similar-movie tables (Euclidean, cosine, LSH) from the champion's item embeddings."""
+    import mlflow
+
+    from pipeline import tracking
+    from pipeline.gate import load_champion
+    from pipeline.similarity import similar_items
+    from pipeline.spark import get_spark
+
+    model, version = load_champion(ctx)
+    if model is None:
+        log.warning("similarity: no champion in the registry yet (nothing was promoted): nothing to serve")
+        return {}
+    out = similar_items(get_spark(ctx.settings), model, ctx.params["similar_k"], ctx.stage_dir("similarity"))
+    section = out["similarity"]
+    section.update(champion_version=version, registered_model=ctx.settings.registered_model)
+    with mlflow.start_run(run_name="similarity", tags=tracking.run_tags(ctx)):
+        mlflow.log_params({"k": section["k"], "champion_version": version, "embedding_model": model.name,
+                           **{f"lsh_{k}": v for k, v in section["lsh_params"].items()}})
+        mlflow.log_metrics({f"lsh_recall_at_{section['k']}": section["lsh_recall_at_k"], "items": section["items"]})
+    return out
+
+
+def recommend(ctx: RunContext) -> dict:
+    """Top-N per known user from the champion, popularity for cold users; publish the served set."""
+    from pipeline.gate import load_champion
+    from pipeline.recommend import materialize_recommendations
+
+    model, version = load_champion(ctx)
+    if model is None:
+        log.warning("recommend: no champion in the registry yet (nothing was promoted): nothing to serve")
+        return {}
+    similar = storage.read_manifest(ctx.stage_dir("similarity"), "recommend")
+    return materialize_recommendations(
+        model, ctx.stage_dir("validate"), similar["tables"]["similar_movies"]["path"], ctx.stage_dir("recommend"),
+        ctx.settings.serving_dir, k=ctx.params["recommend_k"], settings=ctx.settings,
+        about={"registered_model": ctx.settings.registered_model, "champion_version": version, "run_id": ctx.run_id})
+
+
 # In pipeline order. Later stages (baseline, als, autorec, gate, similarity, recommend) join this table
 # when they exist; nothing is listed that does not really run.
 STAGES = {"ingest": ingest, "validate": validate, "etl": etl, "olap": olap, "baseline": baseline, "als": als,
-          "autorec": autorec, "gate": gate}
+          "autorec": autorec, "gate": gate, "similarity": similarity, "recommend": recommend}
 # Sections that several stages add to (one key per model) rather than replace.
 MERGED_SECTIONS = ("models", "ranking")
 

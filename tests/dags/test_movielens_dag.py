@@ -38,15 +38,20 @@ def test_every_dag_is_tagged_documented_and_retries(dagbag, dag_id):
 def test_tasks_are_the_real_stages_in_order(dagbag):
     dag = dagbag.dags[DAG_ID]
     assert {t.task_id for t in dag.tasks} == {"ingest", "validate", "etl", "olap", "baseline", "als", "autorec",
-                                              "compare_models", "report"}
+                                              "compare_models", "gate", "decide", "promote", "keep_champion",
+                                              "similarity", "recommend", "report"}
     assert dag.get_task("validate").upstream_task_ids == {"ingest"}
     assert dag.get_task("etl").upstream_task_ids == {"validate"}
     assert dag.get_task("olap").upstream_task_ids == {"etl"}
     for model in ("baseline", "als", "autorec"):  # in parallel after the split
         assert dag.get_task(model).upstream_task_ids == {"etl"}
     assert dag.get_task("compare_models").upstream_task_ids == {"baseline", "als", "autorec"}
-    assert dag.get_task("report").upstream_task_ids == {"ingest", "validate", "etl", "olap", "baseline", "als",
-                                                        "autorec", "compare_models"}
+    assert dag.get_task("gate").upstream_task_ids == {"compare_models"}
+    assert dag.get_task("decide").downstream_task_ids == {"promote", "keep_champion"}
+    assert dag.get_task("similarity").upstream_task_ids == {"promote", "keep_champion"}
+    assert dag.get_task("similarity").trigger_rule == "none_failed_min_one_success"  # after either branch
+    assert dag.get_task("recommend").upstream_task_ids == {"similarity"}
+    assert "recommend" in dag.get_task("report").upstream_task_ids
     assert dag.get_task("validate").retries == 0  # bad data does not improve on retry
     for task in dag.tasks:
         assert task.doc_md or task.doc or task.__doc__
@@ -72,10 +77,11 @@ def _sample(real: Path, dest: Path, max_user: int = 40) -> Path:
 
 
 @pytest.mark.integration
-def test_dag_test_runs_end_to_end_on_a_sample(airflow_db, dagbag, real_movielens, tmp_path):
+def test_dag_test_runs_end_to_end_on_a_sample(airflow_db, dagbag, real_movielens, tmp_path, monkeypatch):
     from pipeline.settings import load_settings
     from pipeline.storage import safe_run_id
 
+    monkeypatch.setenv("RECSYS_HOME", str(tmp_path / "home"))  # its own MLflow registry and serving folder
     sample = _sample(real_movielens, tmp_path / "ml-sample")
     expected = pd.read_csv(sample / "ratings.csv")
     dag = dagbag.dags[DAG_ID]
@@ -103,3 +109,11 @@ def test_dag_test_runs_end_to_end_on_a_sample(airflow_db, dagbag, real_movielens
         assert models[name]["mlflow_run_id"]
     assert report["model_comparison"]["best_by_validation_rmse"] in ("als", "autorec")
     assert "precision_at_10" in report["ranking"]["popularity"]
+    # first run on an empty registry: the branch took `promote`, and what follows ran from the champion
+    tis = {ti.task_id: ti.state for ti in run.get_task_instances()}
+    assert tis["promote"] == "success" and tis["keep_champion"] == "skipped"
+    assert tis["similarity"] == tis["recommend"] == tis["report"] == "success"
+    assert report["promotion"]["decision"] == "promoted" and report["promotion"]["champion_version"] == 1
+    assert report["similarity"]["lsh_recall_at_k"] >= 0.95
+    assert report["recommendations"]["users"] == 40
+    assert (load_settings().serving_dir / "current" / "similar_movies.parquet").exists()

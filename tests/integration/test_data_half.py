@@ -2,7 +2,6 @@
 
 import json
 
-import pandas as pd
 import pytest
 
 from pipeline import cli
@@ -11,12 +10,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.spark]
 
 
 @pytest.fixture(scope="module")
-def report(real_movielens, tmp_path_factory, spark):
-    work = tmp_path_factory.mktemp("real-run")
-    code = cli.main(["run", "--source", str(real_movielens), "--work-dir", str(work),
-                     "--stages", "ingest,validate,etl,olap"])
-    assert code == 0
-    return json.loads((work / "report.json").read_text()), work
+def report(real_pipeline):
+    return real_pipeline["first"], real_pipeline["first_dir"]
 
 
 def test_dataset_counts_are_exact(report):
@@ -53,7 +48,7 @@ def test_olap_tables_hold_the_real_figures(report, spark):
     assert tags.n_tags.sum() == 3_683
 
 
-def test_rerunning_etl_gives_the_same_split(report):
+def test_rerunning_etl_gives_the_same_split(report, real_pipeline):
     first, work = report
     assert cli.main(["run", "--work-dir", str(work), "--stages", "etl"]) == 0
     again = json.loads((work / "report.json").read_text())

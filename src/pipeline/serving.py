@@ -1,0 +1,299 @@
+"""What serving reads: versioned sets of tables under ``<data_root>/serving/``, switched by one pointer.
+
+    serving/
+      current -> versions/<fingerprint>      a symlink, replaced atomically (os.replace of a temp link)
+      history.json                           the kept fingerprints, oldest first (what pruning keeps)
+      versions/<fingerprint>/
+        similar_movies.parquet recommendations.parquet movies.parquet popular.parquet manifest.json
+
+A version folder is written completely (``storage.atomic_dir``) before the pointer moves, so a reader that
+resolves ``current`` once sees one whole set, never half of one. The fingerprint hashes the tables' content
+(Arrow IPC bytes of each canonical table, see ``table_fingerprint``), not the files' bytes or the manifest:
+publishing the same tables again changes nothing on disk and reports ``published: false``.
+
+With S3 configured the version is uploaded to ``s3://<bucket>/<prefix>/serving/versions/<fp>/`` and then the
+small ``.../serving/CURRENT`` object is written last, so S3 readers switch atomically as well.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import storage
+from pipeline.errors import RecsysError, StageError
+
+log = logging.getLogger(__name__)
+
+CURRENT = "current"
+VERSIONS = "versions"
+HISTORY = "history.json"
+S3_CURRENT = "CURRENT"
+KEEP_VERSIONS = 3
+TABLES = ("similar_movies", "recommendations", "movies", "popular")
+# Row order of the canonical tables (order-independent fingerprints; row groups sorted for filtered reads).
+SORT_KEYS = {
+    "similar_movies": ["metric", "movie_id", "rank"],
+    "recommendations": ["user_id", "rank"],
+    "movies": ["movie_id"],
+}
+ROW_GROUP_SIZE = 64 * 1024
+
+
+class NothingPublishedError(StageError):
+    """The serving folder has no complete published set."""
+
+
+class PublishError(RecsysError):
+    """A served set could not be published (e.g. the S3 bucket is unreachable)."""
+
+
+# --- canonical tables and fingerprints ---------------------------------------------------------------------
+
+
+def canonical_table(data: pd.DataFrame | pa.Table | Path | str, name: str = "") -> pa.Table:
+    """One Arrow table per content: internal ('_') columns and schema metadata dropped, dictionaries decoded,
+    one chunk, rows sorted by the table's key columns (``SORT_KEYS``) when it has them."""
+    if isinstance(data, (str, Path)):
+        table = pq.read_table(data)
+    elif isinstance(data, pd.DataFrame):
+        table = pa.Table.from_pandas(data, preserve_index=False)
+    else:
+        table = data
+    table = table.select([c for c in table.column_names if not c.startswith("_")])
+    fields, columns = [], []
+    for f, column in zip(table.schema, table.columns):
+        if pa.types.is_dictionary(f.type):
+            column = column.cast(f.type.value_type)
+            f = pa.field(f.name, f.type.value_type, f.nullable)
+        fields.append(pa.field(f.name, f.type, f.nullable))
+        columns.append(column)
+    table = pa.Table.from_arrays(columns, schema=pa.schema(fields)).combine_chunks()
+    keys = SORT_KEYS.get(name, [])
+    if keys and all(k in table.column_names for k in keys):
+        table = table.sort_by([(k, "ascending") for k in keys]).combine_chunks()
+    return table
+
+
+def table_fingerprint(table: pa.Table) -> str:
+    """sha256 of the Arrow IPC stream of a canonical table: same columns, types and rows -> same hash."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return hashlib.sha256(sink.getvalue().to_pybytes()).hexdigest()
+
+
+def write_table(data: pd.DataFrame | pa.Table, path: Path, name: str | None = None) -> Path:
+    """Parquet with fixed settings, so the same canonical table gives the same bytes."""
+    table = data if isinstance(data, pa.Table) else canonical_table(data, name or Path(path).stem)
+    pq.write_table(table, path, compression="zstd", row_group_size=ROW_GROUP_SIZE, write_statistics=True)
+    return Path(path)
+
+
+# --- publishing --------------------------------------------------------------------------------------------
+
+
+def current_fingerprint(serving_dir: Path) -> str | None:
+    """The fingerprint of the published set ``current`` points to, or None when nothing is published."""
+    target = _current_target(Path(serving_dir))
+    return target.name if target is not None else None
+
+
+def _current_target(serving_dir: Path) -> Path | None:
+    link = serving_dir / CURRENT
+    try:
+        target = serving_dir / os.readlink(link)
+    except (FileNotFoundError, OSError):
+        return None
+    return target if (target / storage.MANIFEST).exists() else None
+
+
+def publish(serving_dir: Path, tables: dict, manifest: dict | None = None, settings=None,
+            keep: int = KEEP_VERSIONS) -> dict:
+    """Publish ``tables`` ({name: DataFrame | Arrow table | parquet path}) as the served set.
+
+    Writes ``versions/<fingerprint>/`` completely, then switches ``current`` to it; a set whose content
+    equals the current one is left untouched (``published: false``). Keeps the ``keep`` newest versions.
+    With ``settings.s3_bucket`` set, uploads the version and then the ``CURRENT`` pointer object.
+    Returns {"serving_fingerprint", "published", "path", "s3_uri"?}.
+    """
+    if keep < 1:
+        raise ValueError("keep must be at least 1: the current version is always kept")
+    serving_dir = Path(serving_dir)
+    canonical = {name: canonical_table(data, name) for name, data in sorted(tables.items())}
+    parts = {name: table_fingerprint(table) for name, table in canonical.items()}
+    fingerprint = storage.combine_fingerprints(parts)
+    version = serving_dir / VERSIONS / fingerprint
+    result = {"serving_fingerprint": fingerprint, "published": False, "path": str(version)}
+
+    if current_fingerprint(serving_dir) == fingerprint:
+        log.info("serving: %s is already the current set under %s; nothing to publish", fingerprint, serving_dir)
+    else:
+        if not (version / storage.MANIFEST).exists():  # an earlier, still kept version is reused as is
+            with storage.atomic_dir(version) as tmp:
+                info = {}
+                for name, table in canonical.items():
+                    write_table(table, tmp / f"{name}.parquet")
+                    info[name] = {"rows": table.num_rows, "schema": {f.name: str(f.type) for f in table.schema},
+                                  "fingerprint": parts[name]}
+                storage.write_manifest(tmp, "serving", info, serving_fingerprint=fingerprint,
+                                       published_from=manifest or {})
+        _switch_current(serving_dir, version)
+        _prune_versions(serving_dir, keep, fingerprint)
+        result["published"] = True
+        log.info("serving: published %s under %s", fingerprint, serving_dir)
+
+    if settings is not None and getattr(settings, "s3_bucket", None):
+        result.update(_publish_s3(version, fingerprint, settings, keep))
+    return result
+
+
+def _switch_current(serving_dir: Path, version: Path) -> None:
+    link = serving_dir / CURRENT
+    tmp = serving_dir / f".{CURRENT}-{uuid.uuid4().hex[:8]}"
+    os.symlink(os.path.relpath(version, serving_dir), tmp)
+    try:
+        os.replace(tmp, link)  # atomic: a reader sees the old target or the new one
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _prune_versions(serving_dir: Path, keep: int, fingerprint: str) -> None:
+    """Delete all but the ``keep`` most recently published versions (``fingerprint``, just published, stays).
+
+    The publishing order lives in ``history.json`` (file times are too coarse to order quick publishes).
+    """
+    history_file = serving_dir / HISTORY
+    history = storage.read_json(history_file) if history_file.exists() else []
+    history = [fp for fp in history if fp != fingerprint] + [fingerprint]
+    kept = history[-keep:]
+    storage.write_json_atomic(history_file, kept)
+    for folder in (serving_dir / VERSIONS).iterdir():
+        if folder.is_dir() and not folder.name.startswith(".") and folder.name not in kept:
+            log.info("serving: removing old version %s", folder.name)
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def s3_serving_prefix(settings) -> str:
+    return "/".join(p for p in (settings.s3_prefix.strip("/"), "serving") if p)
+
+
+def _publish_s3(version: Path, fingerprint: str, settings, keep: int) -> dict:
+    bucket, prefix = settings.s3_bucket, s3_serving_prefix(settings)
+    version_prefix = f"{prefix}/{VERSIONS}/{fingerprint}/"
+    uri = f"s3://{bucket}/{version_prefix}"
+    client = storage.s3_client(settings)
+    try:
+        if _s3_current(client, bucket, prefix) == fingerprint:
+            return {"s3_uri": uri, "s3_published": False}
+        files = sorted(p for p in version.iterdir() if p.name != storage.MANIFEST) + [version / storage.MANIFEST]
+        for path in files:  # the manifest last: a version prefix with a manifest is complete
+            client.upload_file(str(path), bucket, version_prefix + path.name)
+        pointer = {"serving_fingerprint": fingerprint, "prefix": version_prefix}
+        client.put_object(Bucket=bucket, Key=f"{prefix}/{S3_CURRENT}",
+                          Body=(json.dumps(pointer, sort_keys=True) + "\n").encode(),
+                          ContentType="application/json")
+        _prune_s3_versions(client, bucket, prefix, fingerprint, keep)
+    except Exception as exc:  # botocore raises many types; all mean "the bucket did not take it"
+        raise PublishError(f"cannot publish the served set {fingerprint} to {uri}: {exc}") from exc
+    log.info("serving: published %s to %s", fingerprint, uri)
+    return {"s3_uri": uri, "s3_published": True}
+
+
+def _s3_current(client, bucket: str, prefix: str) -> str | None:
+    try:
+        body = client.get_object(Bucket=bucket, Key=f"{prefix}/{S3_CURRENT}")["Body"].read()
+    except client.exceptions.NoSuchKey:
+        return None
+    try:
+        return json.loads(body).get("serving_fingerprint")
+    except (ValueError, AttributeError):
+        return None
+
+
+def _prune_s3_versions(client, bucket: str, prefix: str, current: str, keep: int) -> None:
+    """Keep the ``keep`` newest version prefixes on S3 (by their manifest's upload time), current included."""
+    versions_prefix = f"{prefix}/{VERSIONS}/"
+    objects: dict[str, list[str]] = {}
+    stamp: dict[str, object] = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=versions_prefix):
+        for obj in page.get("Contents", []):
+            fp, _, name = obj["Key"][len(versions_prefix):].partition("/")
+            objects.setdefault(fp, []).append(obj["Key"])
+            if name == storage.MANIFEST:
+                stamp[fp] = obj["LastModified"]
+    others = sorted((fp for fp in stamp if fp != current), key=lambda fp: (stamp[fp], fp), reverse=True)
+    doomed = [key for fp in others[keep - 1:] for key in objects[fp]]
+    for start in range(0, len(doomed), 1000):
+        client.delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in doomed[start:start + 1000]]})
+
+
+# --- reading -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ServedTables:
+    """One published set, resolved once: every table read comes from the same version folder."""
+
+    path: Path
+    fingerprint: str
+    manifest: dict
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def has(self, name: str) -> bool:
+        return (self.path / f"{name}.parquet").exists()
+
+    def table(self, name: str, columns: list[str] | None = None, filters=None) -> pd.DataFrame:
+        """A served table as pandas; whole tables are cached, filtered reads go to the file each time."""
+        file = self.path / f"{name}.parquet"
+        if not file.exists():
+            raise NothingPublishedError(
+                f"the served set {self.fingerprint} at {self.path} has no {name!r} table; "
+                f"it has {', '.join(sorted(p.stem for p in self.path.glob('*.parquet')))}"
+            )
+        if columns is None and filters is None:
+            if name not in self._cache:
+                self._cache[name] = pq.read_table(file).to_pandas()
+            return self._cache[name]
+        return pq.read_table(file, columns=columns, filters=filters).to_pandas()
+
+    @property
+    def similar_movies(self) -> pd.DataFrame:
+        return self.table("similar_movies")
+
+    @property
+    def recommendations(self) -> pd.DataFrame:
+        return self.table("recommendations")
+
+    @property
+    def movies(self) -> pd.DataFrame:
+        return self.table("movies")
+
+    @property
+    def popular(self) -> pd.DataFrame:
+        return self.table("popular")
+
+
+def open_served(serving_dir: Path) -> ServedTables:
+    """The current published set; NothingPublishedError when there is none."""
+    serving_dir = Path(serving_dir)
+    target = _current_target(serving_dir)
+    if target is None:
+        raise NothingPublishedError(
+            f"nothing has been published yet under {serving_dir}; run the pipeline first "
+            f"(recsys run, or the DAG) so that its recommend stage publishes the served tables"
+        )
+    target = target.resolve()
+    return ServedTables(path=target, fingerprint=target.name,
+                        manifest=storage.read_json(target / storage.MANIFEST))
