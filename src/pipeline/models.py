@@ -75,6 +75,22 @@ def _candidate(name: str, val_rmse: float, scores: dict, out_dir: Path, model_ur
             "model_uri": model_uri, "mlflow_run_id": run_id}
 
 
+def _log_candidate(tmp: Path, out_dir: Path, stage: str, model: FactorModel, artifacts: list, val_rmse: float,
+                   scores: dict, run_id: str, **extra) -> None:
+    """Inside the stage's MLflow run: artifacts, item factors and the pyfunc model; then the stage manifest
+    naming the model as a candidate for the gate."""
+    import mlflow
+
+    from pipeline import tracking
+
+    for path in artifacts:
+        mlflow.log_artifact(str(path))
+    tracking.log_item_factors(model)
+    info = tracking.log_factor_model(model)
+    storage.write_manifest(tmp, stage, {}, mlflow_run_id=run_id,
+                           candidate=_candidate(stage, val_rmse, scores, out_dir, info.model_uri, run_id), **extra)
+
+
 # --- stage: baseline ----------------------------------------------------------------------------------------
 
 
@@ -189,13 +205,8 @@ def run_als(spark, etl_dir: Path, out_dir: Path, ctx) -> dict:
                                "baseline_damping_user": baseline.damping_user,
                                "baseline_damping_item": baseline.damping_item})
             mlflow.log_metrics({"val_rmse": val["val_rmse"], "grid_seconds": grid_s, **_metrics_for_mlflow(scores)})
-            mlflow.log_artifact(str(heatmap))
-            mlflow.log_artifact(str(tmp / "grid.json"))
-            tracking.log_item_factors(model)
-            info = tracking.log_factor_model(model)
-        storage.write_manifest(tmp, "als", {}, best_params=best, mlflow_run_id=parent.info.run_id,
-                               candidate=_candidate("als", val["val_rmse"], scores, out_dir, info.model_uri,
-                                                    parent.info.run_id))
+            _log_candidate(tmp, out_dir, "als", model, [heatmap, tmp / "grid.json"], val["val_rmse"], scores,
+                           parent.info.run_id, best_params=best)
     section = {
         "grid": points, "grid_val_rmse": [r["val_rmse"] for r in results], "best_params": best,
         "val_rmse": val["val_rmse"], **scores, "mlflow_run_id": parent.info.run_id,
@@ -265,13 +276,8 @@ def run_autorec(etl_dir: Path, out_dir: Path, ctx) -> dict:
         best_epoch = int(min(history, key=lambda r: r["val_rmse"])["epoch"])
         mlflow.log_metrics({"best_epoch": best_epoch, "val_rmse_all_rows": val["test_rmse"],
                             "train_seconds": train_s, **_metrics_for_mlflow(scores)})
-        mlflow.log_artifact(str(curves))
-        mlflow.log_artifact(str(tmp / "history.csv"))
-        tracking.log_item_factors(model)
-        info = tracking.log_factor_model(model)
-        storage.write_manifest(tmp, "autorec", {}, params=hyper, mlflow_run_id=run.info.run_id,
-                               candidate=_candidate("autorec", val["test_rmse"], scores, out_dir, info.model_uri,
-                                                    run.info.run_id))
+        _log_candidate(tmp, out_dir, "autorec", model, [curves, tmp / "history.csv"], val["test_rmse"], scores,
+                       run.info.run_id, params=hyper)
     section = {"params": hyper, "best_epoch": best_epoch, "epochs_run": len(history), "val_rmse": val["test_rmse"],
                **scores, "mlflow_run_id": run.info.run_id, "train_seconds": round(train_s, 2),
                "model_path": str(out_dir / "model")}
