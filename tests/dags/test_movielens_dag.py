@@ -100,7 +100,8 @@ def test_dag_test_runs_end_to_end_on_a_sample(airflow_db, dagbag, real_movielens
     assert split["train"] + split["validation"] + split["test"] == len(expected)
     assert set(report["olap"]["tables"]) >= {"genre_year", "user_activity", "movie_popularity",
                                               "ratings_per_month", "tags_per_movie"}
-    assert set(report["timings_s"]) == {"ingest", "validate", "etl", "olap", "baseline", "als", "autorec"}
+    assert set(report["timings_s"]) == {"ingest", "validate", "etl", "olap", "baseline", "als", "autorec", "gate",
+                                        "promotion", "similarity", "recommend"}
     models = report["models"]
     assert set(models) == {"baseline", "als", "autorec"}
     assert [p["rank"] for p in models["als"]["grid"]] == [4, 8]
