@@ -58,7 +58,7 @@ def champion_version(client, name: str) -> str | None:
     from mlflow.exceptions import MlflowException
 
     try:
-        return client.get_model_version_by_alias(name, CHAMPION).version
+        return str(client.get_model_version_by_alias(name, CHAMPION).version)
     except MlflowException:
         return None
 
@@ -98,7 +98,7 @@ def evaluate_challenger(ctx) -> dict:
     before = champion_version(client, name)
     champion_rmse = score(load_registered(name, before)) if before else None
     with tracking.quiet_mlflow():
-        version = mlflow.register_model(challenger["model_uri"], name).version
+        version = str(mlflow.register_model(challenger["model_uri"], name).version)  # the registry's aliases say "1"
     client.set_registered_model_alias(name, CHALLENGER, version)
 
     beats_baseline = challenger_rmse < baseline_rmse

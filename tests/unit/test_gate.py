@@ -59,7 +59,7 @@ def test_first_run_promotes_a_challenger_that_beats_the_baseline(world):
     assert promotion["challenger_test_rmse"] < promotion["baseline_test_rmse"]
     client = mlflow.MlflowClient()
     name = ctx.settings.registered_model
-    assert client.get_model_version_by_alias(name, CHAMPION).version == promotion["champion_version"]
+    assert str(client.get_model_version_by_alias(name, CHAMPION).version) == promotion["champion_version"]
     tags = client.get_model_version(name, promotion["challenger_version"]).tags
     assert tags["recsys.decision"] == "promoted"
     assert tags["recsys.test_fingerprint"] == "tiny" and "recsys.challenger_test_rmse" in tags
@@ -75,8 +75,8 @@ def test_a_worse_challenger_is_kept_out_and_the_champion_stays(world):
     assert second["challenger_test_rmse"] > second["champion_test_rmse_before"]
     client = mlflow.MlflowClient()
     name = good.settings.registered_model
-    assert client.get_model_version_by_alias(name, CHAMPION).version == first["champion_version"]
-    assert client.get_model_version_by_alias(name, CHALLENGER).version == second["challenger_version"]
+    assert str(client.get_model_version_by_alias(name, CHAMPION).version) == first["champion_version"]
+    assert str(client.get_model_version_by_alias(name, CHALLENGER).version) == second["challenger_version"]
     assert client.get_model_version(name, second["challenger_version"]).tags["recsys.decision"] == "kept"
 
 
@@ -111,7 +111,7 @@ def test_two_racing_runs_cannot_both_win(world):
     late = apply_decision(b, gate_b)["promotion"]
     assert late["decision"] == "kept" and "champion moved" in late["reason"]
     client = mlflow.MlflowClient()
-    assert client.get_model_version_by_alias(a.settings.registered_model, CHAMPION).version == \
+    assert str(client.get_model_version_by_alias(a.settings.registered_model, CHAMPION).version) == \
         gate_a["challenger_version"]
 
 
