@@ -114,8 +114,9 @@ def run_baseline(etl_dir: Path, out_dir: Path, ctx) -> dict:
     scores = evaluate_factor_model(bias_model, frames, baseline)
     global_mean = GlobalMean().fit(train)
     gm_scores = rating_metrics(frames["test"], global_mean.predict, baseline, train)
-    popularity = evaluate(baseline.predict, lambda users, k, seen: top_k_popular(train, users, k), frames,
-                          baseline)["ranking"]
+    test = frames["test"]
+    popularity = ranking_metrics(top_k_popular(train, pd.unique(test["user_id"]), RANKING_K), test, k=RANKING_K)
+    popularity.pop("users")
     chosen = {"damping_user": baseline.damping_user, "damping_item": baseline.damping_item}
     val = min(damping_grid, key=lambda r: r["validation_rmse"])["validation_rmse"]
     tracking.configure(ctx.settings)
