@@ -101,11 +101,6 @@ def gate(ctx: RunContext) -> dict:
 
 
 LSH_TARGET_RECALL = 0.95
-# Tried in order when the chosen LSH parameters miss the target recall on the full item set.
-LSH_ESCALATION = (
-    {"bucket_length": 1.0, "num_hash_tables": 128, "num_orderings": 24, "block_size": 512},
-    {"bucket_length": 1.0, "num_hash_tables": 256, "num_orderings": 48, "block_size": 1024},
-)
 
 
 def similarity(ctx: RunContext) -> dict:
@@ -127,19 +122,17 @@ def similarity(ctx: RunContext) -> dict:
     # distances are unchanged; the exported embeddings are the centred ones the tables were computed from.
     vectors = vectors - vectors.mean(axis=0, keepdims=True)
     spark, k = get_spark(ctx.settings), ctx.params["similar_k"]
-    out = similar_items(spark, (movie_ids, vectors), k, ctx.stage_dir("similarity"))
-    for stronger in LSH_ESCALATION:  # the recall measured on every item decides, not the sample's estimate
-        if out["similarity"]["lsh_recall_at_k"] >= LSH_TARGET_RECALL:
-            break
-        log.info("similarity: LSH recall@%d %.4f below %.2f; retrying with %s", k,
-                 out["similarity"]["lsh_recall_at_k"], LSH_TARGET_RECALL, stronger)
-        out = similar_items(spark, (movie_ids, vectors), k, ctx.stage_dir("similarity"), lsh_params=stronger)
+    # the parameters are chosen on a sample, then confirmed (or escalated) on every item inside similar_items
+    out = similar_items(spark, (movie_ids, vectors), k, ctx.stage_dir("similarity"),
+                        target_recall=LSH_TARGET_RECALL)
     section = out["similarity"]
     section.update(champion_version=version, registered_model=ctx.settings.registered_model)
     with mlflow.start_run(run_name="similarity", tags=tracking.run_tags(ctx)):
         mlflow.log_params({"k": section["k"], "champion_version": version, "embedding_model": model.name,
                            **{f"lsh_{k}": v for k, v in section["lsh_params"].items()}})
-        mlflow.log_metrics({f"lsh_recall_at_{section['k']}": section["lsh_recall_at_k"], "items": section["items"]})
+        mlflow.log_metrics({f"lsh_recall_at_{section['k']}": section["lsh_recall_at_k"], "items": section["items"],
+                            "lsh_tries": len(section["lsh_attempts"]),
+                            **{f"seconds_{name}": v for name, v in section["timings_s"].items()}})
     return out
 
 

@@ -87,6 +87,25 @@ def test_fewer_items_than_k_gives_shorter_lists_and_bad_inputs_are_rejected():
         sim.exact_top_k([1, 2], [[1, 0], [0, 1]], 1, metric="manhattan")
 
 
+@pytest.mark.parametrize("chunks", [2, 7, 32])
+def test_row_top_columns_prefilter_equals_a_full_sort(chunks):
+    """The strided group-max prefilter of the exact search against a stable full sort: random and heavily
+    tied scores, -inf (the item itself), widths not a multiple of the group count."""
+    rng = np.random.default_rng(chunks)
+    for trial in range(120):
+        rows, width = int(rng.integers(1, 30)), int(rng.integers(2, 500))
+        m = int(rng.integers(1, min(width, 30)))
+        if trial % 2:
+            scores = rng.integers(-3, 4, size=(rows, width)).astype(np.float32)
+        else:
+            scores = rng.standard_normal((rows, width)).astype(np.float32)
+        scores[rng.random((rows, width)) < 0.05] = -np.inf
+        got = np.sort(sim._top_columns_of_rows(scores, m, chunks=chunks), axis=1)
+        columns = np.broadcast_to(np.arange(width), scores.shape)
+        want = np.sort(np.lexsort((columns, -scores), axis=1)[:, :m], axis=1)  # by score, ties to lower column
+        np.testing.assert_array_equal(got, want, err_msg=f"trial {trial}: {rows}x{width}, m={m}")
+
+
 def test_recall_at_k_on_a_hand_example():
     exact = pd.DataFrame({"movie_id": [1, 1, 2, 2, 3], "similar_movie_id": [2, 5, 1, 4, 1],
                           "rank": [1, 2, 1, 2, 1], "score": [0.9, 0.8, 0.9, 0.7, 0.5]})
@@ -100,14 +119,34 @@ def test_recall_at_k_on_a_hand_example():
 
 
 @pytest.mark.spark
-def test_spark_lsh_draws_its_random_vectors_in_sequence(spark):
-    """choose_lsh_params hashes once with the most tables and slices: this is what makes that valid."""
-    ids, vectors = clustered(200, 8, 5)
+def test_driver_hashes_equal_spark_model_transform(spark):
+    """lsh_codes applies the fitted BucketedRandomProjectionLSHModel's hash functions on the driver: the values
+    must be exactly those of model.transform, for SimHash-like and slab-cutting bucket lengths."""
+    ids, vectors = clustered(600, 8, 6)
+    vectors[3] = 0.0  # no direction: Spark's Normalizer leaves it zero
+    vectors[4] *= 1e6
     items = sim._prepare(ids, vectors)
     with sim._embeddings_file(items, None) as path:
-        wide = sim._spark_lsh_codes(spark, path, sim.LSHParams(0.5, 12, 2, 64), items)
-        narrow = sim._spark_lsh_codes(spark, path, sim.LSHParams(0.5, 5, 2, 64), items)
-    assert np.array_equal(wide[:, :5], narrow) and len(np.unique(wide)) > 2
+        for length in (1.0, 0.5, 0.3, 0.1):
+            params = sim.LSHParams(length, 24, 2, 64, seed=7)
+            driver = sim.lsh_codes(spark, items, params)
+            in_spark = sim._spark_transform_codes(spark, path, params, items)
+            assert driver.dtype == in_spark.dtype
+            np.testing.assert_array_equal(driver, in_spark)
+            assert len(np.unique(driver)) > 2 if length < 1 else set(np.unique(driver)) == {-1, 0}
+
+
+@pytest.mark.spark
+def test_spark_lsh_draws_its_random_vectors_in_sequence(spark):
+    """choose_lsh_params hashes once with the most tables and slices: this is what makes that valid."""
+    sim._RANDOM_VECTORS.clear()
+    narrow = sim.spark_random_vectors(spark, 8, 5, 11)
+    sim._RANDOM_VECTORS.clear()
+    wide = sim.spark_random_vectors(spark, 8, 12, 11)
+    assert wide.shape == (12, 8) and np.array_equal(wide[:5], narrow)
+    np.testing.assert_allclose(np.linalg.norm(wide, axis=1), 1.0)
+    assert sim.spark_random_vectors(spark, 8, 3, 11) is not None  # sliced from the cache
+    assert not np.array_equal(sim.spark_random_vectors(spark, 8, 5, 12), narrow)  # another seed
 
 
 @pytest.mark.spark
@@ -203,3 +242,31 @@ def test_identical_input_gives_identical_file_bytes(stage_outputs):
     _, _, [(first, _), (second, _)] = stage_outputs
     for name in (sim.TABLE, sim.EMBEDDINGS):
         assert (first / name).read_bytes() == (second / name).read_bytes()
+
+
+@pytest.mark.spark
+def test_recall_below_target_on_all_items_escalates_to_stronger_parameters(spark, tmp_path, monkeypatch):
+    """The chooser's sample only estimates the recall: similar_items measures it on every item and, below the
+    target, tries the chooser's stronger steps, keeping the best (and reporting every try)."""
+    ids, vectors = clustered(1500, 16, 40, seed=5)
+    weak, strong = sim.LSHParams(1.0, 8, 1, 32), sim.LSHParams(1.0, 64, 16, 256)
+    monkeypatch.setattr(sim, "choose_lsh_params", lambda *a, **kw: {
+        "params": weak, "recall": 0.99, "reached": True, "sample": 10, "tried": [], "stronger": [strong]})
+    summary = sim.similar_items(spark, (ids, vectors), 10, tmp_path / "similarity")["similarity"]
+    tries = summary["lsh_attempts"]
+    assert [t["params"]["num_orderings"] for t in tries] == [1, 16]
+    assert tries[0]["recall_at_k"] < 0.95 <= tries[1]["recall_at_k"]
+    assert summary["lsh_params"] == strong.as_dict() and summary["lsh_target_reached"]
+    assert summary["lsh_recall_at_k"] == pytest.approx(tries[1]["recall_at_k"], abs=1e-4)
+    table = pd.read_parquet(summary["table"])
+    exact = sim.exact_top_k(ids, vectors, 10, "cosine")
+    assert summary["lsh_recall_at_k"] == sim.recall_at_k(table[table.metric == "lsh"], exact, 10)
+
+
+def test_stronger_steps_rank_more_candidates_per_item():
+    candidates = sorted(sim.DEFAULT_CANDIDATES, key=lambda c: sim.estimated_cost(10_000, c))
+    base = candidates[0]
+    steps = sim._stronger(base, candidates)
+    volumes = [c.num_orderings * c.block_size for c in steps]
+    assert len(steps) == 3 and volumes == sorted(volumes)
+    assert volumes[0] >= 1.5 * base.num_orderings * base.block_size
