@@ -86,33 +86,44 @@ class FactorModel:
             out[missing] = self.fallback.predict(np.asarray(user_ids)[missing], np.asarray(movie_ids)[missing])
         return out
 
-    def _item_scores(self) -> tuple[np.ndarray, np.ndarray]:
-        """Per-item terms that matter for ranking one user's items (user terms are constant per user)."""
-        item_term = self.item_bias.astype(np.float64)
+    def _scores(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(shown, raw) scores of the users at ``rows`` for every movie: ``shown`` is exactly what predict
+        returns (clipped, the baseline part clipped first); ``raw`` the same before the final clip."""
+        raw = (self.user_factors[rows] @ self.item_factors.T).astype(np.float64)
+        raw += self.item_bias.astype(np.float64)[None, :]
+        raw += (self.offset + self.user_bias[rows].astype(np.float64))[:, None]
         if self.baseline is not None:
-            item_term = item_term + self.baseline._lookup(self.baseline.item_bias_, self.movie_ids)
-        return item_term, self.item_factors
+            b = self.baseline
+            part = (b.mu_ + b._lookup(b.user_bias_, self.user_ids[rows])[:, None]
+                    + b._lookup(b.item_bias_, self.movie_ids)[None, :])
+            raw += np.clip(part, b.min_rating, b.max_rating)
+        return np.clip(raw, self.min_rating, self.max_rating), raw
 
-    def top_k(self, user_ids, k: int, exclude: dict | None = None, batch: int = 2048) -> dict:
-        """The k best-scored known movies for each known user, skipping ``exclude[user]`` (e.g. seen movies)."""
+    def top_k(self, user_ids, k: int, exclude: dict | None = None, batch: int = 512) -> dict:
+        """The k best known movies for each known user, skipping ``exclude[user]`` (e.g. seen movies).
+
+        Ranked by the predicted rating that predict() returns, so the list is the k best of what is shown;
+        ties (several movies clipped to the top of the scale) by the score before clipping, then by movie_id.
+        """
         exclude = exclude or {}
-        item_term, V = self._item_scores()
         user_ids = [int(u) for u in user_ids]
         rows = self._users.get_indexer(np.asarray(user_ids, dtype=np.int64))
         out = {}
         known = [(u, r) for u, r in zip(user_ids, rows) if r >= 0]
+        n = len(self.movie_ids)
         for start in range(0, len(known), batch):
             chunk = known[start:start + batch]
-            scores = self.user_factors[[r for _, r in chunk]] @ V.T + item_term[None, :]
-            for (user, _), row in zip(chunk, scores):
+            shown, raw = self._scores(np.array([r for _, r in chunk], dtype=np.int64))
+            for (user, _), shown_row, raw_row in zip(chunk, shown, raw):
                 seen = exclude.get(user)
                 if seen:
                     cols = self._movies.get_indexer(np.fromiter(seen, dtype=np.int64))
-                    row[cols[cols >= 0]] = -np.inf
-                kk = min(k, len(row))
-                top = np.argpartition(-row, kk - 1)[:kk]
-                top = top[np.argsort(-row[top], kind="stable")]
-                out[user] = [int(self.movie_ids[i]) for i in top if np.isfinite(row[i])]
+                    shown_row[cols[cols >= 0]] = -np.inf
+                kk = min(k, n)
+                cut = np.partition(shown_row, n - kk)[n - kk]  # the kk-th best shown score
+                cand = np.flatnonzero((shown_row >= cut) & np.isfinite(shown_row))
+                order = np.lexsort((self.movie_ids[cand], -raw_row[cand], -shown_row[cand]))[:kk]
+                out[user] = self.movie_ids[cand[order]].tolist()
         return out
 
     def item_embeddings(self) -> tuple[np.ndarray, np.ndarray]:

@@ -86,8 +86,9 @@ def recommend_known_users(model: FactorModel, ratings: pd.DataFrame, k: int) -> 
     rank_col = np.fromiter((r for u in users for r in range(1, len(top.get(int(u), ())) + 1)), dtype=np.int32)
     score = model.predict(user_col, movie_col).astype(np.float64) if len(user_col) else np.empty(0)
     out = pd.DataFrame({"user_id": user_col, "rank": rank_col, "movie_id": movie_col, "score": score})
-    # top_k ranks by the unclipped score; predict clips (its baseline part too), which can reorder a user's
-    # best movies. Rank by the score that is shown; ties (e.g. several at the top of the scale) keep top_k's order.
+    # top_k ranks by the clipped score predict() shows; its matrix product can round differently from predict's
+    # in the last bits, so the rank follows the score written here. Ties (e.g. several at the top of the scale)
+    # keep top_k's order (unclipped score, then movie_id).
     out = out.sort_values(["user_id", "score", "rank"], ascending=[True, False, True], kind="stable",
                           ignore_index=True)
     out["rank"] = (out.groupby("user_id", sort=False).cumcount() + 1).astype(np.int32)

@@ -43,6 +43,24 @@ def test_top_k_excludes_seen_movies_and_orders_by_score(model):
     assert top[2] == [int(x) for x in np.array([10, 20, 30])[np.argsort(-scores, kind="stable")][:2]]
 
 
+def test_top_k_ranks_by_the_shown_clipped_score():
+    """The baseline part is clipped before the factors add to it, and the sum is clipped again: top_k must pick
+    the best of what predict() shows, and order movies tied at the top of the scale by the unclipped score."""
+    train = pd.DataFrame({"user_id": [1, 1], "movie_id": [10, 20], "rating": [4.0, 4.0]})
+    base = BiasBaseline(0, 0).fit(train)
+    base.mu_ = 4.0
+    base.user_bias_ = pd.Series([0.0], index=pd.Index([1], dtype=np.int64))
+    # baseline parts: A(10) 5.6 -> clipped 5.0; B(20) 4.8; C(30) 4.0; D(40) 4.0
+    base.item_bias_ = pd.Series([1.6, 0.8, 0.0, 0.0], index=pd.Index([10, 20, 30, 40], dtype=np.int64))
+    fm = FactorModel("clip", user_ids=[1], movie_ids=[10, 20, 30, 40], user_factors=[[1.0]],
+                     item_factors=[[-0.3], [0.0], [1.5], [1.2]], baseline=base, fallback=base)
+    shown = fm.predict([1] * 4, [10, 20, 30, 40])
+    np.testing.assert_allclose(shown, [4.7, 4.8, 5.0, 5.0])  # unclipped 5.3 (A) would rank A above B
+    assert fm.top_k([1], k=4)[1] == [30, 40, 20, 10]  # C and D tie at 5.0: C's 5.5 before D's 5.2
+    assert fm.top_k([1], k=3, exclude={1: {30}})[1] == [40, 20, 10]
+    assert fm.top_k([1], k=10, exclude={1: {10, 20, 30, 40}})[1] == []
+
+
 def test_save_and_load_round_trip(model, tmp_path):
     fm, _ = model
     loaded = FactorModel.load(fm.save(tmp_path / "m"))

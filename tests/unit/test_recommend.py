@@ -51,11 +51,12 @@ def test_known_user_scores_are_clipped_predicted_ratings():
 
 
 def test_known_user_ranks_follow_the_shown_score_when_the_baseline_is_clipped():
-    # The baseline part of predict is clipped at 5 for movie 10 (4.8 + 0.5), which top_k's raw order ignores.
+    # The baseline part of predict is clipped at 5 for movie 10 (4.8 + 0.5): its raw score 5.1 would put it
+    # first, its shown score 4.8 puts it after movie 20 (4.9), in top_k as in the served table.
     base = baseline_from_arrays({"mu": 4.8, "damping_user": 0, "damping_item": 0}, [1], [0.0], [10, 20], [0.5, 0.0])
     model = FactorModel("tiny", user_ids=[1], movie_ids=[10, 20], user_factors=[[1.0]],
                         item_factors=[[-0.2], [0.1]], baseline=base)
-    assert model.top_k([1], 2)[1] == [10, 20]
+    assert model.top_k([1], 2)[1] == [20, 10] and model.top_k([1], 1)[1] == [20]
     recs = recommend.recommend_known_users(model, _ratings([]), k=2)
     assert recs["movie_id"].tolist() == [20, 10] and recs["rank"].tolist() == [1, 2]
     np.testing.assert_allclose(recs["score"], [4.9, 4.8], rtol=1e-6)
