@@ -28,8 +28,19 @@ def configure(settings) -> str:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if settings.mlflow_tracking_uri.startswith("sqlite:///"):
         Path(settings.mlflow_tracking_uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
-    mlflow.set_registry_uri(settings.mlflow_tracking_uri)
+    # set_tracking_uri/set_registry_uri also export MLFLOW_TRACKING_URI/MLFLOW_REGISTRY_URI, which load_settings
+    # reads: a long-lived worker would then give every later configuration the first one's store. MLflow keeps
+    # the URIs in its own globals, so the environment is put back as the operator set it.
+    exported = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    try:
+        mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+        mlflow.set_registry_uri(settings.mlflow_tracking_uri)
+    finally:
+        for name, value in exported.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     experiment = mlflow.get_experiment_by_name(settings.mlflow_experiment)
     if experiment is None:
         artifact_location = None

@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 
@@ -69,3 +70,23 @@ def test_every_param_has_a_description_and_a_default_that_passes_its_own_check()
         assert spec.description
         spec.check(spec.default)
         json.dumps(spec.json_schema())
+
+
+def test_configuring_mlflow_does_not_leak_its_store_into_later_settings(tmp_path, monkeypatch):
+    """A long-lived worker configures MLflow for one home, then loads settings for another: the second must
+    get its own default store, not the URI MLflow would have exported into the environment."""
+    import mlflow
+
+    from pipeline import tracking
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    first = load_settings({"RECSYS_HOME": str(tmp_path / "a")})
+    tracking.configure(first)
+    assert mlflow.get_tracking_uri() == first.mlflow_tracking_uri  # MLflow itself uses it
+    assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_REGISTRY_URI" not in os.environ
+    second = load_settings(dict(os.environ, RECSYS_HOME=str(tmp_path / "b")))
+    assert second.mlflow_tracking_uri != first.mlflow_tracking_uri and "/b/" in second.mlflow_tracking_uri
+    # an operator's own setting is kept as it was
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'operator.db'}")
+    tracking.configure(load_settings(dict(os.environ)))
+    assert os.environ["MLFLOW_TRACKING_URI"] == f"sqlite:///{tmp_path / 'operator.db'}"
