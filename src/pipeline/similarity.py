@@ -222,15 +222,22 @@ def _argpartition_top(scores: np.ndarray, m: int) -> np.ndarray:
     return top
 
 
+_THREADPOOLS = None  # threadpoolctl's controller, built once: a fresh threadpool_limits() costs ~2 ms a call
+_EXECUTOR: ThreadPoolExecutor | None = None
+
+
 @contextlib.contextmanager
 def _single_threaded_blas():
     """Our threads split the rows; BLAS threads inside them would only oversubscribe the cores."""
+    global _THREADPOOLS
     try:
-        from threadpoolctl import threadpool_limits
+        from threadpoolctl import ThreadpoolController
     except ImportError:  # optional: without it BLAS keeps its own threads
         yield
         return
-    with threadpool_limits(limits=1, user_api="blas"):
+    if _THREADPOOLS is None:
+        _THREADPOOLS = ThreadpoolController()
+    with _THREADPOOLS.limit(limits=1, user_api="blas"):
         yield
 
 
@@ -239,13 +246,17 @@ def _workers() -> int:
 
 
 def _parallel(fn, tasks) -> None:
+    """fn(task) for every task, on a pool kept for the process (the LSH search calls this dozens of times)."""
+    global _EXECUTOR
     workers = _workers()
     if workers == 1 or len(tasks) < 2:
         for task in tasks:
             fn(task)
         return
-    with _single_threaded_blas(), ThreadPoolExecutor(workers) as pool:
-        for _ in pool.map(fn, tasks):
+    if _EXECUTOR is None:
+        _EXECUTOR = ThreadPoolExecutor(workers, thread_name_prefix="recsys-similarity")
+    with _single_threaded_blas():
+        for _ in _EXECUTOR.map(fn, tasks):
             pass
 
 
