@@ -223,7 +223,7 @@ def _argpartition_top(scores: np.ndarray, m: int) -> np.ndarray:
 
 
 _THREADPOOLS = None  # threadpoolctl's controller, built once: a fresh threadpool_limits() costs ~2 ms a call
-_EXECUTOR: ThreadPoolExecutor | None = None
+_EXECUTOR: tuple[int, ThreadPoolExecutor] | None = None  # (pid, pool): a forked child builds its own
 
 
 @contextlib.contextmanager
@@ -253,10 +253,10 @@ def _parallel(fn, tasks) -> None:
         for task in tasks:
             fn(task)
         return
-    if _EXECUTOR is None:
-        _EXECUTOR = ThreadPoolExecutor(workers, thread_name_prefix="recsys-similarity")
+    if _EXECUTOR is None or _EXECUTOR[0] != os.getpid():  # a pool's threads do not survive a fork
+        _EXECUTOR = (os.getpid(), ThreadPoolExecutor(workers, thread_name_prefix="recsys-similarity"))
     with _single_threaded_blas():
-        for _ in _EXECUTOR.map(fn, tasks):
+        for _ in _EXECUTOR[1].map(fn, tasks):
             pass
 
 

@@ -1,6 +1,8 @@
 """Similar movies: exact top-k against brute force, recall arithmetic, the Spark LSH path and the stage's files."""
 
 import json
+import os
+import time
 
 import numpy as np
 import pandas as pd
@@ -270,3 +272,28 @@ def test_stronger_steps_rank_more_candidates_per_item():
     volumes = [c.num_orderings * c.block_size for c in steps]
     assert len(steps) == 3 and volumes == sorted(volumes)
     assert volumes[0] >= 1.5 * base.num_orderings * base.block_size
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_exact_search_works_in_a_forked_child_after_the_parent_used_its_thread_pool():
+    """A worker forked after the parent ran a search (e.g. a forking task runner) gets its own thread pool:
+    the parent's pool threads do not exist in the child, and reusing it would wait forever."""
+    ids, vectors = clustered(3000, 8, 20)
+    parent = sim.exact_top_k(ids, vectors, 5)
+    pid = os.fork()
+    if pid == 0:  # child: exit 0 only if the search completes with the parent's answer
+        code = 1
+        try:
+            code = 0 if sim.exact_top_k(ids, vectors, 5).equals(parent) else 2
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            assert os.waitstatus_to_exitcode(status) == 0
+            return
+        time.sleep(0.05)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    pytest.fail("the forked child's search hung")
