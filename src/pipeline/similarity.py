@@ -1,8 +1,9 @@
 """Similar movies from the champion's item embeddings: exact Euclidean and cosine top-K, and a Spark LSH top-K.
 
 Exact (``exact_top_k``): blocked float32 matrix products (BLAS) and a top-K selection per row (a strided
-group-maximum prefilter, then a sort of the few survivors: ``_top_columns_of_rows``), row blocks on threads. The best K+2 candidates of a row are re-scored in float64 and ordered by (score, movie_id), so a pair
-has one score in every table and ties go to the lower movie_id.
+group-maximum prefilter, then a sort of the few survivors: ``_top_columns_of_rows``), row blocks on threads.
+The best K+2 candidates of a row are re-scored in float64 and ordered by (score, movie_id), so a pair has one
+score in every table and ties go to the lower movie_id.
 
 LSH (``lsh_top_k``, approximates the cosine ranking). The hash functions are Spark ML's: ``Normalizer`` to
 unit length, then a fitted ``BucketedRandomProjectionLSHModel``, whose every "hash table" is one
@@ -352,7 +353,7 @@ def _rows_of(items: _Items, movie_ids) -> np.ndarray:
     return rows
 
 
-# --- LSH: hashing (Spark's model) ----------------------------------------------------------------------------------
+# --- LSH: hashing (Spark's model) --------------------------------------------------------------------------
 
 
 def write_embeddings(path: Path, movie_ids, vectors) -> Path:
