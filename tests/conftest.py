@@ -25,22 +25,6 @@ for var in ("RECSYS_SOURCE", "RECSYS_DATA_ROOT", "RECSYS_CACHE_DIR", "RECSYS_SET
     os.environ.pop(var, None)
 
 
-_MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
-
-
-@pytest.fixture(autouse=True)
-def _mlflow_uri_does_not_leak():
-    """mlflow.set_tracking_uri() also exports MLFLOW_TRACKING_URI (for subprocesses), which the settings read:
-    without this, one test's MLflow store would become the next test's default."""
-    saved = {k: os.environ.get(k) for k in _MLFLOW_ENV}
-    yield
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-
-
 def movielens_dir() -> Path | None:
     """The real ml-latest-small: $MOVIELENS_DIR, else ../shared/data/ml-latest-small beside the repo."""
     candidates = [os.environ.get("MOVIELENS_DIR"), REPO.parent / "shared" / "data" / "ml-latest-small"]
@@ -110,7 +94,6 @@ def real_pipeline(real_movielens, tmp_path_factory, spark):
 
     root = tmp_path_factory.mktemp("real")
     previous = os.environ.get("RECSYS_HOME")
-    saved_mlflow = {k: os.environ.pop(k, None) for k in _MLFLOW_ENV}  # its own store under its home
     os.environ["RECSYS_HOME"] = str(root / "home")
     try:
         first, second = root / "run1", root / "run2"
@@ -123,11 +106,6 @@ def real_pipeline(real_movielens, tmp_path_factory, spark):
         after = {"target": os.readlink(serving / "current"), "files": _tree_digest(serving / "current")}
         settings = load_settings()
     finally:
-        for key, value in saved_mlflow.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
         if previous is None:
             os.environ.pop("RECSYS_HOME", None)
         else:
