@@ -943,8 +943,9 @@ def similar_items(spark, model_or_embeddings, k: int, out_dir: Path, lsh_params=
     """Materialize the similar-movie table (euclidean, cosine, lsh) and the embeddings under ``out_dir``.
 
     ``model_or_embeddings``: a FactorModel (its item_embeddings()) or (movie_ids, vectors). ``lsh_params``: an
-    LSHParams or dict; None chooses them with choose_lsh_params. The reported LSH recall@k is measured on all
-    items against the exact cosine table written beside it.
+    LSHParams or dict; None chooses them with choose_lsh_params, and when the recall@k measured on all items
+    misses ``target_recall`` the chooser's stronger steps are tried (each try in ``lsh_attempts``). The
+    reported LSH recall@k is measured on all items against the exact cosine table written beside it.
     """
     k = _check_k(k)
     movie_ids, vectors = _embeddings_of(model_or_embeddings)
