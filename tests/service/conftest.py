@@ -35,3 +35,51 @@ def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
     setattr(item, f"rep_{report.when}", report)
+
+
+PG = os.environ.get("RECSYS_TEST_POSTGRES", "postgresql://root@127.0.0.1:5432")
+REDIS = os.environ.get("RECSYS_TEST_REDIS", "redis://127.0.0.1:6379")
+
+
+def _unavailable(what: str, detail) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(f"{what} is not reachable: {detail}")
+    pytest.skip(f"{what} not reachable: {detail}")
+
+
+@pytest.fixture
+def postgres_db():
+    """A fresh database on the machine's PostgreSQL (trust auth); dropped afterwards. Yields its URL
+    (``postgresql://...``; callers pick the driver)."""
+    import uuid
+
+    psycopg2 = pytest.importorskip("psycopg2")
+    try:
+        admin = psycopg2.connect(f"{PG}/postgres", connect_timeout=3)
+    except psycopg2.OperationalError as exc:
+        _unavailable(f"PostgreSQL at {PG}", exc)
+    admin.autocommit = True
+    name = f"recsys_airflow_{uuid.uuid4().hex[:8]}"
+    with admin.cursor() as cur:
+        cur.execute(f"CREATE DATABASE {name}")
+    try:
+        yield f"{PG}/{name}"
+    finally:
+        with admin.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.close()
+
+
+@pytest.fixture
+def redis_url() -> str:
+    """A Redis database index for this test's Celery broker (the queue name is unique per test as well)."""
+    import random
+    import socket
+    from urllib.parse import urlparse
+
+    parsed = urlparse(REDIS)
+    try:
+        socket.create_connection((parsed.hostname, parsed.port or 6379), timeout=3).close()
+    except OSError as exc:
+        _unavailable(f"Redis at {REDIS}", exc)
+    return f"{REDIS.rstrip('/')}/{random.randint(1, 15)}"
