@@ -31,17 +31,18 @@ def main() -> int:
     args = parser.parse_args()
 
     from pipeline import stages
-    from pipeline.als import best_point, grid_points, residual_frame, search_grid, search_grid_naive
-    from pipeline.models import load_split, reference_baseline
-    from pipeline.settings import load_settings
+    from pipeline.models.als import best_point, grid_points, residual_frame, search_grid, search_grid_naive
+    from pipeline.config import load_settings
+    from pipeline.models.protocol import load_baseline, load_split
     from pipeline.spark import get_spark
 
     work = Path(tempfile.mkdtemp(prefix="bench-als-"))
     os.environ.setdefault("RECSYS_HOME", str(work / "home"))
     ctx = stages.make_context(work_dir=work, params={"source": args.source}, settings=load_settings())
-    stages.run_pipeline(ctx, ["ingest", "validate", "etl"])
-    frames, split = load_split(ctx.stage_dir("etl"), "bench")
-    baseline, _ = reference_baseline(frames)
+    stages.run_pipeline(ctx, ["ingest", "validate", "etl", "baseline"])
+    split = load_split(ctx, "bench")
+    frames = {"train": split.train, "validation": split.validation}
+    baseline = load_baseline(ctx, "bench")
     points = grid_points([int(x) for x in args.ranks.split(",")], [float(x) for x in args.regs.split(",")],
                          [int(x) for x in args.iters.split(",")])
     spark = get_spark(ctx.settings)

@@ -78,6 +78,7 @@ def emit(record: dict) -> dict:
 
 def bench_size(spark, name: str, movie_ids, vectors, k: int, repeats: int, full_stage: bool) -> dict:
     from pipeline import similarity as sim
+    from pipeline.similarity import hashing as lsh_hashing
 
     n = len(movie_ids)
     repeats = repeats if n < 50_000 else 1
@@ -95,16 +96,16 @@ def bench_size(spark, name: str, movie_ids, vectors, k: int, repeats: int, full_
         return sim.lsh_top_k(spark, movie_ids, vectors, k, params, timings=parts)
 
     lsh, lsh_s, lsh_runs = timed(run_lsh, repeats)
-    recall = sim.recall_at_k(lsh, exact, k)
+    recall = sim.neighbour_recall(lsh, exact, k)
     warm_parts = dict(parts)
     # the first call of a process also fits Spark's model and reads its random vectors from the JVM
-    sim._RANDOM_VECTORS.clear()
+    lsh_hashing._RANDOM_VECTORS.clear()
     _, first_s, _ = timed(run_lsh, 1)
     record = emit({
         "size": name, "items": n, "dim": int(np.asarray(vectors).shape[1]), "k": k,
         "exact_s": round(exact_s, 3), "lsh_s": round(lsh_s, 3), "lsh_over_exact": round(lsh_s / exact_s, 3),
         "recall_at_10": round(recall, 4),
-        "recall_at_10_with_ties": round(sim.recall_at_k(lsh, exact, k, tie_tolerance=sim.TIE_TOLERANCE), 4),
+        "recall_at_10_with_ties": round(sim.neighbour_recall(lsh, exact, k, tie_tolerance=sim.TIE_TOLERANCE), 4),
         "lsh_first_call_s": round(first_s, 3),
         "lsh_parts_s": {key: round(v, 3) for key, v in warm_parts.items()},
         "lsh_first_call_parts_s": {key: round(v, 3) for key, v in parts.items()},
@@ -130,7 +131,7 @@ def bench_bucket_lengths(spark, movie_ids, vectors, k, params, exact) -> list:
         t0 = time.perf_counter()
         table = sim.lsh_top_k(spark, movie_ids, vectors, k, replace(params, bucket_length=length))
         out.append(emit({"what": "bucket length", "bucket_length": length, "lsh_s": round(time.perf_counter() - t0, 3),
-                         "recall_at_10": round(sim.recall_at_k(table, exact, k), 4)}))
+                         "recall_at_10": round(sim.neighbour_recall(table, exact, k), 4)}))
     return out
 
 
@@ -157,7 +158,7 @@ def bench_stage(spark, movie_ids, vectors, k, params) -> dict:
     seconds = time.perf_counter() - t0
     table = pd.read_parquet(summary["table"])
     ids, vecs = sim.read_embeddings(Path(summary["embeddings"]))
-    recomputed = sim.recall_at_k(table[table.metric == "lsh"], sim.exact_top_k(ids, vecs, k, "cosine"), k)
+    recomputed = sim.neighbour_recall(table[table.metric == "lsh"], sim.exact_top_k(ids, vecs, k, "cosine"), k)
     return emit({"what": "similar_items stage", "stage_s": round(seconds, 3), "timings_s": summary["timings_s"],
                  "reported_recall": summary["lsh_recall_at_k"], "recomputed_recall": recomputed,
                  "reported_recall_with_ties": summary["lsh_recall_at_k_with_ties"],
@@ -178,7 +179,7 @@ def main() -> int:
     args = parser.parse_args()
 
     from pipeline import similarity as sim
-    from pipeline.settings import load_settings
+    from pipeline.config import load_settings
     from pipeline.spark import get_spark
 
     os.environ.setdefault("RECSYS_HOME", tempfile.mkdtemp(prefix="bench-similarity-home-"))

@@ -5,18 +5,19 @@ Takes MovieLens ratings through **ingest** (GroupLens download, local folder or 
 MovieLens format) → **validate** (Great Expectations suites from `expectations/`; bad rows quarantined
 with their reason, the run stops above `quarantine_threshold` or on a table-level failure) → **etl**
 (Spark: dense user/movie indices, per-user train/validation/test split) → **olap** (Spark SQL summaries
-and `summary.md`), and in parallel after the split the models: **baseline** (global mean, damped
-user+item biases, popularity), **als** (Spark ALS grid search on the baseline's residuals, one MLflow
-child run per grid point) and **autorec** (TensorFlow item-based autoencoder, early-stopped on validation
-RMSE) → **compare_models** (every model on the same test rows) → **gate** (the best candidate by
+and `summary.md`) beside the models: **baseline** (global mean, damped user+item biases — every model's
+fallback for cold rows — and popularity), then in parallel **als** (Spark ALS grid search on the
+baseline's residuals, one MLflow child run per grid point) and **autorec** (TensorFlow item-based
+autoencoder, early-stopped on validation RMSE) → **compare_models** (every model on the same test rows) → **gate** (the best candidate by
 validation RMSE against the registry's `champion`, both scored on this run's test rows) → branch:
 **promote** (compare-and-set of the `champion` alias) or **keep_champion** → **similarity** (Euclidean,
 cosine and LSH similar-movie tables from the champion's embeddings) → **recommend** (top-N per user and
 cold start, published atomically under `<data_root>/serving/`) → **report** (`report.json`).
 
-Every run writes under `<data_root>/runs/<run_id>/<stage>/`; each task calls one function of the
-`pipeline` package and returns only a small summary (paths, metrics, MLflow run ids) through XCom. The
-trigger form's Params are the run's configuration; `recsys params` lists the same Params.
+Every run writes under `<data_root>/runs/<run_id>/<stage>/`; each task calls one stage of the `pipeline`
+package (`pipeline.stages.PIPELINE`, the definition `recsys run` follows too) and returns only a small
+summary (paths, metrics, MLflow run ids) through XCom. The trigger form's Params are the run's
+configuration (an empty `source` means the configured default); `recsys params` lists the same Params.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from datetime import datetime, timedelta
 from airflow.sdk import Param, dag, get_current_context, task
 
 from pipeline import stages
-from pipeline.params import PARAMS
+from pipeline.config import PARAMS
+from pipeline.gate import keep_champion as keep, promote as move_alias
 
 AFTER_BRANCH = "none_failed_min_one_success"  # run whichever branch was taken
 
@@ -46,7 +48,8 @@ def _context() -> stages.RunContext:
     doc_md=__doc__,
     tags=["movielens", "recsys", "spark", "mlflow", "tensorflow", "great-expectations"],
     default_args={"retries": 2, "retry_delay": timedelta(minutes=1), "owner": "recsys"},
-    params={p.name: Param(p.default, description=p.description, **p.json_schema()) for p in PARAMS},
+    params={p.name: Param(p.default, description=p.description, section=p.section, **p.json_schema())
+            for p in PARAMS},
 )
 def movielens_recsys():
     @task
@@ -71,12 +74,12 @@ def movielens_recsys():
 
     @task
     def baseline() -> dict:
-        """Global mean, damped user+item bias baseline and popularity ranking on this run's split."""
+        """Global mean, damped user+item bias baseline (every model's fallback) and popularity ranking."""
         return stages.run_stage("baseline", _context())
 
     @task
     def als() -> dict:
-        """Spark ALS grid search (validation RMSE), nested MLflow runs, test metrics of the chosen point."""
+        """Spark ALS grid search (validation RMSE), one MLflow child run per point, test metrics of the best."""
         return stages.run_stage("als", _context())
 
     @task
@@ -85,14 +88,14 @@ def movielens_recsys():
         return stages.run_stage("autorec", _context())
 
     @task
-    def compare_models(models: list[dict]) -> dict:
+    def compare_models() -> dict:
         """Every model of the run side by side on the same test rows (models.md)."""
-        return stages.compare_models(_context(), models)
+        return stages.run_stage("compare_models", _context())
 
     @task
     def gate() -> dict:
         """Score the challenger and the registry's champion on this run's test rows; register the challenger."""
-        return stages.evaluate_gate(_context())
+        return stages.run_stage("gate", _context())
 
     @task.branch
     def decide(gate_summary: dict) -> str:
@@ -100,14 +103,14 @@ def movielens_recsys():
         return "promote" if gate_summary["gate"]["decision"] == "promote" else "keep_champion"
 
     @task
-    def promote(gate_summary: dict) -> dict:
+    def promote() -> dict:
         """Move the `champion` alias to the challenger (compare-and-set: only if the champion did not move)."""
-        return stages.apply_gate(_context(), gate_summary)
+        return stages.run_stage("promotion", _context(), move_alias)
 
     @task
-    def keep_champion(gate_summary: dict) -> dict:
+    def keep_champion() -> dict:
         """Keep the champion; record the decision on the challenger's version."""
-        return stages.apply_gate(_context(), gate_summary)
+        return stages.run_stage("promotion", _context(), keep)
 
     @task(trigger_rule=AFTER_BRANCH)
     def similarity() -> dict:
@@ -119,27 +122,25 @@ def movielens_recsys():
         """Top-N per user from the champion, cold start by similar movies / popularity; publish atomically."""
         return stages.run_stage("recommend", _context())
 
-    @task(trigger_rule=AFTER_BRANCH)
-    def report(summaries: list) -> str:
-        """Merge the stages' summaries into report.json in the run folder."""
+    @task
+    def report() -> str:
+        """Write report.json from the summaries every stage left in the run folder."""
         ctx = _context()
-        stages.merge_report(ctx, [s for s in summaries if s])
-        return str(ctx.run_dir / stages.REPORT)
+        stages.run_stage("report", ctx)
+        return str(ctx.run_dir / "report.json")
 
-    ingested, validated, split, summarized = ingest(), validate(), etl(), olap()
-    ingested >> validated >> split >> summarized
-    models = [baseline(), als(), autorec()]
-    split >> models
-    comparison = compare_models(models)
+    split = etl()
+    ingest() >> validate() >> split
+    summarized = olap()
+    reference = baseline()
+    split >> [summarized, reference]
+    models = [als(), autorec()]
+    reference >> models
     gated = gate()
-    comparison >> gated
-    promoted, kept = promote(gated), keep_champion(gated)
-    decide(gated) >> [promoted, kept]
-    similar = similarity()
-    [promoted, kept] >> similar
+    [reference, *models] >> compare_models() >> gated
     served = recommend()
-    similar >> served
-    report([ingested, validated, split, summarized, *models, comparison, gated, promoted, kept, similar, served])
+    decide(gated) >> [promote(), keep_champion()] >> similarity() >> served
+    [summarized, served] >> report()
 
 
 movielens_recsys()

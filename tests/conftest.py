@@ -46,7 +46,7 @@ def real_movielens() -> Path:
 
 @pytest.fixture
 def settings(tmp_path):
-    from pipeline.settings import load_settings
+    from pipeline.config import load_settings
 
     return load_settings({"RECSYS_HOME": str(tmp_path / "home")})
 
@@ -54,7 +54,7 @@ def settings(tmp_path):
 @pytest.fixture(scope="session")
 def spark():
     """One local[2] session for the whole test run (starting one costs several seconds)."""
-    from pipeline.settings import load_settings
+    from pipeline.config import load_settings
     from pipeline.spark import get_spark
 
     session = get_spark(load_settings({"RECSYS_HOME": str(_SESSION_HOME / "spark-home")}))
@@ -90,7 +90,7 @@ def real_pipeline(real_movielens, tmp_path_factory, spark):
     """Two consecutive `recsys run`s on the real ml-latest-small and one MLflow store: the first with the
     defaults (it promotes), the second sabotaged (it must be kept out, the served tables untouched)."""
     from pipeline import cli
-    from pipeline.settings import load_settings
+    from pipeline.config import load_settings
 
     root = tmp_path_factory.mktemp("real")
     previous = os.environ.get("RECSYS_HOME")

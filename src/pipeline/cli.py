@@ -21,12 +21,13 @@ from pathlib import Path
 
 from pipeline import __version__, storage
 from pipeline.errors import RecsysError
-from pipeline.params import PARAMS, parse_cli_param
+from pipeline.similarity import METRICS as SIMILARITY_METRICS
+from pipeline.config import PARAMS, SECTIONS, parse_cli_param
 
 
 def _cmd_run(args) -> int:
-    from pipeline import stages
-    from pipeline.settings import load_settings
+    from pipeline import report, stages
+    from pipeline.config import load_settings
 
     params = dict(parse_cli_param(p) for p in args.param)
     if args.source:
@@ -34,37 +35,40 @@ def _cmd_run(args) -> int:
     names = stages.parse_stages(args.stages)
     work_dir = Path(args.work_dir).resolve() if args.work_dir else None
     run_id = args.run_id
-    if run_id is None and work_dir and "ingest" not in names and (work_dir / stages.REPORT).exists():
-        run_id = storage.read_json(work_dir / stages.REPORT).get("run_id")  # continue that run
+    if run_id is None and work_dir and "ingest" not in names and (work_dir / report.REPORT).exists():
+        run_id = storage.read_json(work_dir / report.REPORT).get("run_id")  # continue that run
     ctx = stages.make_context(run_id=run_id, work_dir=work_dir, params=params, settings=load_settings())
-    if "ingest" in names and (ctx.run_dir / stages.REPORT).exists():
-        (ctx.run_dir / stages.REPORT).unlink()  # a run from ingest on starts a fresh report
-    report = stages.run_pipeline(ctx, names)
-    print(json.dumps({"report": str(ctx.run_dir / stages.REPORT), "run_id": ctx.run_id,
-                      "timings_s": report.get("timings_s", {})}, indent=2))
+    if "ingest" in names:
+        report.clear_summaries(ctx.run_dir)  # a run from ingest on starts a fresh report
+    result = stages.run_pipeline(ctx, names)
+    print(json.dumps({"report": str(ctx.run_dir / report.REPORT), "run_id": ctx.run_id,
+                      "timings_s": result.get("timings_s", {})}, indent=2))
     return 0
 
 
 def _cmd_params(args) -> int:
     if args.json:
-        print(json.dumps([{"name": p.name, "default": p.default, "description": p.description,
-                           **p.json_schema()} for p in PARAMS], indent=2))
+        print(json.dumps([{"name": p.name, "default": p.default, "section": p.section,
+                           "description": p.description, **p.json_schema()} for p in PARAMS], indent=2))
         return 0
-    for p in PARAMS:
-        print(f"{p.name} = {json.dumps(p.default)}  ({p.type}{', one of ' + str(list(p.enum)) if p.enum else ''})")
-        print(f"    {p.description}")
+    for section in SECTIONS:
+        print(f"[{section}]")
+        for p in (p for p in PARAMS if p.section == section):
+            kind = p.type + (" or null" if p.nullable else "")
+            print(f"{p.name} = {json.dumps(p.default)}  ({kind}{', one of ' + str(list(p.enum)) if p.enum else ''})")
+            print(f"    {p.description}")
     return 0
 
 
 def _cmd_settings(args) -> int:
-    from pipeline.settings import load_settings
+    from pipeline.config import load_settings
 
     print(json.dumps(load_settings().public_dict(), indent=2))
     return 0
 
 
 def _print_query_result(frame, args, score_label: str = "score") -> None:
-    from pipeline.query import format_table
+    from pipeline.serving.query import format_table
 
     if args.json:
         text = json.dumps(frame.to_dict("records"), indent=2, default=str)
@@ -78,9 +82,9 @@ def _print_query_result(frame, args, score_label: str = "score") -> None:
 
 
 def _cmd_similar(args) -> int:
-    from pipeline.query import similar_to_title
-    from pipeline.serving import open_served
-    from pipeline.settings import load_settings
+    from pipeline.serving.query import similar_to_title
+    from pipeline.serving.publish import open_served
+    from pipeline.config import load_settings
 
     served = open_served(load_settings().serving_dir)
     frame = similar_to_title(served, args.movie, args.k, args.metric)
@@ -89,9 +93,9 @@ def _cmd_similar(args) -> int:
 
 
 def _cmd_recommend(args) -> int:
-    from pipeline import query
-    from pipeline.serving import open_served
-    from pipeline.settings import load_settings
+    from pipeline.serving import query
+    from pipeline.serving.publish import open_served
+    from pipeline.config import load_settings
 
     served = open_served(load_settings().serving_dir)
     if args.user is not None:
@@ -131,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     similar.add_argument("--movie", required=True, metavar="TITLE_OR_ID",
                          help='a title as in the catalog, e.g. "Toy Story (1995)", or a movie id')
     similar.add_argument("-k", type=int, default=10, help="how many (default 10)")
-    similar.add_argument("--metric", choices=("cosine", "euclidean", "lsh"), default="cosine",
+    similar.add_argument("--metric", choices=SIMILARITY_METRICS, default="cosine",
                          help="similarity table to read (default cosine)")
     similar.add_argument("--json", action="store_true", help="print JSON records instead of a table")
     similar.set_defaults(func=_cmd_similar)
@@ -144,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     who.add_argument("--popular", action="store_true", help="popular movies (a user with no ratings)")
     rec.add_argument("-k", type=int, default=10, help="how many (default 10)")
     rec.add_argument("--genres", metavar="G1,G2", help="only movies of any of these genres (case-insensitive)")
-    rec.add_argument("--metric", choices=("cosine", "euclidean", "lsh"), default="cosine",
+    rec.add_argument("--metric", choices=SIMILARITY_METRICS, default="cosine",
                      help="similarity table used for --ratings (default cosine)")
     rec.add_argument("--json", action="store_true", help="print JSON records instead of a table")
     rec.set_defaults(func=_cmd_recommend)

@@ -1,4 +1,7 @@
-"""The project's own exception types: errors a user can cause, with a message saying what and where."""
+"""The project's own exception types: errors a user can cause, with a message saying what and where.
+
+Each class carries the exit code the command line returns for it (the README's error table lists them).
+"""
 
 
 class RecsysError(Exception):
@@ -35,3 +38,19 @@ class StageError(RecsysError):
     """A stage was asked to run without the outputs of the stages it depends on."""
 
     exit_code = 6
+
+
+class NothingPublishedError(StageError):
+    """The serving folder has no complete published set."""
+
+
+class PublishError(RecsysError):
+    """A served set could not be published (e.g. the S3 bucket is unreachable)."""
+
+
+class UnknownMovieError(ConfigError):
+    """A title or movie id that is not in the served catalog."""
+
+
+class UnknownUserError(ConfigError):
+    """A user id that has no served recommendations."""

@@ -30,9 +30,9 @@ def get_spark(settings, app_name: str = "movielens-recsys"):
         os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
         # loopback only: a laptop or CI box needs no externally reachable driver
         builder = builder.config("spark.driver.host", "127.0.0.1").config("spark.driver.bindAddress", "127.0.0.1")
-        builder = builder.config("spark.ui.enabled", os.environ.get("RECSYS_SPARK_UI", "false"))
+        builder = builder.config("spark.ui.enabled", "true" if settings.spark_ui else "false")
     spark = builder.getOrCreate()
     # lets ALS checkpoint (and cut) its lineage every checkpointInterval iterations
     spark.sparkContext.setCheckpointDir(settings.spark_checkpoint_dir or str(settings.home / "spark-checkpoints"))
-    spark.sparkContext.setLogLevel(os.environ.get("RECSYS_SPARK_LOG_LEVEL", "WARN"))
+    spark.sparkContext.setLogLevel(settings.spark_log_level)
     return spark

@@ -21,9 +21,21 @@ log = logging.getLogger(__name__)
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 
+_CONFIGURED: tuple | None = None  # (tracking URI, experiment name, experiment id) last configured in this process
+
+
 def configure(settings) -> str:
-    """Point MLflow at the settings' tracking URI and experiment; returns the experiment id."""
+    """Point MLflow at the settings' tracking URI and experiment; returns the experiment id.
+
+    Every MLflow call of the pipeline goes through ``start_run`` or ``client``, which call this, so no stage
+    depends on another having configured MLflow first. Repeated calls with the same settings are cheap.
+    """
     import mlflow
+
+    global _CONFIGURED
+    key = (settings.mlflow_tracking_uri, settings.mlflow_experiment)
+    if _CONFIGURED and _CONFIGURED[:2] == key and mlflow.get_tracking_uri() == key[0]:
+        return _CONFIGURED[2]
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if settings.mlflow_tracking_uri.startswith("sqlite:///"):
@@ -50,7 +62,52 @@ def configure(settings) -> str:
     else:
         experiment_id = experiment.experiment_id
     mlflow.set_experiment(experiment_id=experiment_id)
+    _CONFIGURED = (*key, experiment_id)
     return experiment_id
+
+
+def client(settings):
+    """An ``MlflowClient`` on the settings' tracking server and registry (configured first)."""
+    import mlflow
+
+    configure(settings)
+    return mlflow.MlflowClient()
+
+
+@contextmanager
+def start_run(ctx, run_name: str, split: dict | None = None, nested: bool = False):
+    """An MLflow run of this pipeline run, opened before the work it records and closed after it (so the
+    durations the UI shows are the work's own), tagged with the run id, folder and test rows."""
+    import mlflow
+
+    configure(ctx.settings)
+    with mlflow.start_run(run_name=run_name, tags=run_tags(ctx, split), nested=nested) as run:
+        yield run
+
+
+@contextmanager
+def child_run(parent, ctx, run_name: str, split: dict | None = None):
+    """A child run of ``parent`` that may be opened from any thread (the ALS grid fits points concurrently):
+    yields a ``log(params, metrics)`` function; the run ends FINISHED, or FAILED if the work raised."""
+    import time
+
+    from mlflow.entities import Metric, Param
+
+    mlflow_client = client(ctx.settings)
+    run = mlflow_client.create_run(parent.info.experiment_id, run_name=run_name,
+                                   tags={"mlflow.parentRunId": parent.info.run_id, **run_tags(ctx, split)})
+
+    def log(params: dict, metrics: dict) -> None:
+        now = int(time.time() * 1000)
+        mlflow_client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()],
+                                metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+
+    status = "FAILED"
+    try:
+        yield log
+        status = "FINISHED"
+    finally:
+        mlflow_client.set_terminated(run.info.run_id, status)
 
 
 def run_tags(ctx, split: dict | None = None) -> dict:
@@ -81,7 +138,7 @@ def _pyfunc_class():
         """Input: a DataFrame with user_id and movie_id. Output: predicted ratings (cold pairs: baseline)."""
 
         def load_context(self, context):
-            from pipeline.factor_model import FactorModel
+            from pipeline.models.factor_model import FactorModel
 
             self.model = FactorModel.load(context.artifacts["factor_model"])
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipeline.params import PARAMS
+from pipeline.config import PARAMS
 
 DAG_ID = "movielens_recsys"
 REPO = Path(__file__).resolve().parents[2]
@@ -43,15 +43,16 @@ def test_tasks_are_the_real_stages_in_order(dagbag):
     assert dag.get_task("validate").upstream_task_ids == {"ingest"}
     assert dag.get_task("etl").upstream_task_ids == {"validate"}
     assert dag.get_task("olap").upstream_task_ids == {"etl"}
-    for model in ("baseline", "als", "autorec"):  # in parallel after the split
-        assert dag.get_task(model).upstream_task_ids == {"etl"}
+    assert dag.get_task("baseline").upstream_task_ids == {"etl"}
+    for model in ("als", "autorec"):  # in parallel after the baseline they fall back on
+        assert dag.get_task(model).upstream_task_ids == {"baseline"}
     assert dag.get_task("compare_models").upstream_task_ids == {"baseline", "als", "autorec"}
     assert dag.get_task("gate").upstream_task_ids == {"compare_models"}
     assert dag.get_task("decide").downstream_task_ids == {"promote", "keep_champion"}
     assert dag.get_task("similarity").upstream_task_ids == {"promote", "keep_champion"}
     assert dag.get_task("similarity").trigger_rule == "none_failed_min_one_success"  # after either branch
     assert dag.get_task("recommend").upstream_task_ids == {"similarity"}
-    assert "recommend" in dag.get_task("report").upstream_task_ids
+    assert dag.get_task("report").upstream_task_ids == {"olap", "recommend"}  # it reads the run folder
     assert dag.get_task("validate").retries == 0  # bad data does not improve on retry
     for task in dag.tasks:
         assert task.doc_md or task.doc or task.__doc__
@@ -62,6 +63,49 @@ def test_trigger_form_offers_every_param_with_its_default(dagbag):
     for spec in PARAMS:
         assert spec.name in params
         assert params[spec.name] == spec.default
+        assert params.get_param(spec.name).schema["section"] == spec.section  # grouped on the form
+
+
+def test_the_trigger_forms_defaults_validate_as_submitted(dagbag):
+    """What the form sends with nothing typed (every default, source null) passes the Params' schemas."""
+    import copy
+
+    params = copy.deepcopy(dagbag.dags[DAG_ID].params)
+    params.validate()
+    for spec in PARAMS:
+        params[spec.name] = spec.default  # ParamsDict re-validates each value against its schema
+    assert params.validate()["source"] is None
+
+
+def _stage_of_task(dag) -> dict:
+    from pipeline.stages import PIPELINE
+
+    mapping = {task: stage.name for stage in PIPELINE for task in stage.tasks}
+    assert set(mapping) == {t.task_id for t in dag.tasks}, "every DAG task belongs to one pipeline stage"
+    return mapping
+
+
+def test_the_dag_and_the_command_line_follow_one_pipeline_definition(dagbag):
+    """Every DAG edge joins a stage to a later one, each stage's upstream stages are exactly those of its
+    tasks in the graph, and `recsys run` runs every stage in a topological order of the DAG."""
+    from pipeline.stages import ORDER, STAGES, parse_stages
+
+    dag = dagbag.dags[DAG_ID]
+    stage_of = _stage_of_task(dag)
+    upstream_in_dag: dict[str, set] = {name: set() for name in ORDER}
+    for task in dag.tasks:
+        for up in task.upstream_task_ids:
+            a, b = stage_of[up], stage_of[task.task_id]
+            if a != b:
+                upstream_in_dag[b].add(a)
+    for name in ORDER:
+        assert upstream_in_dag[name] == set(STAGES[name].upstream), name
+    cli_order = parse_stages(None)
+    assert set(cli_order) == set(ORDER)
+    position = {name: i for i, name in enumerate(cli_order)}
+    for task in dag.tasks:
+        for up in task.upstream_task_ids:
+            assert position[stage_of[up]] <= position[stage_of[task.task_id]], (up, task.task_id)
 
 
 def _sample(real: Path, dest: Path, max_user: int = 40) -> Path:
@@ -76,22 +120,39 @@ def _sample(real: Path, dest: Path, max_user: int = 40) -> Path:
     return dest
 
 
-@pytest.mark.integration
-def test_dag_test_runs_end_to_end_on_a_sample(airflow_db, dagbag, real_movielens, tmp_path, monkeypatch):
-    from pipeline.settings import load_settings
+@pytest.fixture(scope="module")
+def dag_run(airflow_db, dagbag, real_movielens, tmp_path_factory):
+    """One dag.test() of the whole DAG with its own MLflow registry and serving folder."""
+    import os
+
+    from pipeline.config import load_settings
     from pipeline.storage import safe_run_id
 
-    monkeypatch.setenv("RECSYS_HOME", str(tmp_path / "home"))  # its own MLflow registry and serving folder
-    # every user (a small sample's models do not beat the bias baseline, and the gate rightly keeps out a
-    # challenger that does not); a small ALS grid and AutoRec's defaults keep it about a minute
-    sample = _sample(real_movielens, tmp_path / "ml-sample", max_user=610)
+    tmp_path = tmp_path_factory.mktemp("dag")
+    previous = os.environ.get("RECSYS_HOME")
+    os.environ["RECSYS_HOME"] = str(tmp_path / "home")
+    try:
+        # every user (a small sample's models do not beat the bias baseline, and the gate rightly keeps out a
+        # challenger that does not); a small ALS grid and AutoRec's defaults keep it about a minute
+        sample = _sample(real_movielens, tmp_path / "ml-sample", max_user=610)
+        run = dagbag.dags[DAG_ID].test(run_conf={
+            "source": str(sample), "seed": 7, "olap_min_ratings": 3, "als_ranks": [4, 8],
+            "als_reg_params": [0.15], "als_max_iters": [10]})
+        settings = load_settings()
+    finally:
+        if previous is None:
+            os.environ.pop("RECSYS_HOME", None)
+        else:
+            os.environ["RECSYS_HOME"] = previous
+    report = json.loads((settings.runs_dir / safe_run_id(run.run_id) / "report.json").read_text())
+    return {"run": run, "report": report, "sample": sample, "settings": settings}
+
+
+@pytest.mark.integration
+def test_dag_test_runs_end_to_end_on_a_sample(dag_run):
+    run, report, sample, settings = dag_run["run"], dag_run["report"], dag_run["sample"], dag_run["settings"]
     expected = pd.read_csv(sample / "ratings.csv")
-    dag = dagbag.dags[DAG_ID]
-    run = dag.test(run_conf={"source": str(sample), "seed": 7, "olap_min_ratings": 3, "als_ranks": [4, 8],
-                             "als_reg_params": [0.15], "als_max_iters": [10]})
     assert run.state == "success"
-    report_path = load_settings().runs_dir / safe_run_id(run.run_id) / "report.json"
-    report = json.loads(report_path.read_text())
     assert report["run_id"] == run.run_id
     assert report["dataset"]["variant"] == "ml-sample"
     assert report["dataset"]["ratings"] == len(expected)
@@ -102,8 +163,9 @@ def test_dag_test_runs_end_to_end_on_a_sample(airflow_db, dagbag, real_movielens
     assert split["train"] + split["validation"] + split["test"] == len(expected)
     assert set(report["olap"]["tables"]) >= {"genre_year", "user_activity", "movie_popularity",
                                               "ratings_per_month", "tags_per_movie"}
-    assert set(report["timings_s"]) == {"ingest", "validate", "etl", "olap", "baseline", "als", "autorec", "gate",
-                                        "promotion", "similarity", "recommend"}
+    assert set(report["timings_s"]) == {"ingest", "validate", "etl", "olap", "baseline", "als", "autorec",
+                                        "compare_models", "gate", "promotion", "similarity", "recommend", "report"}
+    assert report["params"]["als_ranks"] == [4, 8] and report["params"]["source"] == str(sample)
     models = report["models"]
     assert set(models) == {"baseline", "als", "autorec"}
     assert [p["rank"] for p in models["als"]["grid"]] == [4, 8]
@@ -120,4 +182,20 @@ def test_dag_test_runs_end_to_end_on_a_sample(airflow_db, dagbag, real_movielens
     assert report["promotion"]["decision"] == "promoted" and report["promotion"]["champion_version"] == "1"
     assert report["similarity"]["lsh_recall_at_k"] >= 0.95
     assert report["recommendations"]["users"] == 610
-    assert (load_settings().serving_dir / "current" / "similar_movies.parquet").exists()
+    assert (settings.serving_dir / "current" / "similar_movies.parquet").exists()
+
+
+def _shape(value, depth: int = 2):
+    """The keys of a report, two levels deep (values differ between runs; the sections must not)."""
+    if isinstance(value, dict) and depth:
+        return {key: _shape(v, depth - 1) for key, v in value.items()}
+    return None
+
+
+@pytest.mark.integration
+def test_the_dag_and_recsys_run_write_the_same_report_sections(dag_run, real_pipeline):
+    """Both drivers on the whole of ml-latest-small, each on an empty registry: the same sections."""
+    dag_report, cli_report = dag_run["report"], real_pipeline["first"]
+    for report in (dag_report, cli_report):
+        report["timings_s"] = {stage: None for stage in report["timings_s"]}
+    assert _shape(dag_report) == _shape(cli_report)

@@ -47,7 +47,7 @@ def test_mlflow_holds_the_nested_grid_and_the_autorec_curves(real_pipeline, firs
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert len(children) == len(first["models"]["als"]["grid"])
-    curve = client.get_metric_history(first["models"]["autorec"]["mlflow_run_id"], "val_rmse")
+    curve = client.get_metric_history(first["models"]["autorec"]["mlflow_run_id"], "epoch_val_rmse")
     assert len(curve) == first["models"]["autorec"]["epochs_run"] > 1
 
 

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from pipeline.als import best_point, grid_points, search_grid
-from pipeline.baseline import BiasBaseline
-from pipeline.evaluation import rating_metrics
+from pipeline.models.als import best_point, grid_points, search_grid
+from pipeline.models.baseline import BiasBaseline
+from pipeline.models.metrics import rating_metrics
 from stage_inputs import planted_ratings, write_split
 
 pytestmark = pytest.mark.spark
@@ -30,18 +30,20 @@ def test_als_learns_a_planted_low_rank_structure(spark, planted):
     assert als_rmse < 0.75 * base_rmse, (als_rmse, base_rmse)
 
 
-def test_grid_is_logged_as_a_parent_with_one_nested_run_per_point(spark, planted, tmp_path):
+def test_grid_is_logged_as_a_parent_with_one_nested_run_per_point(spark, tmp_path):
     import mlflow
 
     from pipeline import stages
-    from pipeline.models import run_als
-    from pipeline.settings import load_settings
+    from pipeline.config import load_settings
+    from pipeline.models.als import run_als
+    from pipeline.models.reference import run_baseline
 
-    folder, _ = planted
     settings = load_settings({"RECSYS_HOME": str(tmp_path / "home")})
+    write_split(tmp_path / "run" / "etl", planted_ratings())
     ctx = stages.make_context(work_dir=tmp_path / "run", settings=settings, params={
         "als_ranks": [2, 3], "als_reg_params": [0.05, 0.1], "als_max_iters": [5]})
-    section = run_als(spark, folder, tmp_path / "run" / "als", ctx)["models"]["als"]
+    run_baseline(ctx)
+    section = run_als(ctx)["models"]["als"]
     assert section["grid"] == grid_points([2, 3], [0.05, 0.1], [5])
     assert set(section) >= {"best_params", "val_rmse", "test_rmse", "test_mae", "test_rows", "cold_test_rows",
                             "cold_test_rmse", "mlflow_run_id", "ranking"}
@@ -56,6 +58,11 @@ def test_grid_is_logged_as_a_parent_with_one_nested_run_per_point(spark, planted
     logged = sorted((c.data.params["rank"], c.data.params["reg_param"], c.data.params["max_iter"]) for c in children)
     assert logged == [("2", "0.05", "5"), ("2", "0.1", "5"), ("3", "0.05", "5"), ("3", "0.1", "5")]
     assert all("val_rmse" in c.data.metrics and "fit_s" in c.data.metrics for c in children)
+    # runs are open around the work they record: each child lasts at least its fit, inside its parent
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert child.info.end_time - child.info.start_time >= 1000 * child.data.metrics["fit_s"] - 5
+        assert parent.info.start_time <= child.info.start_time <= child.info.end_time <= parent.info.end_time
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"als_val_rmse_heatmap.png", "grid.json", "item_factors"} <= artifacts
     grid = json.loads((tmp_path / "run" / "als" / "grid.json").read_text())

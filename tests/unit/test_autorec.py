@@ -8,16 +8,16 @@ import pytest
 
 tf = pytest.importorskip("tensorflow")
 
-from pipeline.autorec import (  # noqa: E402
+from pipeline.models.autorec import (  # noqa: E402
     ItemAutoRec,
     ItemRows,
     configure_threads,
     fit_autorec,
     train_autorec,
 )
-from pipeline.baseline import BiasBaseline  # noqa: E402
+from pipeline.models.baseline import BiasBaseline  # noqa: E402
 from pipeline.errors import ConfigError, DataValidationError  # noqa: E402
-from pipeline.evaluation import rating_metrics, rmse  # noqa: E402
+from pipeline.models.metrics import rating_metrics, rmse  # noqa: E402
 
 configure_threads(2, 1)
 

@@ -1,7 +1,7 @@
 import pandas as pd
 import pytest
 
-from pipeline.etl import rows_fingerprint, split_ratings
+from pipeline.data.etl import rows_fingerprint, split_ratings
 from stage_inputs import movies_frame, ratings_frame, write_validated
 
 pytestmark = pytest.mark.spark

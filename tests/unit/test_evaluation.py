@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.baseline import BiasBaseline
+from pipeline.models.baseline import BiasBaseline
 from pipeline.errors import ConfigError, DataValidationError
-from pipeline.evaluation import (
+from pipeline.models.metrics import (
     clip_ratings,
     mae,
     ndcg_at_k,

@@ -4,8 +4,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.baseline import BiasBaseline
-from pipeline.factor_model import FactorModel
+from pipeline.models.baseline import BiasBaseline
+from pipeline.models.factor_model import FactorModel
 
 
 @pytest.fixture
@@ -73,7 +73,7 @@ def test_mlflow_pyfunc_scores_any_pairs_like_the_model(model, tmp_path):
     import mlflow
 
     from pipeline import tracking
-    from pipeline.settings import load_settings
+    from pipeline.config import load_settings
 
     fm, _ = model
     tracking.configure(load_settings({"RECSYS_HOME": str(tmp_path)}))

@@ -5,12 +5,20 @@ import numpy as np
 import pytest
 
 from pipeline import stages, storage, tracking
-from pipeline.baseline import BiasBaseline
-from pipeline.factor_model import FactorModel
-from pipeline.gate import CHALLENGER, CHAMPION, apply_decision, evaluate_challenger, run_gate
-from pipeline.models import _candidate, evaluate_factor_model, load_split, run_baseline
-from pipeline.settings import load_settings
+from pipeline.config import load_settings
+from pipeline.gate import apply_decision, decide, evaluate_challenger, promote
+from pipeline.models.baseline import BiasBaseline
+from pipeline.models.factor_model import FactorModel
+from pipeline.models.protocol import evaluate, load_split
+from pipeline.models.reference import run_baseline
+from pipeline.registry import CHALLENGER, CHAMPION
 from stage_inputs import planted_ratings, write_split
+
+
+def run_gate(ctx) -> dict:
+    """The command line's order: stage gate, then stage promotion."""
+    evaluate_challenger(ctx)
+    return apply_decision(ctx)
 
 
 @pytest.fixture
@@ -27,11 +35,11 @@ def _run(world, name, quality, params=None):
     run_dir = tmp_path / name
     write_split(run_dir / "etl", ratings)
     ctx = stages.make_context(run_id=name, work_dir=run_dir, settings=settings, params=params or {})
-    run_baseline(run_dir / "etl", run_dir / "baseline", ctx)
-    frames, _ = load_split(run_dir / "etl", "test")
-    base = BiasBaseline().fit(frames["train"])
+    run_baseline(ctx)
+    split = load_split(ctx, "test")
+    base = BiasBaseline().fit(split.train)
     # the best rank-3 fit of the residuals (an SVD of the dense residual matrix: fine at this size)
-    train = frames["train"]
+    train = split.train
     users, movies = np.sort(train.user_id.unique()), np.sort(train.movie_id.unique())
     R = np.zeros((len(users), len(movies)))
     R[np.searchsorted(users, train.user_id), np.searchsorted(movies, train.movie_id)] = (
@@ -41,14 +49,14 @@ def _run(world, name, quality, params=None):
     rng = np.random.default_rng(len(name))
     V = V * quality + rng.normal(0, 1.0 - quality, V.shape)
     model = FactorModel("als", users, movies, U, V, baseline=base, fallback=base)
-    scores = evaluate_factor_model(model, frames, base)
-    tracking.configure(settings)
-    with mlflow.start_run(run_name=name) as run:
+    scores = evaluate(model, split, base)
+    with tracking.start_run(ctx, name) as run:
         info = tracking.log_factor_model(model)
     model_dir = run_dir / "als"
     model.save(model_dir / "model")
-    storage.write_manifest(model_dir, "als", {}, candidate=_candidate("als", scores["test_rmse"], scores, model_dir,
-                                                                      info.model_uri, run.info.run_id))
+    storage.write_manifest(model_dir, "als", {}, candidate={
+        "name": "als", "eligible": True, "val_rmse": scores["test_rmse"], "test_rmse": scores["test_rmse"],
+        "model_path": str(model_dir / "model"), "model_uri": info.model_uri, "mlflow_run_id": run.info.run_id})
     return ctx, scores["test_rmse"]
 
 
@@ -107,8 +115,8 @@ def test_two_racing_runs_cannot_both_win(world):
     gate_a = evaluate_challenger(a)["gate"]
     gate_b = evaluate_challenger(b)["gate"]  # both compared against the same champion
     assert gate_a["decision"] == gate_b["decision"] == "promote"
-    assert apply_decision(a, gate_a)["promotion"]["decision"] == "promoted"
-    late = apply_decision(b, gate_b)["promotion"]
+    assert promote(a)["promotion"]["decision"] == "promoted"
+    late = promote(b)["promotion"]
     assert late["decision"] == "kept" and "champion moved" in late["reason"]
     client = mlflow.MlflowClient()
     assert str(client.get_model_version_by_alias(a.settings.registered_model, CHAMPION).version) == \
@@ -120,3 +128,32 @@ def test_a_challenger_worse_than_the_baseline_is_never_promoted(world):
     promotion = run_gate(ctx)["promotion"]
     assert rmse > promotion["baseline_test_rmse"]
     assert promotion["decision"] == "kept" and promotion["champion_version"] is None
+
+
+def test_decide_rule_for_both_directions():
+    assert decide(0.8, None, 0.9, 0.0) == (True, decide(0.8, None, 0.9, 0.0)[1])
+    assert not decide(0.95, None, 0.9, 0.0)[0]  # worse than the baseline
+    assert not decide(0.85, 0.85, 0.9, 0.0)[0]  # equal is not better
+    assert not decide(0.84, 0.85, 0.9, 0.02)[0] and decide(0.82, 0.85, 0.9, 0.02)[0]
+    # higher is better (a ranking metric): the same rule mirrored
+    assert decide(0.20, 0.15, 0.10, 0.01, lower_is_better=False)[0]
+    assert not decide(0.09, None, 0.10, 0.0, lower_is_better=False)[0]
+
+
+def test_a_champion_that_cannot_be_loaded_does_not_block_the_gate(world):
+    """Its artifacts deleted, the champion is recorded as broken; a challenger that beats the baseline is
+    registered and promoted, so the registry heals itself."""
+    import shutil
+    from urllib.parse import urlparse
+
+    first, _ = _run(world, "first", quality=0.8)
+    v1 = run_gate(first)["promotion"]["champion_version"]
+    client = mlflow.MlflowClient()
+    version = client.get_model_version(first.settings.registered_model, v1)
+    location = client.get_logged_model(version.source.rsplit("/", 1)[-1]).artifact_location  # models:/m-...
+    shutil.rmtree(urlparse(location).path)
+    second, _ = _run(world, "second", quality=1.0)
+    gate = evaluate_challenger(second)["gate"]
+    assert gate["champion_version_before"] == v1 and gate["champion_test_rmse_before"] is None
+    assert f"champion v{v1} cannot be loaded" in gate["reason"] and gate["decision"] == "promote"
+    assert apply_decision(second)["promotion"]["champion_version"] == gate["challenger_version"]

@@ -22,9 +22,9 @@ from movielens_fixtures import (
     zip_folder,
 )
 from pipeline.errors import DataFormatError, SourceError
-from pipeline.ingest import ingest_movielens
-from pipeline.movielens import detect_format
-from pipeline.settings import load_settings
+from pipeline.data.ingest import ingest_movielens
+from pipeline.data.formats import detect_format
+from pipeline.config import load_settings
 
 WRITERS = {
     "ml-latest-small": (write_csv_variant, "csv", "halves"),

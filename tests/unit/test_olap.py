@@ -1,6 +1,6 @@
 import pytest
 
-from pipeline.olap import summarize_ratings
+from pipeline.data.olap import summarize_ratings
 from stage_inputs import movies_frame, ratings_frame, write_validated
 
 pytestmark = pytest.mark.spark

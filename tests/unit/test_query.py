@@ -10,8 +10,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipeline import cli, query, serving
-from pipeline.settings import load_settings
+from pipeline import cli, errors
+from pipeline.serving import publish as serving, query
+from pipeline.config import load_settings
 
 MOVIES = pd.DataFrame({
     "movie_id": [1, 2, 3, 260, 2571, 3114, 7],
@@ -80,7 +81,7 @@ def test_similar_prints_a_readable_table_with_distances_for_euclidean(home, caps
 
 
 def test_an_unknown_title_suggests_close_matches(home):
-    with pytest.raises(query.UnknownMovieError, match=r"no movie titled 'Toy Story'.*did you mean: "
+    with pytest.raises(errors.UnknownMovieError, match=r"no movie titled 'Toy Story'.*did you mean: "
                                                       r"Toy Story \(1995\); Toy Story 2 \(1999\)"):
         query.similar_to_title(serving.open_served(load_settings().serving_dir), "Toy Story", 5)
 

@@ -4,9 +4,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import recommend
+from pipeline.serving import recommend
 from pipeline.errors import ConfigError
-from pipeline.factor_model import FactorModel, baseline_from_arrays
+from pipeline.models.factor_model import FactorModel, baseline_from_arrays
 
 MOVIES = pd.DataFrame({
     "movie_id": [1, 2, 3, 4, 5, 6],
@@ -62,17 +62,16 @@ def test_known_user_ranks_follow_the_shown_score_when_the_baseline_is_clipped():
     np.testing.assert_allclose(recs["score"], [4.9, 4.8], rtol=1e-6)
 
 
-def test_popularity_is_a_damped_mean_that_pulls_rarely_rated_movies_to_the_global_mean():
-    ratings = _ratings([(1, 1, 5.0), (2, 1, 4.0), (3, 1, 4.5), (1, 2, 5.0), (1, 3, 1.0), (2, 3, 2.0)])
-    popular = recommend.popular_movies(ratings, MOVIES, prior_weight=2.0)
+def test_served_popularity_is_the_evaluated_ranking_most_rated_first():
+    from pipeline.models.popularity import popular_movies, popularity_ranking
 
-    mean = 21.5 / 6
-    expected = {1: (13.5 + 2 * mean) / 5, 2: (5.0 + 2 * mean) / 3, 3: (3.0 + 2 * mean) / 4}
-    assert popular["movie_id"].tolist() == [1, 2, 3]  # 4.5 over three ratings beats one 5.0
-    np.testing.assert_allclose(popular["score"], [expected[m] for m in (1, 2, 3)])
+    ratings = _ratings([(1, 1, 5.0), (2, 1, 4.0), (3, 1, 4.5), (1, 2, 5.0), (1, 3, 1.0), (2, 3, 2.0)])
+    popular = popular_movies(ratings, MOVIES)
+    assert popular["movie_id"].tolist() == [1, 3, 2] == popularity_ranking(ratings).tolist()
+    assert popular["score"].tolist() == [3.0, 2.0, 1.0] and popular["n_ratings"].tolist() == [3, 2, 1]
     assert popular.loc[0, "title"] == "Toy Story (1995)" and list(popular.loc[0, "genres"]) == ["Animation", "Comedy"]
-    assert popular["n_ratings"].tolist() == [3, 1, 2] and popular.loc[0, "mean_rating"] == 4.5
-    assert recommend.popular_movies(ratings, MOVIES, min_ratings=2)["movie_id"].tolist() == [1, 3]
+    assert popular.loc[0, "mean_rating"] == 4.5
+    assert popular_movies(ratings, MOVIES, min_ratings=2)["movie_id"].tolist() == [1, 3]
 
 
 POPULAR = pd.DataFrame({

@@ -7,8 +7,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipeline import serving
-from pipeline.settings import load_settings
+from pipeline import errors
+from pipeline.serving import publish as serving
+from pipeline.config import load_settings
 
 
 def _tables(shift: float = 0.0) -> dict:
@@ -117,7 +118,7 @@ def test_a_crash_while_writing_leaves_current_on_the_previous_complete_version(s
 
 
 def test_reading_before_anything_is_published_says_to_run_the_pipeline(serving_dir):
-    with pytest.raises(serving.NothingPublishedError, match="nothing has been published yet under .*run the pipeline"):
+    with pytest.raises(errors.NothingPublishedError, match="nothing has been published yet under .*run the pipeline"):
         serving.open_served(serving_dir)
     assert serving.current_fingerprint(serving_dir) is None
 
@@ -174,6 +175,6 @@ def test_an_unreachable_bucket_is_a_publish_error(serving_dir, monkeypatch, tmp_
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     settings = load_settings({"RECSYS_HOME": str(tmp_path), "RECSYS_S3_ENDPOINT_URL": "http://127.0.0.1:9",
                               "RECSYS_S3_BUCKET": "nowhere"})
-    with pytest.raises(serving.PublishError, match="cannot publish the served set .* to s3://nowhere/recsys/serving"):
+    with pytest.raises(errors.PublishError, match="cannot publish the served set .* to s3://nowhere/recsys/serving"):
         serving.publish(settings.serving_dir, _tables(), settings=settings)
     assert serving.current_fingerprint(settings.serving_dir) is not None  # the local set is published

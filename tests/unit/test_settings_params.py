@@ -3,9 +3,10 @@ import os
 
 import pytest
 
+import dataclasses
+
+from pipeline.config import PARAMS, SECTIONS, Params, load_settings, mask_secrets, parse_cli_param, resolve_params
 from pipeline.errors import ConfigError
-from pipeline.params import PARAMS, parse_cli_param, resolve_params
-from pipeline.settings import load_settings
 
 
 def test_defaults_live_under_the_project_home(tmp_path):
@@ -42,8 +43,8 @@ def test_recsys_source_wins_over_movielens_dir(tmp_path):
 
 def test_params_resolve_defaults_and_check_types():
     p = resolve_params({"seed": 7, "split_strategy": "temporal", "test_fraction": 0.2})
-    assert p["seed"] == 7 and p["split_strategy"] == "temporal" and p["test_fraction"] == 0.2
-    assert p["quarantine_threshold"] == 0.001
+    assert p.seed == 7 and p.split_strategy == "temporal" and p.test_fraction == 0.2
+    assert p.quarantine_threshold == 0.001
     with pytest.raises(ConfigError, match="seed: expected integer"):
         resolve_params({"seed": "x"})
     with pytest.raises(ConfigError, match="not one of"):
@@ -67,9 +68,63 @@ def test_cli_param_values_are_json_with_bare_strings_allowed():
 
 def test_every_param_has_a_description_and_a_default_that_passes_its_own_check():
     for spec in PARAMS:
-        assert spec.description
+        assert spec.description and spec.section in SECTIONS
         spec.check(spec.default)
         json.dumps(spec.json_schema())
+
+
+def test_params_reach_stages_as_a_typed_frozen_object():
+    p = resolve_params({"als_ranks": [4, 8]})
+    assert isinstance(p, Params) and p.als_ranks == (4, 8) and p.to_dict()["als_ranks"] == [4, 8]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.seed = 3
+    with pytest.raises(AttributeError):
+        p.als_rank  # noqa: B018 - a misspelt name fails, it does not fall back to a default
+    assert [f.name for f in dataclasses.fields(Params)] == [spec.name for spec in PARAMS]
+    assert resolve_params(p.to_dict()) == p
+
+
+def test_the_form_defaults_submit_as_they_are():
+    """Every default passes its own schema, the source included: empty means the configured default."""
+    defaults = {spec.name: spec.default for spec in PARAMS}
+    assert resolve_params(defaults) == Params()
+    assert resolve_params({"source": ""}).source is None and resolve_params({"source": None}).source is None
+    source = next(spec for spec in PARAMS if spec.name == "source")
+    assert source.json_schema()["type"] == ["null", "string"] and source.default is None
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("quarantine_threshold", float("nan"), "finite"),
+    ("validation_fraction", float("inf"), "finite"),
+    ("als_reg_params", [float("nan")], "finite"),
+    ("seed", 99999999999999999999999, "above the maximum"),
+    ("als_ranks", [2**40], "above the maximum"),
+])
+def test_params_that_are_not_finite_or_too_large_for_the_engines_are_refused(name, value, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve_params({name: value})
+
+
+def test_cli_refuses_nan_and_infinity_for_numbers():
+    for text in ("quarantine_threshold=NaN", "validation_fraction=Infinity", "als_reg_params=[NaN]"):
+        with pytest.raises(ConfigError, match="not a valid"):
+            parse_cli_param(text)
+
+
+def test_secrets_in_uris_are_masked_when_settings_are_printed(tmp_path):
+    s = load_settings({"RECSYS_HOME": str(tmp_path),
+                       "MLFLOW_TRACKING_URI": "postgresql+psycopg2://mlflow:s3cr3t@db:5432/mlflow"})
+    shown = json.dumps(s.public_dict())
+    assert "s3cr3t" not in shown and "mlflow:***@db" in shown
+    assert mask_secrets("https://u:p@h/x and redis://:pw@r:6379/0") == "https://u:***@h/x and redis://:***@r:6379/0"
+
+
+def test_environment_reads_live_in_the_settings(tmp_path):
+    s = load_settings({"RECSYS_HOME": str(tmp_path), "RECSYS_SPARK_UI": "true", "RECSYS_SPARK_LOG_LEVEL": "ERROR",
+                       "RECSYS_EXPECTATIONS_DIR": str(tmp_path / "suites")})
+    assert s.spark_ui is True and s.spark_log_level == "ERROR" and s.suites_dir == tmp_path / "suites"
+    with pytest.raises(ConfigError, match="spark_ui"):
+        load_settings({"RECSYS_HOME": str(tmp_path), "RECSYS_SPARK_UI": "maybe"})
 
 
 def test_configuring_mlflow_does_not_leak_its_store_into_later_settings(tmp_path, monkeypatch):

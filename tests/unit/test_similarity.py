@@ -10,8 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import similarity as sim
+from pipeline.similarity import exact as exact_search, hashing as lsh_hashing, stage as similarity_stage, tuning as lsh_tuning
 from pipeline.errors import ConfigError, DataValidationError
-from pipeline.factor_model import FactorModel
+from pipeline.models.factor_model import FactorModel
 
 
 def brute_force(ids, vectors, k, metric):
@@ -102,7 +103,7 @@ def test_row_top_columns_prefilter_equals_a_full_sort(chunks):
         else:
             scores = rng.standard_normal((rows, width)).astype(np.float32)
         scores[rng.random((rows, width)) < 0.05] = -np.inf
-        got = np.sort(sim._top_columns_of_rows(scores, m, chunks=chunks), axis=1)
+        got = np.sort(exact_search._top_columns_of_rows(scores, m, chunks=chunks), axis=1)
         columns = np.broadcast_to(np.arange(width), scores.shape)
         want = np.sort(np.lexsort((columns, -scores), axis=1)[:, :m], axis=1)  # by score, ties to lower column
         np.testing.assert_array_equal(got, want, err_msg=f"trial {trial}: {rows}x{width}, m={m}")
@@ -114,10 +115,10 @@ def test_recall_at_k_on_a_hand_example():
     approx = pd.DataFrame({"movie_id": [1, 1, 2, 2], "similar_movie_id": [3, 2, 4, 1],
                            "rank": [1, 2, 1, 2], "score": [0.8, 0.9, 0.7, 0.9]})
     # movie 1: {2} of {2,5} -> 1/2; movie 2: both -> 1; movie 3 (one exact neighbour): missing -> 0
-    assert sim.recall_at_k(approx, exact, 2) == pytest.approx((0.5 + 1 + 0) / 3)
+    assert sim.neighbour_recall(approx, exact, 2) == pytest.approx((0.5 + 1 + 0) / 3)
     # movie 3 scores 0.8 = movie 1's exact 2nd best: an equally good neighbour counts with ties
-    assert sim.recall_at_k(approx, exact, 2, tie_tolerance=1e-9) == pytest.approx((1 + 1 + 0) / 3)
-    assert sim.recall_at_k(approx, exact, 1) == pytest.approx((0 + 0 + 0) / 3)
+    assert sim.neighbour_recall(approx, exact, 2, tie_tolerance=1e-9) == pytest.approx((1 + 1 + 0) / 3)
+    assert sim.neighbour_recall(approx, exact, 1) == pytest.approx((0 + 0 + 0) / 3)
 
 
 @pytest.mark.spark
@@ -127,12 +128,12 @@ def test_driver_hashes_equal_spark_model_transform(spark):
     ids, vectors = clustered(600, 8, 6)
     vectors[3] = 0.0  # no direction: Spark's Normalizer leaves it zero
     vectors[4] *= 1e6
-    items = sim._prepare(ids, vectors)
-    with sim._embeddings_file(items, None) as path:
+    items = sim.prepare(ids, vectors)
+    with sim.embeddings_file(items, None) as path:
         for length in (1.0, 0.5, 0.3, 0.1):
             params = sim.LSHParams(length, 24, 2, 64, seed=7)
             driver = sim.lsh_codes(spark, items, params)
-            in_spark = sim._spark_transform_codes(spark, path, params, items)
+            in_spark = lsh_hashing._spark_transform_codes(spark, path, params, items)
             assert driver.dtype == in_spark.dtype
             np.testing.assert_array_equal(driver, in_spark)
             assert len(np.unique(driver)) > 2 if length < 1 else set(np.unique(driver)) == {-1, 0}
@@ -141,9 +142,9 @@ def test_driver_hashes_equal_spark_model_transform(spark):
 @pytest.mark.spark
 def test_spark_lsh_draws_its_random_vectors_in_sequence(spark):
     """choose_lsh_params hashes once with the most tables and slices: this is what makes that valid."""
-    sim._RANDOM_VECTORS.clear()
+    lsh_hashing._RANDOM_VECTORS.clear()
     narrow = sim.spark_random_vectors(spark, 8, 5, 11)
-    sim._RANDOM_VECTORS.clear()
+    lsh_hashing._RANDOM_VECTORS.clear()
     wide = sim.spark_random_vectors(spark, 8, 12, 11)
     assert wide.shape == (12, 8) and np.array_equal(wide[:5], narrow)
     np.testing.assert_allclose(np.linalg.norm(wide, axis=1), 1.0)
@@ -159,7 +160,7 @@ def test_lsh_reaches_recall_095_on_clustered_embeddings(spark):
     timings = {}
     lsh = sim.lsh_top_k(spark, ids, vectors, 10, chosen["params"], timings=timings)
     exact = sim.exact_top_k(ids, vectors, 10, "cosine")
-    assert sim.recall_at_k(lsh, exact, 10) >= 0.95
+    assert sim.neighbour_recall(lsh, exact, 10) >= 0.95
     assert lsh.groupby("movie_id").size().eq(10).all() and (lsh.movie_id != lsh.similar_movie_id).all()
     assert {"hash", "rank_blocks", "merge"} <= timings.keys()
     # the same pair has the same score in the lsh and the exact cosine table
@@ -233,7 +234,7 @@ def test_reported_recall_is_recomputed_from_the_written_files(stage_outputs):
     assert pq.read_schema(summary["embeddings"]).field("vector").type.value_type == "float"
     table = pd.read_parquet(summary["table"])
     exact = sim.exact_top_k(emb_ids, emb_vectors, 5, "cosine")
-    assert summary["lsh_recall_at_k"] == sim.recall_at_k(table[table.metric == "lsh"], exact, 5)
+    assert summary["lsh_recall_at_k"] == sim.neighbour_recall(table[table.metric == "lsh"], exact, 5)
     assert summary["lsh_recall_at_k"] > 0.9
     cosine = table[table.metric == "cosine"].drop(columns="metric").reset_index(drop=True)
     pd.testing.assert_frame_equal(cosine, exact)
@@ -252,7 +253,7 @@ def test_recall_below_target_on_all_items_escalates_to_stronger_parameters(spark
     target, tries the chooser's stronger steps, keeping the best (and reporting every try)."""
     ids, vectors = clustered(1500, 16, 40, seed=5)
     weak, strong = sim.LSHParams(1.0, 8, 1, 32), sim.LSHParams(1.0, 64, 16, 256)
-    monkeypatch.setattr(sim, "choose_lsh_params", lambda *a, **kw: {
+    monkeypatch.setattr(similarity_stage, "choose_lsh_params", lambda *a, **kw: {
         "params": weak, "recall": 0.99, "reached": True, "sample": 10, "tried": [], "stronger": [strong]})
     summary = sim.similar_items(spark, (ids, vectors), 10, tmp_path / "similarity")["similarity"]
     tries = summary["lsh_attempts"]
@@ -262,13 +263,13 @@ def test_recall_below_target_on_all_items_escalates_to_stronger_parameters(spark
     assert summary["lsh_recall_at_k"] == pytest.approx(tries[1]["recall_at_k"], abs=1e-4)
     table = pd.read_parquet(summary["table"])
     exact = sim.exact_top_k(ids, vectors, 10, "cosine")
-    assert summary["lsh_recall_at_k"] == sim.recall_at_k(table[table.metric == "lsh"], exact, 10)
+    assert summary["lsh_recall_at_k"] == sim.neighbour_recall(table[table.metric == "lsh"], exact, 10)
 
 
 def test_stronger_steps_rank_more_candidates_per_item():
     candidates = sorted(sim.DEFAULT_CANDIDATES, key=lambda c: sim.estimated_cost(10_000, c))
     base = candidates[0]
-    steps = sim._stronger(base, candidates)
+    steps = lsh_tuning._stronger(base, candidates)
     volumes = [c.num_orderings * c.block_size for c in steps]
     assert len(steps) == 3 and volumes == sorted(volumes)
     assert volumes[0] >= 1.5 * base.num_orderings * base.block_size

@@ -1,6 +1,6 @@
 """MovieLens variants described as data: which files, separators, headers, encodings and rating scales.
 
-The loader (``pipeline.ingest``) reads this table instead of branching on variant names.
+The loader (``pipeline.data.ingest``) reads this table instead of branching on variant names.
 """
 
 from __future__ import annotations

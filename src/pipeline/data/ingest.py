@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.errors import DataFormatError, SourceError
-from pipeline.movielens import FORMATS, GENRES_100K, HALF_STARS, Format, TableFile, detect_format
+from pipeline.data.formats import FORMATS, GENRES_100K, HALF_STARS, Format, TableFile, detect_format
 
 log = logging.getLogger(__name__)
 

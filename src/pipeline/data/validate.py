@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import sys
 import time
 from pathlib import Path
 
@@ -31,16 +29,13 @@ MIN_TS = 788_918_400  # 1995-01-01T00:00:00Z: MovieLens ratings start in 1995
 TABLE_ORDER = ("movies", "ratings", "tags", "links")  # movies first: the others reference it
 
 
-def expectations_dir() -> Path:
-    """``$RECSYS_EXPECTATIONS_DIR``, else the repo's ``expectations/``, else the installed copy."""
-    if os.environ.get("RECSYS_EXPECTATIONS_DIR"):
-        return Path(os.environ["RECSYS_EXPECTATIONS_DIR"])
-    repo = Path(__file__).resolve().parents[2] / "expectations"
-    return repo if repo.is_dir() else Path(sys.prefix) / "share" / "recsys" / "expectations"
+def load_suite_json(table: str, suites_dir: Path | None = None) -> dict:
+    """The GX suite of ``table`` from ``suites_dir`` (default: the settings' ``suites_dir``)."""
+    if suites_dir is None:
+        from pipeline.config import load_settings
 
-
-def load_suite_json(table: str) -> dict:
-    path = expectations_dir() / f"{table}.json"
+        suites_dir = load_settings().suites_dir
+    path = Path(suites_dir) / f"{table}.json"
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -150,9 +145,10 @@ def _clean_types(df: pd.DataFrame, schema: dict) -> pd.DataFrame:
     return out
 
 
-def validate_tables(ingest_dir: Path, out_dir: Path, quarantine_threshold: float, now: int | None = None) -> dict:
+def validate_tables(ingest_dir: Path, out_dir: Path, quarantine_threshold: float, now: int | None = None,
+                    suites_dir: Path | None = None) -> dict:
     """Validate the ingested tables; write clean tables, quarantine and Data Docs into ``out_dir``."""
-    from pipeline.movielens import SCHEMAS
+    from pipeline.data.formats import SCHEMAS
 
     manifest = storage.read_manifest(ingest_dir, "validate")
     now = int(time.time()) if now is None else now
@@ -173,7 +169,7 @@ def validate_tables(ingest_dir: Path, out_dir: Path, quarantine_threshold: float
             df = pq.read_table(info["path"]).to_pandas()
             if known_movies is not None and "movie_id" in df:
                 df["_movie_known"] = df["movie_id"].isin(known_movies)
-            suite = load_suite_json(table)
+            suite = load_suite_json(table, suites_dir)
             by_level = {lvl: [e for e in suite["expectations"] if e["meta"]["level"] == lvl]
                         for lvl in ("schema", "row", "table")}
 

@@ -18,7 +18,9 @@ measures both on the same grid and split):
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import json
 import logging
 import threading
 import time
@@ -27,15 +29,13 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pandas as pd
 
-from pipeline.evaluation import rating_metrics
-from pipeline.factor_model import FactorModel
+from pipeline import tracking
+from pipeline.models.metrics import rating_metrics
+from pipeline.models.plots import als_heatmap
+from pipeline.models.protocol import Fitted, run_candidate
+from pipeline.models.factor_model import FactorModel
 
 log = logging.getLogger(__name__)
-
-DEFAULT_RANKS = [10, 25, 50]
-DEFAULT_REG_PARAMS = [0.05, 0.1, 0.125, 0.15, 0.2]
-DEFAULT_MAX_ITERS = [15]
-
 
 def grid_points(ranks, reg_params, max_iters) -> list[dict]:
     return [{"rank": int(r), "reg_param": float(g), "max_iter": int(i)}
@@ -76,8 +76,12 @@ def factor_model(als_model, train: pd.DataFrame, baseline, name: str = "als", me
 
 
 def search_grid(spark, train: pd.DataFrame, validation: pd.DataFrame, baseline, points: list[dict], seed: int = 42,
-                workers: int = 2, num_blocks: int | None = None, on_point=None) -> tuple[list[dict], FactorModel]:
-    """Fit every grid point; (results in grid order, the FactorModel with the lowest validation RMSE)."""
+                workers: int = 2, num_blocks: int | None = None, track=None) -> tuple[list[dict], FactorModel]:
+    """Fit every grid point; (results in grid order, the FactorModel with the lowest validation RMSE).
+
+    ``track(point)``, if given, is a context manager opened around each point's fit (from the worker thread)
+    that yields ``log(params, metrics)``: the stage opens one MLflow child run per point with it.
+    """
     parallelism = spark.sparkContext.defaultParallelism
     num_blocks = num_blocks or max(1, min(parallelism, 4))
     frame = spark.createDataFrame(residual_frame(train, baseline)).repartition(num_blocks).cache()
@@ -85,21 +89,24 @@ def search_grid(spark, train: pd.DataFrame, validation: pd.DataFrame, baseline, 
     best: dict = {}
     lock = threading.Lock()
 
+    done = []
+
     def fit(i_point):
         i, point = i_point
-        started = time.perf_counter()
-        model = _als(point, seed, num_blocks).fit(frame)
-        fm = factor_model(model, train, baseline, meta={"params": point})
-        fit_s = time.perf_counter() - started
-        scores = rating_metrics(validation, fm.predict, baseline, train)  # same protocol, on validation rows
-        result = {**point, "val_rmse": scores["test_rmse"], "val_mae": scores["test_mae"], "fit_s": round(fit_s, 3)}
+        with (track(point) if track else contextlib.nullcontext(lambda params, metrics: None)) as record:
+            started = time.perf_counter()
+            model = _als(point, seed, num_blocks).fit(frame)
+            fm = factor_model(model, train, baseline, meta={"params": point})
+            fit_s = time.perf_counter() - started
+            scores = rating_metrics(validation, fm.predict, baseline, train, split="val")  # the protocol's
+            result = {**point, "val_rmse": scores["val_rmse"], "val_mae": scores["val_mae"], "fit_s": round(fit_s, 3)}
+            record(point, {k: result[k] for k in ("val_rmse", "val_mae", "fit_s")})
         with lock:
             if not best or (result["val_rmse"], i) < (best["result"]["val_rmse"], best["i"]):
                 best.update(result=result, model=fm, i=i)
-        if on_point:
-            on_point(result)
-        log.info("ALS rank=%d reg=%.3g iters=%d: validation RMSE %.4f (%.1f s)", point["rank"],
-                 point["reg_param"], point["max_iter"], result["val_rmse"], fit_s)
+            done.append(i)
+            log.info("ALS grid point %d/%d (rank=%d reg=%.3g iters=%d): validation RMSE %.4f (%.1f s)", len(done),
+                     len(points), point["rank"], point["reg_param"], point["max_iter"], result["val_rmse"], fit_s)
         return result
 
     previous = spark.conf.get("spark.sql.shuffle.partitions")
@@ -147,3 +154,33 @@ def best_point(results: list[dict]) -> dict:
     """Lowest validation RMSE; the earlier grid point wins a tie."""
     i = min(range(len(results)), key=lambda j: (results[j]["val_rmse"], j))
     return {k: results[i][k] for k in ("rank", "reg_param", "max_iter")}
+
+
+# --- the stage ----------------------------------------------------------------------------------------------
+
+
+def run_als(ctx) -> dict:
+    """Stage ``als``: grid-search ALS on validation RMSE, one MLflow child run per point; score the best."""
+    from pipeline.spark import get_spark
+
+    p = ctx.params
+    points = grid_points(p.als_ranks, p.als_reg_params, p.als_max_iters)
+
+    def fit(split, baseline, folder, parent) -> Fitted:
+        def track(point):
+            name = f"als rank={point['rank']} reg={point['reg_param']:g} iters={point['max_iter']}"
+            return tracking.child_run(parent, ctx, name, split.summary)
+
+        started = time.perf_counter()
+        results, model = search_grid(get_spark(ctx.settings), split.train, split.validation, baseline, points,
+                                     seed=p.seed, workers=p.als_parallel_fits, track=track)
+        grid_s = time.perf_counter() - started
+        (folder / "grid.json").write_text(json.dumps(results, indent=2))
+        best = model.meta["params"]
+        return Fitted(model, params={f"best_{k}": v for k, v in best.items()} | {"grid_points": len(points)},
+                      metrics={"grid_seconds": grid_s},
+                      artifacts=[als_heatmap(results, folder / "als_val_rmse_heatmap.png"), folder / "grid.json"],
+                      section={"grid": points, "grid_val_rmse": [r["val_rmse"] for r in results], "best_params": best,
+                               "grid_seconds": round(grid_s, 2)})
+
+    return run_candidate(ctx, "als", fit)

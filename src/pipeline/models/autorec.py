@@ -37,30 +37,33 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from pipeline.baseline import BiasBaseline, fit_best_damping
+from pipeline.config import Params
+from pipeline.models.baseline import BiasBaseline, fit_best_damping
 from pipeline.errors import ConfigError, DataValidationError
-from pipeline.evaluation import RATING_MAX, RATING_MIN
-from pipeline.factor_model import FactorModel
+from pipeline.models.metrics import RATING_MAX, RATING_MIN
+from pipeline.models.factor_model import FactorModel
 
 log = logging.getLogger(__name__)
 
 NORMALIZATIONS = ("baseline", "mean")
 
-# Chosen on ml-latest-small's validation split (per-user random 80/10/10, seed 42; bias baseline 0.8647 on
-# all validation rows). With the cold rows given to the baseline, validation RMSE was 0.843 for these
-# defaults (~9 s on 2 cores); 0.845-0.849 for 300 or 500 hidden units, l2 in {30, 100}, dropout in
-# {0.3, 0.5}; 0.850 with mean normalisation, and 0.879 for the paper's plain setting (mean, 500 units, no
-# dropout), which does not beat the baseline. Batches of 512 movies gave smoother, better curves than 32-128.
+# The defaults are the Params' (pipeline.config.Params), chosen on ml-latest-small's validation split
+# (per-user random 80/10/10, seed 42; bias baseline 0.8647 on all validation rows). With the cold rows given
+# to the baseline, validation RMSE was 0.843 for them (~9 s on 2 cores); 0.845-0.849 for 300 or 500 hidden
+# units, l2 in {30, 100}, dropout in {0.3, 0.5}; 0.850 with mean normalisation, and 0.879 for the paper's
+# plain setting (mean, 500 units, no dropout), which does not beat the baseline. Batches of 512 movies gave
+# smoother, better curves than 32-128.
+_P = Params()
 DEFAULTS = {
-    "hidden_units": 100,
-    "l2": 30.0,
-    "dropout": 0.5,
-    "learning_rate": 1e-3,
-    "epochs": 100,
-    "batch_size": 512,
-    "patience": 10,
-    "seed": 42,
-    "normalization": "baseline",
+    "hidden_units": _P.autorec_hidden_units,
+    "l2": _P.autorec_l2,
+    "dropout": _P.autorec_dropout,
+    "learning_rate": _P.autorec_learning_rate,
+    "epochs": _P.autorec_epochs,
+    "batch_size": _P.autorec_batch_size,
+    "patience": _P.autorec_patience,
+    "seed": _P.seed,
+    "normalization": _P.autorec_normalization,
 }
 
 _EVAL_CHUNK = 65536  # (movie, user) entries scored per numpy step when computing an RMSE
@@ -291,7 +294,7 @@ def fit_autorec(train: pd.DataFrame, validation: pd.DataFrame, *, hidden_units: 
         train_rmse, val_rmse, codes = rmses()
         row = {"epoch": epoch, "train_rmse": train_rmse, "val_rmse": val_rmse}
         history.append(row)
-        log.info("AutoRec epoch %d: training-set RMSE %.4f, validation RMSE %.4f (%.1fs)", epoch, train_rmse,
+        log.info("AutoRec epoch %d/%d: training-set RMSE %.4f, validation RMSE %.4f (%.1fs)", epoch, epochs, train_rmse,
                  val_rmse, time.perf_counter() - started)
         if on_epoch is not None:
             on_epoch(dict(row))
@@ -341,3 +344,40 @@ def train_autorec(train: pd.DataFrame, validation: pd.DataFrame, *, hidden_units
                       learning_rate=learning_rate, epochs=epochs, batch_size=batch_size, patience=patience,
                       seed=seed, normalization=normalization, baseline=baseline, on_epoch=on_epoch)
     return run.model, run.history
+
+
+# --- the stage ----------------------------------------------------------------------------------------------
+
+
+def run_autorec(ctx) -> dict:
+    """Stage ``autorec``: train I-AutoRec, early-stopped on validation RMSE; per-epoch curves in MLflow."""
+    import mlflow
+
+    from pipeline.models.plots import autorec_curves
+    from pipeline.models.protocol import Fitted, run_candidate
+
+    p = ctx.params
+    if not p.autorec_enabled:
+        log.info("autorec: skipped (autorec_enabled is false)")
+        return {}
+    configure_threads()
+    hyper = {name: getattr(p, f"autorec_{name}") for name in ("hidden_units", "l2", "dropout", "learning_rate",
+                                                              "epochs", "batch_size", "patience", "normalization")}
+
+    def fit(split, baseline, folder, run) -> Fitted:
+        def on_epoch(row):  # logged as it happens: the run's curves fill in while it trains
+            mlflow.log_metrics({"train_rmse": row["train_rmse"], "epoch_val_rmse": row["val_rmse"]},
+                               step=int(row["epoch"]))
+
+        model, history = train_autorec(split.train, split.validation, seed=p.seed, baseline=baseline,
+                                       on_epoch=on_epoch, **hyper)
+        model.fallback = baseline
+        pd.DataFrame(history).to_csv(folder / "history.csv", index=False)
+        best_epoch = int(min(history, key=lambda r: r["val_rmse"])["epoch"])
+        return Fitted(model, params={**hyper, "seed": p.seed},
+                      metrics={"best_epoch": best_epoch, "train_seconds": model.meta["train_seconds"]},
+                      artifacts=[autorec_curves(history, folder / "autorec_curves.png"), folder / "history.csv"],
+                      section={"best_epoch": best_epoch, "epochs_run": len(history),
+                               "train_seconds": model.meta["train_seconds"]})
+
+    return run_candidate(ctx, "autorec", fit)

@@ -1,6 +1,7 @@
-"""Baselines every model is compared with: the global mean, damped user+item biases, and popularity.
+"""Rating baselines every model is compared with: the global mean and the damped user+item bias baseline.
 
-The bias baseline is also the fallback prediction for cold rows in ``pipeline.evaluation``. Vectorised
+The bias baseline is also the fallback prediction for cold rows in ``pipeline.models.metrics``, and what the
+factor models add their interactions to. (The popularity ranking lives in ``pipeline.models.popularity``.) Vectorised
 numpy/pandas (np.bincount over factorized ids), so fitting on ML-25M takes seconds, not a cluster.
 """
 
@@ -12,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.errors import ConfigError, DataValidationError
-from pipeline.evaluation import RATING_MAX, RATING_MIN, clip_ratings, rmse
+from pipeline.models.metrics import RATING_MAX, RATING_MIN, clip_ratings, rmse
 
 # Best of DAMPING_GRID on ml-latest-small's validation split (0.865 vs 0.879 for Koren's 10/25, which suits
 # Netflix-sized data); a run should still choose with fit_best_damping.
@@ -127,45 +128,3 @@ def fit_best_damping(train: pd.DataFrame, validation: pd.DataFrame,
         if score < best_rmse:
             best, best_rmse = model, score
     return best, results
-
-
-def popularity_ranking(train: pd.DataFrame, k: int | None = None) -> np.ndarray:
-    """movie_ids by number of training ratings, most rated first (ties: smaller movie_id first); top k if given."""
-    counts = train.groupby("movie_id", sort=True).size()
-    movie_ids = counts.index.to_numpy()
-    order = np.lexsort((movie_ids, -counts.to_numpy()))
-    ranking = movie_ids[order]
-    return ranking if k is None else ranking[:k]
-
-
-def top_k_popular(train: pd.DataFrame, user_ids: Iterable, k: int, exclude_seen: bool = True) -> dict:
-    """{user_id: the k most popular movies}, leaving out each user's training movies when ``exclude_seen``.
-
-    A user unseen in training gets the plain popularity top k; a list is shorter than k only when the user
-    has rated nearly every movie.
-    """
-    if k < 1:
-        raise ConfigError(f"k must be a positive number of recommendations, got {k!r}")
-    ranking = popularity_ranking(train)
-    user_ids = list(dict.fromkeys(np.asarray(list(user_ids)).tolist()))  # unique, order kept, plain ints
-    head = ranking[:k].tolist()
-    if not exclude_seen:
-        return {user: list(head) for user in user_ids}
-    # Each user's seen movies as positions in the ranking, grouped by user once (no per-row Python).
-    ranks = pd.Index(ranking).get_indexer(train["movie_id"].to_numpy())
-    user_codes, seen_users = pd.factorize(train["user_id"])
-    order = np.argsort(user_codes, kind="stable")
-    groups = np.split(ranks[order], np.cumsum(np.bincount(user_codes))[:-1])
-    seen_by_user = dict(zip(seen_users.tolist(), groups))
-    out = {}
-    for user in user_ids:
-        seen = seen_by_user.get(user)
-        if seen is None:
-            out[user] = list(head)
-            continue
-        # The k unseen movies lie within the first k + |seen| positions of the ranking.
-        limit = min(k + len(seen), len(ranking))
-        free = np.ones(limit, dtype=bool)
-        free[seen[seen < limit]] = False
-        out[user] = ranking[np.flatnonzero(free)[:k]].tolist()
-    return out

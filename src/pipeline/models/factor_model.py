@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.baseline import BiasBaseline
-from pipeline.evaluation import RATING_MAX, RATING_MIN
+from pipeline.models.baseline import BiasBaseline
+from pipeline.models.metrics import RATING_MAX, RATING_MIN
 
 
 def _index(ids: np.ndarray) -> pd.Index:

@@ -1,6 +1,6 @@
 """The one evaluation every model goes through: rating error on every test row, and top-k ranking quality.
 
-Rating error (DESIGN.md, "Evaluation protocol"): every test row is predicted. Rows whose user or movie is
+Rating error (the README's "Models and the evaluation protocol"): every test row is predicted. Rows whose user or movie is
 absent from the training split ("cold" rows), and rows the model cannot score (it returns NaN), get the
 bias baseline's prediction instead of being dropped; all predictions are clipped to the rating scale.
 RMSE and MAE are over all test rows, with the count and RMSE of the cold rows beside them.
@@ -13,20 +13,24 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import pandas as pd
 
-from pipeline.errors import ConfigError, DataValidationError
-
-if TYPE_CHECKING:
-    from pipeline.baseline import BiasBaseline
+from pipeline.config import check_k
+from pipeline.errors import DataValidationError
 
 RATING_MIN, RATING_MAX = 0.5, 5.0
 RELEVANCE_THRESHOLD = 4.0
 
 Predict = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+class Fallback(Protocol):
+    """What scores the rows a model cannot (the bias baseline): a prediction for any (user, movie) pair."""
+
+    def predict(self, user_ids, movie_ids) -> np.ndarray: ...
 
 
 def _pair(y_true, y_pred) -> tuple[np.ndarray, np.ndarray]:
@@ -91,8 +95,7 @@ def ranking_metrics(top_k: Mapping, test: pd.DataFrame, k: int = 10,
     A user missing from ``top_k`` counts as recommending nothing (zeros), so a model cannot gain by skipping
     users. ``users`` is how many users were averaged; the means are None when there are none.
     """
-    if k < 1:
-        raise ConfigError(f"k must be a positive number of recommendations, got {k!r}")
+    k = check_k(k)
     liked = test.loc[test["rating"] >= threshold, ["user_id", "movie_id"]]
     relevant_by_user = liked.groupby("user_id")["movie_id"].agg(set)
     sums = np.zeros(3)
@@ -106,7 +109,7 @@ def ranking_metrics(top_k: Mapping, test: pd.DataFrame, k: int = 10,
             "users": int(n_users)}
 
 
-def predictions_with_fallback(test: pd.DataFrame, predict: Predict, fallback: BiasBaseline,
+def predictions_with_fallback(test: pd.DataFrame, predict: Predict, fallback: Fallback,
                               train: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     """(predictions, cold): a clipped prediction for every test row, and the mask of cold rows.
 
@@ -130,20 +133,22 @@ def predictions_with_fallback(test: pd.DataFrame, predict: Predict, fallback: Bi
     return clip_ratings(pred), cold
 
 
-def rating_metrics(test: pd.DataFrame, predict: Predict, fallback: BiasBaseline, train: pd.DataFrame) -> dict:
-    """RMSE and MAE over every test row (cold or unscorable rows take ``fallback``), plus the cold rows' RMSE.
+def rating_metrics(rows: pd.DataFrame, predict: Predict, fallback: Fallback, train: pd.DataFrame,
+                   split: str = "test") -> dict:
+    """RMSE and MAE over every row of ``rows`` (cold or unscorable rows take ``fallback``), plus the cold rows'.
 
-    Keys: test_rmse, test_mae, test_rows, cold_test_rows, cold_test_rmse (None when no row is cold).
+    Keys are named after ``split`` ("test" or "val"): {split}_rmse, {split}_mae, {split}_rows,
+    cold_{split}_rows, cold_{split}_rmse (None when no row is cold).
     """
-    if len(test) == 0:
-        raise DataValidationError("the test split has no rows: there is nothing to evaluate")
-    pred, cold = predictions_with_fallback(test, predict, fallback, train)
-    truth = test["rating"].to_numpy(dtype=np.float64)
+    if len(rows) == 0:
+        raise DataValidationError(f"the {split} split has no rows: there is nothing to evaluate")
+    pred, cold = predictions_with_fallback(rows, predict, fallback, train)
+    truth = rows["rating"].to_numpy(dtype=np.float64)
     n_cold = int(cold.sum())
     return {
-        "test_rmse": rmse(truth, pred),
-        "test_mae": mae(truth, pred),
-        "test_rows": int(len(test)),
-        "cold_test_rows": n_cold,
-        "cold_test_rmse": rmse(truth[cold], pred[cold]) if n_cold else None,
+        f"{split}_rmse": rmse(truth, pred),
+        f"{split}_mae": mae(truth, pred),
+        f"{split}_rows": int(len(rows)),
+        f"cold_{split}_rows": n_cold,
+        f"cold_{split}_rmse": rmse(truth[cold], pred[cold]) if n_cold else None,
     }

@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import storage
-from pipeline.errors import RecsysError, StageError
+from pipeline.errors import NothingPublishedError, PublishError
 
 log = logging.getLogger(__name__)
 
@@ -48,14 +48,6 @@ SORT_KEYS = {
     "movies": ["movie_id"],
 }
 ROW_GROUP_SIZE = 64 * 1024
-
-
-class NothingPublishedError(StageError):
-    """The serving folder has no complete published set."""
-
-
-class PublishError(RecsysError):
-    """A served set could not be published (e.g. the S3 bucket is unreachable)."""
 
 
 # --- canonical tables and fingerprints ---------------------------------------------------------------------

@@ -13,21 +13,14 @@ from collections.abc import Iterable
 import numpy as np
 import pandas as pd
 
-from pipeline import recommend
-from pipeline.errors import ConfigError
-from pipeline.serving import ServedTables
+from pipeline.serving import recommend
+from pipeline.config import check_k
+from pipeline.errors import ConfigError, UnknownMovieError, UnknownUserError
+from pipeline.serving.publish import ServedTables
 
 MAX_SUGGESTIONS = 5
 _ARTICLE = re.compile(r"^(?P<name>.*), (?P<article>the|a|an|les|la|le|l'|il|el|der|die|das)(?P<rest> \(.*)?$",
                       re.IGNORECASE)
-
-
-class UnknownMovieError(ConfigError):
-    """A title or movie id that is not in the served catalog."""
-
-
-class UnknownUserError(ConfigError):
-    """A user id that has no served recommendations."""
 
 
 # --- movies by title ---------------------------------------------------------------------------------------
@@ -95,8 +88,8 @@ def similar_to_title(served: ServedTables, title: str | int, k: int = 10, metric
 
     score: cosine similarity for cosine and lsh (higher is closer), Euclidean distance for euclidean (lower).
     """
-    k = recommend._check_k(k)
-    recommend._check_metric(metric)
+    k = check_k(k)
+    recommend.check_metric(metric)
     movie_id = resolve_movie(served.movies, title)
     rows = served.table("similar_movies", filters=[("metric", "=", metric), ("movie_id", "=", movie_id)])
     if rows.empty:
@@ -120,7 +113,7 @@ def _title_of(served: ServedTables, movie_id: int) -> str:
 def recommend_user(served: ServedTables, user_id: int | str, k: int = 10,
                    genres: str | Iterable[str] | None = None) -> pd.DataFrame:
     """A known user's served top-N (at most the k the stage stored), within ``genres`` when given."""
-    k = recommend._check_k(k)
+    k = check_k(k)
     try:
         user_id = int(str(user_id).strip())
     except ValueError:
@@ -174,7 +167,7 @@ def recommend_ratings(served: ServedTables, ratings: str | dict, k: int = 10,
     if unknown:
         raise UnknownMovieError(f"movie id(s) {unknown} in --ratings are not in the served catalog "
                                 f"(find ids with `recsys similar --movie TITLE`)")
-    recommend._check_metric(metric)
+    recommend.check_metric(metric)
     liked = list(recommend.liked_movies(rated))
     # Only the liked movies' neighbours are read (row groups are sorted by metric, movie_id).
     similar = served.table("similar_movies", filters=[("metric", "=", metric), ("movie_id", "in", liked or [-1])])

@@ -7,9 +7,8 @@
 
 Formulas (the constants below are the defaults):
 
-    popularity      score(m) = (sum_r(m) + PRIOR_WEIGHT * C) / (n(m) + PRIOR_WEIGHT)
-                    a Bayesian (damped) mean: C is the mean of all ratings, so a movie with few ratings is
-                    pulled towards C and one with many keeps its own mean.
+    popularity      the number of ratings (``pipeline.models.popularity``: the same order the ranking
+                    baseline is evaluated with).
     liked movies    rating > NEUTRAL_RATING and rating >= min(LIKED_RATING, the user's own mean rating)
                     (a harsh rater who gave nothing 3.5 still has favourites, but never below 2.5).
     weight          w(l) = rating(l) - NEUTRAL_RATING
@@ -22,6 +21,7 @@ No Spark here: plain pandas/numpy, so the query command line can call the same f
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,15 +29,18 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from pipeline.config import check_k
 from pipeline.errors import ConfigError
+from pipeline.models.popularity import popular_movies
+from pipeline.similarity import METRICS
 
 if TYPE_CHECKING:
-    from pipeline.factor_model import FactorModel
+    from pipeline.models.factor_model import FactorModel
 
-PRIOR_WEIGHT = 10.0  # ratings' worth of the global mean mixed into every movie's popularity score
+log = logging.getLogger(__name__)
+
 LIKED_RATING = 3.5
 NEUTRAL_RATING = 2.5
-METRICS = ("cosine", "euclidean", "lsh")
 REASON_MODEL = "predicted rating"
 REASON_POPULAR = "popular"
 
@@ -45,13 +48,7 @@ RECOMMENDATION_COLUMNS = ["user_id", "rank", "movie_id", "score"]
 COLD_COLUMNS = ["rank", "movie_id", "score", "reason"]
 
 
-def _check_k(k) -> int:
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise ConfigError(f"k must be a positive number of recommendations, got {k!r}")
-    return int(k)
-
-
-def _check_metric(metric: str) -> str:
+def check_metric(metric: str) -> str:
     if metric not in METRICS:
         raise ConfigError(f"unknown similarity metric {metric!r}; choose one of {', '.join(METRICS)}")
     return metric
@@ -78,7 +75,7 @@ def recommend_known_users(model: FactorModel, ratings: pd.DataFrame, k: int) -> 
     ``score`` is the model's predicted (clipped) rating, and ``rank`` follows it; rows are ordered by
     (user_id, rank).
     """
-    k = _check_k(k)
+    k = check_k(k)
     users = np.asarray(model.user_ids, dtype=np.int64)
     top = model.top_k(users, k, exclude=_rated_by_user(ratings))
     user_col = np.fromiter((u for u in users for _ in top.get(int(u), ())), dtype=np.int64)
@@ -96,35 +93,6 @@ def recommend_known_users(model: FactorModel, ratings: pd.DataFrame, k: int) -> 
 
 
 # --- popularity --------------------------------------------------------------------------------------------
-
-
-def popular_movies(ratings: pd.DataFrame, movies: pd.DataFrame | None = None, min_ratings: int = 1,
-                   prior_weight: float = PRIOR_WEIGHT) -> pd.DataFrame:
-    """Movies by damped mean rating (see the module docstring), best first; ties by movie_id.
-
-    Columns: movie_id, title, genres, n_ratings, mean_rating, score. Movies with fewer than ``min_ratings``
-    ratings are left out; a rated movie missing from the catalog keeps a placeholder title and no genres.
-    """
-    if prior_weight < 0:
-        raise ConfigError(f"prior_weight must be >= 0, got {prior_weight!r}")
-    stats = ratings.groupby("movie_id", sort=True)["rating"].agg(["size", "sum"])
-    n = stats["size"].to_numpy(np.int64)
-    total = stats["sum"].to_numpy(np.float64)
-    overall = float(ratings["rating"].mean()) if len(ratings) else 0.0
-    out = pd.DataFrame({
-        "movie_id": stats.index.to_numpy(np.int64),
-        "n_ratings": n,
-        "mean_rating": np.divide(total, n, out=np.zeros_like(total), where=n > 0),
-        "score": (total + prior_weight * overall) / np.maximum(n + prior_weight, 1e-12),
-    })
-    out = out[out["n_ratings"] >= max(int(min_ratings), 1)]
-    catalog = _catalog(movies)
-    out = out.merge(catalog[["movie_id", "title", "genres"]], on="movie_id", how="left")
-    missing = out["title"].isna()
-    out.loc[missing, "title"] = "movie " + out.loc[missing, "movie_id"].astype(str)
-    out["genres"] = [list(g) if isinstance(g, (list, tuple, np.ndarray)) else [] for g in out["genres"]]
-    out = out.sort_values(["score", "movie_id"], ascending=[False, True], kind="stable", ignore_index=True)
-    return out[["movie_id", "title", "genres", "n_ratings", "mean_rating", "score"]]
 
 
 def _catalog(movies: pd.DataFrame | None) -> pd.DataFrame:
@@ -177,7 +145,7 @@ def _frame(movie_ids, scores, reasons) -> pd.DataFrame:
 
 def recommend_cold_user(popular: pd.DataFrame, k: int, genres: str | Iterable[str] | None = None) -> pd.DataFrame:
     """A user with no ratings: the k most popular movies, within any of ``genres`` when given."""
-    k = _check_k(k)
+    k = check_k(k)
     chosen = parse_genres(genres)
     pool = popular[genre_mask(popular["genres"], chosen)] if chosen else popular
     pool = pool.head(k)
@@ -209,8 +177,8 @@ def recommend_from_ratings(rated: Mapping[int, float], similar: pd.DataFrame, po
     Scores of the item-based rows are weighted mean similarities, those of the popular rows popularity
     scores: compare within one ``reason`` kind only.
     """
-    k = _check_k(k)
-    _check_metric(metric)
+    k = check_k(k)
+    check_metric(metric)
     rated = {int(m): float(r) for m, r in rated.items()}
     chosen = parse_genres(genres)
     if not rated:
@@ -266,7 +234,8 @@ def materialize_recommendations(model: FactorModel, validate_dir: Path, similar_
     ``validate_dir`` holds ratings.parquet (every validated rating: all are excluded from a user's list) and
     movies.parquet. Returns the report sections ``recommendations`` and ``serving_fingerprint``.
     """
-    from pipeline import serving, storage
+    from pipeline import storage
+    from pipeline.serving import publish as serving
 
     validate_dir, out_dir = Path(validate_dir), Path(out_dir)
     ratings = pd.read_parquet(validate_dir / "ratings.parquet", columns=["user_id", "movie_id", "rating"])
@@ -293,3 +262,18 @@ def materialize_recommendations(model: FactorModel, validate_dir: Path, similar_
         "serving_fingerprint": published["serving_fingerprint"],
         "serving": published,
     }
+
+
+def run_recommend(ctx) -> dict:
+    """Stage ``recommend``: top-N per known user from the champion, popularity for the rest; publish."""
+    from pipeline import registry, storage
+
+    model, version = registry.load_champion(ctx.settings)
+    if model is None:
+        log.warning("recommend: no champion in the registry yet (nothing was promoted): nothing to serve")
+        return {}
+    similar = storage.read_manifest(ctx.stage_dir("similarity"), "recommend")
+    return materialize_recommendations(
+        model, ctx.stage_dir("validate"), similar["tables"]["similar_movies"]["path"], ctx.stage_dir("recommend"),
+        ctx.settings.serving_dir, k=ctx.params.recommend_k, settings=ctx.settings,
+        about={"registered_model": ctx.settings.registered_model, "champion_version": version, "run_id": ctx.run_id})
