@@ -24,13 +24,26 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, get_current_context, task
 
 from pipeline import stages
-from pipeline.config import PARAMS
+from pipeline.config import PARAMS, load_settings
+from pipeline.data.watch import ASSET_NAME, ASSET_URI
 from pipeline.gate import keep_champion as keep, promote as move_alias
 
 AFTER_BRANCH = "none_failed_min_one_success"  # run whichever branch was taken
+WEEKLY = "0 0 * * 0"  # Sundays 00:00 UTC
+
+
+def _schedule(choice: str):
+    """The setting RECSYS_SCHEDULE: ``weekly``, ``asset`` (each new fingerprint of the source, recorded by the
+    movielens_watch DAG on the asset movielens_ratings), or ``both``; manual triggers always work."""
+    ratings = Asset(name=ASSET_NAME, uri=ASSET_URI)
+    if choice == "asset":
+        return [ratings]
+    if choice == "both":
+        return AssetOrTimeSchedule(timetable=CronTriggerTimetable(WEEKLY, timezone="UTC"), assets=[ratings])
+    return WEEKLY
 
 
 def _context() -> stages.RunContext:
@@ -41,7 +54,7 @@ def _context() -> stages.RunContext:
 
 @dag(
     dag_id="movielens_recsys",
-    schedule="@weekly",  # retrain weekly; trigger manually from the UI for an ad-hoc run
+    schedule=_schedule(load_settings().schedule),  # weekly by default; trigger from the UI for an ad-hoc run
     start_date=datetime(2026, 1, 1),
     catchup=False,
     max_active_runs=1,

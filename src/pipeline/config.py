@@ -44,6 +44,7 @@ class Settings:
     spark_shuffle_partitions: int = 8
     spark_checkpoint_dir: str = ""  # empty: <home>/spark-checkpoints; on a cluster, a path every node sees
     mlflow_tracking_uri: str = ""
+    mlflow_ui_url: str = ""  # where people browse MLflow (the Airflow plugin's links); empty: see plugins/
     mlflow_experiment: str = "movielens-recsys"
     registered_model: str = "movielens-recommender"
     s3_endpoint_url: str | None = None
@@ -52,6 +53,7 @@ class Settings:
     spark_ui: bool = False  # the Spark UI of a local session (port 4040); off by default on shared machines
     spark_log_level: str = "WARN"
     expectations_dir: Path | None = None  # None: the repo's expectations/, else the installed copy
+    schedule: str = "weekly"  # what starts movielens_recsys: weekly, asset (the watch DAG's events) or both
     extra: dict = field(default_factory=dict)
 
     @property
@@ -99,6 +101,7 @@ _ENV = {
     "spark_shuffle_partitions": ["RECSYS_SPARK_SHUFFLE_PARTITIONS"],
     "spark_checkpoint_dir": ["RECSYS_SPARK_CHECKPOINT_DIR"],
     "mlflow_tracking_uri": ["MLFLOW_TRACKING_URI"],
+    "mlflow_ui_url": ["RECSYS_MLFLOW_UI_URL"],
     "mlflow_experiment": ["RECSYS_MLFLOW_EXPERIMENT"],
     "registered_model": ["RECSYS_REGISTERED_MODEL"],
     "s3_endpoint_url": ["RECSYS_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"],
@@ -107,8 +110,10 @@ _ENV = {
     "spark_ui": ["RECSYS_SPARK_UI"],
     "spark_log_level": ["RECSYS_SPARK_LOG_LEVEL"],
     "expectations_dir": ["RECSYS_EXPECTATIONS_DIR"],
+    "schedule": ["RECSYS_SCHEDULE"],
 }
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+SCHEDULES = ("weekly", "asset", "both")
 
 
 def _from_file(path: str) -> dict:
@@ -155,6 +160,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         if text not in _TRUE + _FALSE:
             raise ConfigError(f"spark_ui must be true or false, got {values['spark_ui']!r}")
         values["spark_ui"] = text in _TRUE
+    if values.setdefault("schedule", "weekly") not in SCHEDULES:
+        raise ConfigError(f"RECSYS_SCHEDULE must be one of {', '.join(SCHEDULES)}, got {values['schedule']!r}")
     if values.get("expectations_dir"):
         values["expectations_dir"] = Path(values["expectations_dir"]).expanduser().resolve()
     source = values.get("source")
