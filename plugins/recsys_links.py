@@ -12,8 +12,9 @@ The links are *global* operator links: the API server computes them when the tas
 instance's XCom return value (the stage summary), so the DAG files need nothing. A task whose summary has no
 such field (or has not run yet) simply shows no link.
 
-The MLflow UI address is ``RECSYS_MLFLOW_UI_URL``; without it an ``http(s)`` ``MLFLOW_TRACKING_URI`` (a tracking
-server serves its UI at the same address), else ``http://127.0.0.1:5000`` (`mlflow ui` on this machine).
+The MLflow UI address is the setting ``mlflow_ui_url`` (``RECSYS_MLFLOW_UI_URL``); without it an ``http(s)``
+``MLFLOW_TRACKING_URI`` (a tracking server serves its UI at the same address), else ``http://127.0.0.1:5000``
+(`mlflow ui` on this machine).
 """
 
 from __future__ import annotations
@@ -36,11 +37,20 @@ MODEL_TASKS = ("baseline", "als", "autorec")
 
 
 def mlflow_ui_url(environ: dict | None = None) -> str:
-    """The MLflow UI's base address (no trailing slash)."""
-    env = os.environ if environ is None else environ
-    url = env.get("RECSYS_MLFLOW_UI_URL", "").strip()
+    """The MLflow UI's base address (no trailing slash): the setting ``mlflow_ui_url``, else an ``http(s)``
+    tracking URI, else the local default. ``environ`` (tests) replaces the environment."""
+    configured = tracking = ""
+    try:
+        from pipeline.config import load_settings
+
+        settings = load_settings(environ)
+        configured, tracking = settings.mlflow_ui_url, settings.mlflow_tracking_uri
+    except Exception:  # noqa: BLE001 - no package or a bad setting elsewhere: read the two names directly
+        env = os.environ if environ is None else environ
+        configured, tracking = env.get("RECSYS_MLFLOW_UI_URL", ""), env.get("MLFLOW_TRACKING_URI", "")
+    url = (configured or "").strip()
     if not url:
-        tracking = env.get("MLFLOW_TRACKING_URI", "").strip()
+        tracking = (tracking or "").strip()
         url = tracking if tracking.startswith(("http://", "https://")) else DEFAULT_MLFLOW_UI_URL
     return url.rstrip("/")
 
