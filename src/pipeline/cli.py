@@ -38,9 +38,8 @@ def _cmd_run(args) -> int:
     if run_id is None and work_dir and "ingest" not in names and (work_dir / report.REPORT).exists():
         run_id = storage.read_json(work_dir / report.REPORT).get("run_id")  # continue that run
     ctx = stages.make_context(run_id=run_id, work_dir=work_dir, params=params, settings=load_settings())
-    if "ingest" in names:
-        report.clear_summaries(ctx.run_dir)  # a run from ingest on starts a fresh report
-    result = stages.run_pipeline(ctx, names)
+    # a run from ingest on starts a fresh report (cleared under the run folder's lock)
+    result = stages.run_pipeline(ctx, names, fresh="ingest" in names)
     print(json.dumps({"report": str(ctx.run_dir / report.REPORT), "run_id": ctx.run_id,
                       "timings_s": result.get("timings_s", {})}, indent=2))
     return 0
@@ -70,8 +69,10 @@ def _cmd_settings(args) -> int:
 def _print_query_result(frame, args, score_label: str = "score") -> None:
     from pipeline.serving.query import format_table
 
+    for note in frame.attrs.get("notes", []):  # a cap or a filter that changed what was asked for
+        print(f"recsys: note: {note}", file=sys.stderr)
     if args.json:
-        text = json.dumps(frame.to_dict("records"), indent=2, default=str)
+        text = storage.strict_json(frame.to_dict("records"), indent=2)
     else:
         text = format_table(frame, score_label)
     try:
@@ -165,11 +166,34 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("py4j", "great_expectations", "urllib3", "botocore", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_mask_secrets_filter)
     try:
         return args.func(args)
     except RecsysError as exc:
         print(f"recsys: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except KeyboardInterrupt:
+        print("recsys: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # not a user error: show where, and say so
+        import traceback
+
+        traceback.print_exc()
+        print(f"recsys: internal error (a bug, please report it with the traceback above): "
+              f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+def _mask_secrets_filter(record: logging.LogRecord) -> bool:
+    """Passwords inside URIs never reach a log line (e.g. a tracking URI quoted in an error)."""
+    from pipeline.config import mask_secrets
+
+    message = record.getMessage()
+    masked = mask_secrets(message)
+    if masked != message:
+        record.msg, record.args = masked, None
+    return True
 
 
 if __name__ == "__main__":

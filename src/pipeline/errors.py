@@ -7,7 +7,7 @@ Each class carries the exit code the command line returns for it (the README's e
 class RecsysError(Exception):
     """Base class: the command line prints the message and exits non-zero."""
 
-    exit_code = 1
+    exit_code = 1  # only for a RecsysError raised without a subclass; an unexpected exception (a bug) also exits 1
 
 
 class ConfigError(RecsysError):
@@ -44,7 +44,23 @@ class NothingPublishedError(StageError):
     """The serving folder has no complete published set."""
 
 
-class PublishError(RecsysError):
+class ChampionUnavailableError(StageError):
+    """The registry's champion cannot be loaded: a serving stage is skipped (recorded), not run from it."""
+
+
+class RunLockedError(RecsysError):
+    """Another process is writing the same run folder (or the same stage of it)."""
+
+    exit_code = 7
+
+
+class ServiceError(RecsysError):
+    """A service the run depends on (the MLflow tracking server, the S3 endpoint) failed or went away mid-run."""
+
+    exit_code = 8
+
+
+class PublishError(ServiceError):
     """A served set could not be published (e.g. the S3 bucket is unreachable)."""
 
 

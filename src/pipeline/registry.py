@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 
 from pipeline import tracking
+from pipeline.errors import ChampionUnavailableError
 from pipeline.models.factor_model import FactorModel
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,18 @@ def load_champion(settings, name: str | None = None) -> tuple[FactorModel, str] 
     version = champion_version(tracking.client(settings), name)
     if version is None:
         return None, None
-    return load_registered(name, version), version
+    try:
+        return load_registered(name, version), version
+    except Exception as exc:
+        from pipeline.services import service_error
+
+        if service_error(exc, "serving", settings) is not None:
+            raise  # the tracking server is away: a service fault, not a broken champion
+        # Serving never reads from a champion it cannot load: the stage is skipped with this reason and the
+        # served tables stay as they were (the next promotion, which the gate allows, replaces the champion).
+        raise ChampionUnavailableError(
+            f"champion v{version} of {name} cannot be loaded ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); "
+            f"the served tables were left as they were") from exc
 
 
 def register_challenger(settings, name: str, model_uri: str, description: str) -> str:

@@ -14,7 +14,7 @@ from pipeline import storage
 
 REPORT = "report.json"
 SUMMARIES = "summaries"
-MERGED_SECTIONS = ("models", "ranking")  # sections several stages add to (one key per model)
+MERGED_SECTIONS = ("models", "ranking", "skipped")  # sections several stages add to (one key per model/stage)
 
 
 def write_summary(run_dir: Path, stage: str, summary: dict) -> None:
@@ -62,7 +62,12 @@ def merged_sections(run_dir: Path, order: list[str] | None = None) -> dict:
 
 def write_report(ctx, order: list[str]) -> dict:
     """``<run>/report.json`` from every summary in the run folder; returns it."""
+    from pipeline import lineage
+
     report = {"run_id": ctx.run_id, "source": ctx.source, "params": ctx.params.to_dict(),
               **merged_sections(ctx.run_dir, order)}
+    stale = lineage.stale_stages(ctx.run_dir)
+    if stale:  # outputs built from inputs that were replaced since: their sections are gone until they re-run
+        report["stale"] = stale
     storage.write_json_atomic(Path(ctx.run_dir) / REPORT, report)
     return report

@@ -14,9 +14,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pipeline import report
+from pipeline import lineage, locks, report, storage
 from pipeline.config import RunContext, make_context
-from pipeline.errors import ConfigError
+from pipeline.errors import ChampionUnavailableError, ConfigError, RecsysError
+from pipeline.services import service_error
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +136,7 @@ PIPELINE: tuple[Stage, ...] = (
 )
 STAGES = {stage.name: stage for stage in PIPELINE}
 ORDER = [stage.name for stage in PIPELINE]
+UPSTREAM = {stage.name: stage.upstream for stage in PIPELINE}
 
 
 def parse_stages(text: str | None) -> list[str]:
@@ -150,20 +152,60 @@ def parse_stages(text: str | None) -> list[str]:
 
 def run_stage(name: str, ctx: RunContext, fn: Callable[[RunContext], dict] | None = None) -> dict:
     """Run one stage (or ``fn`` in its place, e.g. one branch of it); leave its summary in the run folder,
-    rebuild ``report.json``, and return the summary with ``timings_s``."""
+    rebuild ``report.json``, and return the summary with ``timings_s``.
+
+    Holds the stage's lock (``pipeline.locks``), refuses stale inputs and marks the stages downstream stale
+    (``pipeline.lineage``), and turns a service outage into a ``ServiceError``."""
     log.info("stage %s: starting (run %s, folder %s)", name, ctx.run_id, ctx.run_dir)
-    started = time.perf_counter()
-    sections = (fn or STAGES[name].run)(ctx)
-    seconds = round(time.perf_counter() - started, 2)
-    summary = {**sections, "timings_s": {name: seconds}}
-    report.write_summary(ctx.run_dir, name, summary)
-    report.write_report(ctx, ORDER)
+    with locks.stage_lock(ctx.run_dir, name):
+        inputs = _prepare(name, ctx)
+        started, wall = time.perf_counter(), time.time()
+        sections = _call(name, ctx, fn or STAGES[name].run)
+        seconds = round(time.perf_counter() - started, 2)
+        lineage.record(ctx.run_dir, name, inputs, wall)
+        summary = {**sections, "timings_s": {name: seconds}}
+        report.write_summary(ctx.run_dir, name, summary)
+        report.write_report(ctx, ORDER)
     log.info("stage %s: done in %.1f s", name, seconds)
     return summary
 
 
-def run_pipeline(ctx: RunContext, stages: list[str]) -> dict:
-    """Run ``stages`` in pipeline order in this process; ``report.json`` is rewritten after each one."""
-    for name in parse_stages(",".join(stages)):
-        run_stage(name, ctx)
-    return report.write_report(ctx, ORDER)
+def _prepare(name: str, ctx: RunContext) -> dict:
+    """Before a stage runs (under its lock): leftovers of a killed attempt removed, inputs checked, and the
+    stages downstream marked stale (their report sections dropped). Returns the inputs' lineage."""
+    removed = storage.remove_leftovers(ctx.run_dir, name)
+    if removed:
+        log.info("stage %s: removed %s left by an interrupted attempt", name, ", ".join(removed))
+    inputs = lineage.check_inputs(ctx.run_dir, name, STAGES[name].upstream)
+    stale = lineage.mark_stale(ctx.run_dir, name, lineage.downstream(name, UPSTREAM, ORDER))
+    if stale:
+        report.clear_summaries(ctx.run_dir, stale)
+        log.warning("stage %s: re-running it makes %s stale until they run again", name, ", ".join(stale))
+    return inputs
+
+
+def _call(name: str, ctx: RunContext, fn: Callable[[RunContext], dict]) -> dict:
+    """The stage function; a champion that cannot be loaded skips a serving stage with the reason recorded."""
+    try:
+        return fn(ctx)
+    except ChampionUnavailableError as exc:
+        log.warning("stage %s: skipped: %s", name, exc)
+        return {"skipped": {name: str(exc)}}
+    except RecsysError:
+        raise
+    except Exception as exc:
+        error = service_error(exc, name, ctx.settings)
+        if error is None:
+            raise
+        raise error from exc
+
+
+def run_pipeline(ctx: RunContext, stages: list[str], fresh: bool = False) -> dict:
+    """Run ``stages`` in pipeline order in this process, holding the run folder (one ``recsys run`` at a
+    time); ``report.json`` is rewritten after each one. ``fresh``: start a new report (a run from ingest)."""
+    with locks.run_folder_lock(ctx.run_dir):
+        if fresh:
+            report.clear_summaries(ctx.run_dir)
+        for name in parse_stages(",".join(stages)):
+            run_stage(name, ctx)
+        return report.write_report(ctx, ORDER)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -56,8 +57,40 @@ def atomic_dir(target: Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def finite_json(value):
+    """``value`` with every non-finite float (NaN, Infinity; numpy's too) replaced by None: strict JSON."""
+    if isinstance(value, float):  # numpy.float64 is a float
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    if hasattr(value, "dtype") and getattr(value, "shape", None) == ():  # numpy scalars
+        return finite_json(value.item())
+    return value
+
+
+def strict_json(data, **kwargs) -> str:
+    """JSON text that every parser accepts: NaN and Infinity become null (``json.dumps`` writes bare NaN)."""
+    kwargs.setdefault("default", str)
+    return json.dumps(finite_json(data), allow_nan=False, **kwargs)
+
+
 def write_json_atomic(path: Path, data) -> Path:
-    return write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    return write_text_atomic(path, strict_json(data, indent=2, sort_keys=True) + "\n")
+
+
+def remove_leftovers(parent: Path, name: str) -> list[str]:
+    """Remove ``.tmp-<name>-*`` / ``.old-<name>-*`` folders a killed writer of ``parent/name`` left behind.
+
+    Only safe while holding that output's lock (``stages.run_stage`` holds the stage's): no live writer owns them.
+    """
+    removed = []
+    for pattern in (f".tmp-{name}-*", f".old-{name}-*"):
+        for leftover in Path(parent).glob(pattern):
+            shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+            removed.append(leftover.name)
+    return removed
 
 
 def write_manifest(folder: Path, stage: str, tables: dict, **extra) -> dict:

@@ -9,6 +9,7 @@ problems can be quarantined there with their reason.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import logging
@@ -49,11 +50,33 @@ def _find_dataset_dir(root: Path) -> Path:
     raise SourceError(f"{root}: no MovieLens ratings file found (looked for {known}); the folder holds {found}")
 
 
+# Limits on what a zip may expand to: ml-32m, the largest MovieLens, is ~1.2 GB unzipped at a ratio ~4;
+# a member beyond them is a damaged archive or a zip bomb, refused before anything is written.
+MAX_UNZIPPED_BYTES = 4 * 2**30
+MAX_ZIP_RATIO = 100
+_RATIO_FLOOR = 2**20  # members below 1 MiB may compress as well as they like
+
+
+def _check_zip_sizes(zip_path: Path, zf: zipfile.ZipFile) -> None:
+    total = 0
+    for info in zf.infolist():
+        total += info.file_size
+        if info.file_size > _RATIO_FLOOR and info.file_size > MAX_ZIP_RATIO * max(info.compress_size, 1):
+            raise SourceError(f"{zip_path}: member {info.filename} expands {info.file_size / max(info.compress_size, 1):.0f}"
+                              f"-fold ({info.file_size} bytes), beyond the limit of {MAX_ZIP_RATIO}: not extracted "
+                              f"(a damaged archive or a zip bomb)")
+    if total > MAX_UNZIPPED_BYTES:
+        raise SourceError(f"{zip_path}: its members add up to {total} bytes unzipped, beyond the limit of "
+                          f"{MAX_UNZIPPED_BYTES} bytes: not extracted")
+
+
 def _extract_zip(zip_path: Path, dest: Path) -> Path:
     if not dest.exists():
         try:
-            with storage.atomic_dir(dest) as tmp, zipfile.ZipFile(zip_path) as zf:
-                zf.extractall(tmp)
+            with zipfile.ZipFile(zip_path) as zf:
+                _check_zip_sizes(zip_path, zf)  # zipfile stops each member at its declared size
+                with storage.atomic_dir(dest) as tmp:
+                    zf.extractall(tmp)
         except zipfile.BadZipFile as exc:
             raise SourceError(f"{zip_path}: not a valid zip archive ({exc})") from exc
     return _find_dataset_dir(dest)
@@ -119,9 +142,12 @@ def resolve_source(source: str, settings) -> tuple[Path, str]:
     if not path.exists():
         raise SourceError(f"dataset source {source!r} does not exist (expected a folder, a .zip, "
                           "grouplens:<name> or s3://bucket/prefix)")
-    if path.is_file() and path.suffix == ".zip":
+    if path.is_file() and path.suffix.lower() == ".zip":
         dest = settings.cache_dir / "zips" / f"{path.stem}-{storage.file_sha256(path)[:12]}"
         return _extract_zip(path, dest), path.stem
+    if not path.is_dir():
+        raise SourceError(f"dataset source {source!r} is a file, not a dataset: expected the folder holding "
+                          f"the MovieLens files (e.g. ratings.csv), a .zip, grouplens:<name> or s3://bucket/prefix")
     folder = _find_dataset_dir(path)
     return folder, folder.name
 
@@ -146,7 +172,10 @@ def _decode(data: bytes, path: Path, encodings: tuple[str, ...]) -> bytes:
 
 def _split_line(line: str, delimiter: str, quoted: bool) -> list[str]:
     if quoted:
-        return next(csv.reader([line], delimiter=delimiter))
+        try:
+            return next(csv.reader([line], delimiter=delimiter), [])
+        except csv.Error:  # e.g. a stray CR inside a field: not a row of the expected shape
+            return [line]
     return line.split(delimiter)
 
 
@@ -163,6 +192,8 @@ def _first_bad_row(text: str, delimiter: str, quoted: bool, ncols: int, first_li
 def read_table_file(path: Path, spec: TableFile) -> pa.Table:
     """Read one file as strings (every column), with ``_line``, the line number of each row in the file."""
     data = path.read_bytes()
+    if data.startswith(codecs.BOM_UTF8):  # spreadsheet exports start with one; it is not part of the header
+        data = data[len(codecs.BOM_UTF8):]
     if not data.strip():
         raise DataFormatError(f"{path}: the file is empty ({len(data)} bytes): expected a {spec.table} table")
     data = _decode(data, path, spec.encodings)
@@ -172,6 +203,9 @@ def read_table_file(path: Path, spec: TableFile) -> pa.Table:
         delimiter = "\x1f"
     text_head = data[: data.find(b"\n") if b"\n" in data else len(data)].decode("utf-8").rstrip("\r")
     if spec.header:
+        if "\r" in text_head:
+            raise DataFormatError(f"{path}: line 1: the header {text_head!r} holds a carriage return inside it "
+                                  "(a stray CR: re-save the file with plain line endings)")
         names = [n.strip() for n in _split_line(text_head, delimiter, spec.quoted)]
         skip = 1
     else:
@@ -205,18 +239,20 @@ def read_table_file(path: Path, spec: TableFile) -> pa.Table:
 
 
 def _to_int(col: pa.ChunkedArray) -> tuple[pa.Array, np.ndarray]:
-    """int64 with nulls for blank or non-integer text; also the mask of the values that became null."""
+    """int64 with nulls for blank or non-integer text; also the mask of the values that became null.
+
+    Only integer text is an integer: "1e15", "3.0" or a number beyond 18 digits becomes null (and the row is
+    quarantined with its text), never a guess."""
     try:
         return pc.cast(col, pa.int64()), np.zeros(len(col), dtype=bool)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         pass
-    raw = col.to_pandas()
-    num = pd.to_numeric(raw, errors="coerce")
-    whole = num.notna() & (num == np.floor(num.fillna(0))) & (num.abs() < 2**62)
-    failed = ~whole  # blank included: the quarantine keeps the text of every row whose value went missing
-    values = pd.array(np.where(whole, num.fillna(0), 0).astype(np.int64), dtype="Int64")
-    values[~whole.to_numpy()] = pd.NA
-    return pa.array(values, type=pa.int64()), failed.to_numpy()
+    text = pc.replace_substring_regex(pc.utf8_trim_whitespace(col), r"^\+", "")
+    whole = pc.fill_null(pc.match_substring_regex(text, r"^-?\d{1,18}$"), False)
+    values = pc.cast(pc.if_else(whole, text, pa.scalar(None, pa.string())), pa.int64())
+    # blank included: the quarantine keeps the text of every row whose value went missing
+    failed = ~np.asarray(whole.to_numpy(zero_copy_only=False), dtype=bool)
+    return values, failed
 
 
 def _to_float(col: pa.ChunkedArray) -> tuple[pa.Array, np.ndarray]:

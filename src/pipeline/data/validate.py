@@ -157,6 +157,7 @@ def validate_tables(ingest_dir: Path, out_dir: Path, quarantine_threshold: float
     stop: str | None = None
     written: dict = {}
     quarantined_total = 0
+    dropped: dict[str, list[str]] = {}
     out_dir = Path(out_dir)
     with storage.atomic_dir(out_dir) as tmp:
         context = _gx_context(tmp / "data_docs")
@@ -210,7 +211,12 @@ def validate_tables(ingest_dir: Path, out_dir: Path, quarantine_threshold: float
                                 f"expectations, above quarantine_threshold {quarantine_threshold:.3%}")
                 continue
 
-            clean = _clean_types(df[~bad].drop(columns=["_movie_known", "_raw"], errors="ignore"), SCHEMAS[table])
+            extra = [c for c in df.columns if not c.startswith("_") and c not in SCHEMAS[table]]
+            if extra:  # columns the format does not know: listed in the result, kept out of the clean table
+                dropped[table] = extra
+                log.warning("validate: %s: dropping unknown column(s) %s from the clean %s table", file, extra, table)
+            clean = _clean_types(df[~bad].drop(columns=["_movie_known", "_raw", *extra], errors="ignore"),
+                                 SCHEMAS[table])
             table_result = _run_suite(context, table, "table", by_level["table"], clean, parameters)
             table_failed = [_describe(r, table, file, "table") for r in table_result.results if not r.success]
             if table_failed:
@@ -231,6 +237,8 @@ def validate_tables(ingest_dir: Path, out_dir: Path, quarantine_threshold: float
             "failed_expectations": failures,
             "data_docs": str(out_dir / "data_docs" / "index.html"),
         }
+        if dropped:
+            result["dropped_columns"] = dropped
         storage.write_json_atomic(tmp / "result.json", result)
         if stop is None:  # the manifest marks a usable output; a stopped run keeps only evidence
             storage.write_manifest(tmp, "validate", written, dataset=manifest["dataset"],

@@ -30,7 +30,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import storage
+from pipeline import locks, storage
 from pipeline.errors import NothingPublishedError, PublishError
 
 log = logging.getLogger(__name__)
@@ -128,10 +128,17 @@ def publish(serving_dir: Path, tables: dict, manifest: dict | None = None, setti
     version = serving_dir / VERSIONS / fingerprint
     result = {"serving_fingerprint": fingerprint, "published": False, "path": str(version)}
 
-    if current_fingerprint(serving_dir) == fingerprint:
-        log.info("serving: %s is already the current set under %s; nothing to publish", fingerprint, serving_dir)
-    else:
-        if not (version / storage.MANIFEST).exists():  # an earlier, still kept version is reused as is
+    serving_dir.mkdir(parents=True, exist_ok=True)
+    with locks.publish_lock(serving_dir):  # one publisher at a time, whichever work dir it runs from
+        newer = _newer_champion(_current_manifest(serving_dir).get("published_from"), manifest)
+        if newer:
+            log.warning("serving: not publishing %s: %s", fingerprint, newer)
+            return {**result, "superseded": newer}
+        unchanged = current_fingerprint(serving_dir) == fingerprint
+        if unchanged:
+            log.info("serving: %s is already the current set under %s; nothing to publish", fingerprint,
+                     serving_dir)
+        elif not (version / storage.MANIFEST).exists():  # an earlier, still kept version is reused as is
             with storage.atomic_dir(version) as tmp:
                 info = {}
                 for name, table in canonical.items():
@@ -140,14 +147,39 @@ def publish(serving_dir: Path, tables: dict, manifest: dict | None = None, setti
                                   "fingerprint": parts[name]}
                 storage.write_manifest(tmp, "serving", info, serving_fingerprint=fingerprint,
                                        published_from=manifest or {})
-        _switch_current(serving_dir, version)
-        _prune_versions(serving_dir, keep, fingerprint)
-        result["published"] = True
-        log.info("serving: published %s under %s", fingerprint, serving_dir)
-
-    if settings is not None and getattr(settings, "s3_bucket", None):
-        result.update(_publish_s3(version, fingerprint, settings, keep))
+        # S3 first: if the bucket fails, neither pointer has moved (the local one switches last)
+        if settings is not None and getattr(settings, "s3_bucket", None):
+            result.update(_publish_s3(version, fingerprint, settings, keep, manifest or {}))
+        if not unchanged:
+            _switch_current(serving_dir, version)
+            _prune_versions(serving_dir, keep, fingerprint)
+            result["published"] = True
+            log.info("serving: published %s under %s", fingerprint, serving_dir)
     return result
+
+
+def _current_manifest(serving_dir: Path) -> dict:
+    target = _current_target(serving_dir)
+    try:
+        return storage.read_json(target / storage.MANIFEST) if target is not None else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _newer_champion(current: dict | None, ours: dict | None) -> str | None:
+    """Why ``ours`` must not replace the served set ``current``: it was built from an older champion version
+    of the same registered model (a slower run must not undo a newer promotion). None: publish."""
+    current, ours = current or {}, ours or {}
+    if current.get("registered_model") != ours.get("registered_model"):
+        return None
+    try:
+        theirs, mine = int(current["champion_version"]), int(ours["champion_version"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    if theirs > mine:
+        return (f"the served set comes from champion v{theirs} of {ours['registered_model']}, newer than v{mine} "
+                f"this run built from; the served set was left as it is")
+    return None
 
 
 def _switch_current(serving_dir: Path, version: Path) -> None:
@@ -181,18 +213,24 @@ def s3_serving_prefix(settings) -> str:
     return "/".join(p for p in (settings.s3_prefix.strip("/"), "serving") if p)
 
 
-def _publish_s3(version: Path, fingerprint: str, settings, keep: int) -> dict:
+def _publish_s3(version: Path, fingerprint: str, settings, keep: int, about: dict) -> dict:
     bucket, prefix = settings.s3_bucket, s3_serving_prefix(settings)
     version_prefix = f"{prefix}/{VERSIONS}/{fingerprint}/"
     uri = f"s3://{bucket}/{version_prefix}"
     client = storage.s3_client(settings)
     try:
-        if _s3_current(client, bucket, prefix) == fingerprint:
+        pointer = _s3_pointer(client, bucket, prefix)
+        if pointer.get("serving_fingerprint") == fingerprint:
             return {"s3_uri": uri, "s3_published": False}
+        newer = _newer_champion(pointer, about)
+        if newer:
+            log.warning("serving: not publishing %s to S3: %s", fingerprint, newer)
+            return {"s3_uri": uri, "s3_published": False, "s3_superseded": newer}
         files = sorted(p for p in version.iterdir() if p.name != storage.MANIFEST) + [version / storage.MANIFEST]
         for path in files:  # the manifest last: a version prefix with a manifest is complete
             client.upload_file(str(path), bucket, version_prefix + path.name)
-        pointer = {"serving_fingerprint": fingerprint, "prefix": version_prefix}
+        pointer = {"serving_fingerprint": fingerprint, "prefix": version_prefix,
+                   **{k: about[k] for k in ("registered_model", "champion_version") if k in about}}
         client.put_object(Bucket=bucket, Key=f"{prefix}/{S3_CURRENT}",
                           Body=(json.dumps(pointer, sort_keys=True) + "\n").encode(),
                           ContentType="application/json")
@@ -203,15 +241,16 @@ def _publish_s3(version: Path, fingerprint: str, settings, keep: int) -> dict:
     return {"s3_uri": uri, "s3_published": True}
 
 
-def _s3_current(client, bucket: str, prefix: str) -> str | None:
+def _s3_pointer(client, bucket: str, prefix: str) -> dict:
     try:
         body = client.get_object(Bucket=bucket, Key=f"{prefix}/{S3_CURRENT}")["Body"].read()
     except client.exceptions.NoSuchKey:
-        return None
+        return {}
     try:
-        return json.loads(body).get("serving_fingerprint")
-    except (ValueError, AttributeError):
-        return None
+        pointer = json.loads(body)
+    except ValueError:
+        return {}
+    return pointer if isinstance(pointer, dict) else {}
 
 
 def _prune_s3_versions(client, bucket: str, prefix: str, current: str, keep: int) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import unicodedata
 from collections.abc import Iterable
 
 import numpy as np
@@ -27,8 +28,10 @@ _ARTICLE = re.compile(r"^(?P<name>.*), (?P<article>the|a|an|les|la|le|l'|il|el|d
 
 
 def _normalized(title: str) -> str:
-    """Lower case, with MovieLens' trailing article moved to the front: "Matrix, The (1999)" -> "the matrix (1999)"."""
-    title = " ".join(str(title).split()).lower()
+    """Lower case, with MovieLens' trailing article moved to the front: "Matrix, The (1999)" -> "the matrix (1999)".
+
+    Unicode is compared in NFC: "Misérables" typed as e + combining accent (NFD, e.g. from macOS) matches."""
+    title = " ".join(unicodedata.normalize("NFC", str(title)).split()).lower()
     match = _ARTICLE.match(title)
     if match:
         title = f"{match['article']} {match['name']}{match['rest'] or ''}"
@@ -46,8 +49,7 @@ def resolve_movie(movies: pd.DataFrame, text: str | int) -> int:
         return movie_id
     titles = movies["title"].astype(str).tolist()
     wanted = _normalized(text)
-    exact = [i for i, (mid, title) in enumerate(zip(ids, titles))
-             if title.lower() == text.lower() or _normalized(title) == wanted]
+    exact = [i for i, (mid, title) in enumerate(zip(ids, titles)) if _normalized(title) == wanted]
     if len(exact) == 1:
         return int(ids[exact[0]])
     if len(exact) > 1:
@@ -98,11 +100,21 @@ def similar_to_title(served: ServedTables, title: str | int, k: int = 10, metric
             raise ConfigError(f"the served set has no {metric!r} similarities; it has {', '.join(metrics) or 'none'}")
         raise UnknownMovieError(f"{_title_of(served, movie_id)!r} (id {movie_id}) has no similar-movie entries: "
                                 f"the model did not see enough ratings of it")
+    stored = len(rows)
     rows = rows.sort_values("rank", kind="stable").head(k)
     out = pd.DataFrame({"rank": rows["rank"].to_numpy(np.int32),
                         "movie_id": rows["similar_movie_id"].to_numpy(np.int64),
                         "score": rows["score"].to_numpy(np.float64), "metric": metric})
-    return _with_titles(out, served.movies)
+    out = _with_titles(out, served.movies)
+    if k > stored:
+        _note(out, f"the served set keeps {stored} similar movies for this movie (the run's similar_k); "
+                   f"showing {stored}, not the {k} asked for")
+    return out
+
+
+def _note(frame: pd.DataFrame, text: str) -> None:
+    """A remark for the person asking (the command line prints it on stderr): a cap or a filter applied."""
+    frame.attrs.setdefault("notes", []).append(text)
 
 
 def _title_of(served: ServedTables, movie_id: int) -> str:
@@ -118,6 +130,9 @@ def recommend_user(served: ServedTables, user_id: int | str, k: int = 10,
         user_id = int(str(user_id).strip())
     except ValueError:
         raise ConfigError(f"a user id is a whole number, got {user_id!r}") from None
+    if not -2**63 <= user_id < 2**63:  # beyond any stored id (and beyond what a parquet filter takes)
+        raise UnknownUserError(f"user {user_id} has no served recommendations: user ids are 64-bit integers; "
+                               f"for a new user pass --ratings 'MOVIE_ID:RATING,...' or ask for --popular movies")
     rows = served.table("recommendations", filters=[("user_id", "=", user_id)])
     if rows.empty:
         users = served.table("recommendations", columns=["user_id"])["user_id"]
@@ -127,6 +142,7 @@ def recommend_user(served: ServedTables, user_id: int | str, k: int = 10,
             f"their ratings with --ratings 'MOVIE_ID:RATING,...' or ask for --popular movies"
         )
     rows = rows.sort_values("rank", kind="stable")
+    stored = len(rows)
     chosen = recommend.parse_genres(genres)
     if chosen:
         genre_of = served.movies.set_index(served.movies["movie_id"].astype(np.int64))["genres"]
@@ -135,7 +151,12 @@ def recommend_user(served: ServedTables, user_id: int | str, k: int = 10,
     out = pd.DataFrame({"rank": np.arange(1, len(rows) + 1, dtype=np.int32),
                         "movie_id": rows["movie_id"].to_numpy(np.int64),
                         "score": rows["score"].to_numpy(np.float64), "reason": recommend.REASON_MODEL})
-    return _with_titles(out, served.movies)
+    out = _with_titles(out, served.movies)
+    if len(out) < k:
+        within = f"; {len(out)} of them are in {', '.join(chosen)}" if chosen else ""
+        _note(out, f"the served set keeps {stored} recommendations for user {user_id} (the run's recommend_k)"
+                   f"{within}: showing {len(out)}, not the {k} asked for")
+    return out
 
 
 def parse_ratings(text: str) -> dict[int, float]:
@@ -173,12 +194,22 @@ def recommend_ratings(served: ServedTables, ratings: str | dict, k: int = 10,
     similar = served.table("similar_movies", filters=[("metric", "=", metric), ("movie_id", "in", liked or [-1])])
     recs = recommend.recommend_from_ratings(rated, similar, served.popular, k, metric=metric, genres=genres,
                                             movies=served.movies)
-    return _with_titles(recs, served.movies)
+    return _fewer_note(_with_titles(recs, served.movies), k, genres)
 
 
 def recommend_popular(served: ServedTables, k: int = 10, genres: str | Iterable[str] | None = None) -> pd.DataFrame:
     """Popular movies for a user with nothing rated, within any of ``genres`` when given."""
-    return _with_titles(recommend.recommend_cold_user(served.popular, k, genres), served.movies)
+    return _fewer_note(_with_titles(recommend.recommend_cold_user(served.popular, k, genres), served.movies), k,
+                       genres)
+
+
+def _fewer_note(frame: pd.DataFrame, k: int, genres) -> pd.DataFrame:
+    chosen = recommend.parse_genres(genres)
+    if len(frame) < k:
+        within = f" in {', '.join(chosen)}" if chosen else ""
+        _note(frame, f"only {len(frame)} served movies{within} are left to recommend: showing {len(frame)}, "
+                     f"not the {k} asked for")
+    return frame
 
 
 # --- printing ----------------------------------------------------------------------------------------------
