@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from pipeline.spark_logging import java_options, jvm_stderr_filter
+
 
 def get_spark(settings, app_name: str = "movielens-recsys"):
     """Return the process's SparkSession, creating it from the settings on first use."""
@@ -23,15 +25,17 @@ def get_spark(settings, app_name: str = "movielens-recsys"):
         .config("spark.sql.adaptive.enabled", "true")
         .config("spark.sql.warehouse.dir", str(settings.home / "spark-warehouse"))
         # ALS's long lineage is serialized recursively: a bigger thread stack avoids StackOverflowError,
-        # most of all on the py4j threads that run concurrent grid fits
-        .config("spark.driver.extraJavaOptions", f"-Xss32m -Dderby.system.home={settings.home / 'derby'}")
+        # most of all on the py4j threads that run concurrent grid fits; the JVM's logging: spark_logging
+        .config("spark.driver.extraJavaOptions", f"-Xss32m -Dderby.system.home={settings.home / 'derby'} "
+                f"{java_options(settings.home, settings.spark_log_level)}")
     )
     if settings.spark_master.startswith("local"):
         os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
         # loopback only: a laptop or CI box needs no externally reachable driver
         builder = builder.config("spark.driver.host", "127.0.0.1").config("spark.driver.bindAddress", "127.0.0.1")
         builder = builder.config("spark.ui.enabled", "true" if settings.spark_ui else "false")
-    spark = builder.getOrCreate()
+    with jvm_stderr_filter():  # the JVM starts here (once per process)
+        spark = builder.getOrCreate()
     # lets ALS checkpoint (and cut) its lineage every checkpointInterval iterations
     spark.sparkContext.setCheckpointDir(settings.spark_checkpoint_dir or str(settings.home / "spark-checkpoints"))
     spark.sparkContext.setLogLevel(settings.spark_log_level)

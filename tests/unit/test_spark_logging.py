@@ -1,0 +1,49 @@
+"""The driver JVM's logging: Airflow logs a task's stderr at ERROR, so only the JVM's errors may go there."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from pipeline.spark_logging import QUIET_LOGGERS, log4j2_properties
+
+SCRIPT = """
+import sys
+from pyspark.sql import Window, functions as F
+from pipeline.config import load_settings
+from pipeline.spark import get_spark
+
+spark = get_spark(load_settings({"RECSYS_HOME": sys.argv[1]}))
+print("python: session up", file=sys.stderr, flush=True)
+spark.range(50).withColumn("n", F.row_number().over(Window.orderBy("id"))).count()  # WindowExec warns
+from pyspark.ml.recommendation import ALS
+ratings = spark.createDataFrame([(0, 0, 4.0), (0, 1, 3.0), (1, 1, 5.0), (1, 0, 1.0)], ["u", "i", "r"])
+ALS(userCol="u", itemCol="i", ratingCol="r", rank=2, maxIter=2).fit(ratings).userFactors.count()  # BLAS
+log = spark._jvm.org.apache.log4j.LogManager.getLogger("recsys.probe")
+log.warn("probe warning")
+log.error("probe error")
+spark.stop()
+"""
+
+
+def test_properties_split_levels_between_stdout_and_stderr():
+    text = log4j2_properties("WARN")
+    assert "rootLogger.level = warn" in text
+    assert "appender.out.target = SYSTEM_OUT" in text and "appender.err.target = SYSTEM_ERR" in text
+    for logger in QUIET_LOGGERS.values():
+        assert f"= {logger}\n" in text
+
+
+@pytest.mark.spark
+def test_task_stderr_holds_only_the_jvms_errors(tmp_path):
+    result = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "home")], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    err_lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert any("JVM ERROR probe: probe error" in line for line in err_lines), result.stderr
+    assert "JVM WARN probe: probe warning" in result.stdout  # a warning: stdout (INFO in a task log)
+    assert "python: session up" in result.stderr  # the process's own stderr is back after the JVM started
+    noise = [line for line in err_lines if "probe error" not in line and "python: session up" not in line]
+    assert noise == [], noise  # no incubator notice, BLAS probe, WindowExec or progress lines
