@@ -536,7 +536,11 @@ def test_aws_s3_mode_unsets_the_endpoint(raw, env):
 def docker_compose() -> str:
     exe = shutil.which("docker-compose")
     if exe is None and os.environ.get("CI") == "true":
-        proc = subprocess.run(["apt-get", "install", "-y", "-q", "docker-compose"], capture_output=True, text=True)
+        install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "docker-compose"]
+        proc = subprocess.run(install, capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0:  # stale or missing package lists
+            subprocess.run(["apt-get", "update", "-q"], capture_output=True, timeout=600)
+            proc = subprocess.run(install, capture_output=True, text=True, timeout=600)
         exe = shutil.which("docker-compose")
         if exe is None:
             pytest.fail(f"docker-compose is required in CI and could not be installed: {proc.stderr[-1000:]}")
