@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import logging
 import threading
 import time
@@ -29,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pandas as pd
 
-from pipeline import tracking
+from pipeline import storage, tracking
 from pipeline.models.metrics import rating_metrics
 from pipeline.models.plots import als_heatmap
 from pipeline.models.protocol import Fitted, run_candidate
@@ -175,7 +174,7 @@ def run_als(ctx) -> dict:
         results, model = search_grid(get_spark(ctx.settings), split.train, split.validation, baseline, points,
                                      seed=p.seed, workers=p.als_parallel_fits, track=track)
         grid_s = time.perf_counter() - started
-        (folder / "grid.json").write_text(json.dumps(results, indent=2))
+        (folder / "grid.json").write_text(storage.strict_json(results, indent=2))  # a diverged point: null
         best = model.meta["params"]
         return Fitted(model, params={f"best_{k}": v for k, v in best.items()} | {"grid_points": len(points)},
                       metrics={"grid_seconds": grid_s},
