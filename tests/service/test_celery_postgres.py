@@ -122,6 +122,14 @@ def test_rest_triggered_run_on_postgres_and_celery(celery_airflow, real_movielen
     _, runs = http("GET", f"{url}/api/v2/dags/{DAG_ID}/dagRuns", token=token)
     assert runs["total_entries"] == 1  # unpausing started no scheduled run (use_job_schedule off)
 
+    # the Spark-only tasks log the JVM's warnings at INFO (stdout), not as ERROR lines (stderr)
+    for task_id in ("etl", "olap"):
+        status, log = http("GET", f"{base}/taskInstances/{task_id}/logs/1?full_content=true", token=token)
+        assert status == 200, log
+        entries = log["content"] if isinstance(log, dict) else []
+        errors = [e for e in entries if isinstance(e, dict) and str(e.get("level", "")).lower() in ("error", "critical")]
+        assert entries and not errors, (task_id, errors[:5])
+
     # report.json (the report task returns its path) honours the overrides
     status, xcom = http("GET", f"{base}/taskInstances/report/xcomEntries/return_value?deserialize=true",
                         token=token)
