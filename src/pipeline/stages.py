@@ -177,7 +177,8 @@ def _prepare(name: str, ctx: RunContext) -> dict:
     if removed:
         log.info("stage %s: removed %s left by an interrupted attempt", name, ", ".join(removed))
     inputs = lineage.check_inputs(ctx.run_dir, name, STAGES[name].upstream)
-    stale = lineage.mark_stale(ctx.run_dir, name, lineage.downstream(name, UPSTREAM, ORDER))
+    below = [s for s in lineage.downstream(name, UPSTREAM, ORDER) if s != "report"]  # report.json is rebuilt
+    stale = lineage.mark_stale(ctx.run_dir, name, below)
     if stale:
         report.clear_summaries(ctx.run_dir, stale)
         log.warning("stage %s: re-running it makes %s stale until they run again", name, ", ".join(stale))
