@@ -22,7 +22,7 @@ from pathlib import Path
 from pipeline import __version__, storage
 from pipeline.errors import RecsysError
 from pipeline.similarity import METRICS as SIMILARITY_METRICS
-from pipeline.config import PARAMS, SECTIONS, parse_cli_param
+from pipeline.config import PARAMS, SECTIONS, mask_secrets, parse_cli_param
 
 
 def _cmd_run(args) -> int:
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except RecsysError as exc:
-        print(f"recsys: error: {exc}", file=sys.stderr)
+        print(f"recsys: error: {mask_secrets(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("recsys: interrupted", file=sys.stderr)
@@ -181,14 +181,12 @@ def main(argv: list[str] | None = None) -> int:
 
         traceback.print_exc()
         print(f"recsys: internal error (a bug, please report it with the traceback above): "
-              f"{type(exc).__name__}: {exc}", file=sys.stderr)
+              f"{type(exc).__name__}: {mask_secrets(str(exc))}", file=sys.stderr)
         return 1
 
 
 def _mask_secrets_filter(record: logging.LogRecord) -> bool:
     """Passwords inside URIs never reach a log line (e.g. a tracking URI quoted in an error)."""
-    from pipeline.config import mask_secrets
-
     message = record.getMessage()
     masked = mask_secrets(message)
     if masked != message:
