@@ -101,6 +101,16 @@ def movielens_recsys():
         return stages.run_stage("autorec", _context())
 
     @task
+    def implicit_als() -> dict:
+        """Spark implicit-feedback ALS grid (validation NDCG@10): a ranking model for the top-N lists."""
+        return stages.run_stage("implicit_als", _context())
+
+    @task
+    def ease() -> dict:
+        """EASE: closed-form item-item ranking model, lambda chosen on validation NDCG@10."""
+        return stages.run_stage("ease", _context())
+
+    @task
     def compare_models() -> dict:
         """Every model of the run side by side on the same test rows (models.md)."""
         return stages.run_stage("compare_models", _context())
@@ -125,6 +135,16 @@ def movielens_recsys():
         """Keep the champion; record the decision on the challenger's version."""
         return stages.run_stage("promotion", _context(), keep)
 
+    @task
+    def ranking_gate() -> dict:
+        """Score the best ranker (validation NDCG@10) and the ranking champion on this run's test lists."""
+        return stages.run_stage("ranking_gate", _context())
+
+    @task
+    def ranking_promotion() -> dict:
+        """Promote the ranker if it beats the ranking champion (by the margin) and popularity; else keep it."""
+        return stages.run_stage("ranking_promotion", _context())
+
     @task(trigger_rule=AFTER_BRANCH)
     def similarity() -> dict:
         """Similar-movie tables (Euclidean, cosine, LSH) from the champion's item embeddings."""
@@ -134,6 +154,11 @@ def movielens_recsys():
     def recommend() -> dict:
         """Top-N per user from the champion, cold start by similar movies / popularity; publish atomically."""
         return stages.run_stage("recommend", _context())
+
+    @task
+    def cold_start() -> dict:
+        """Measure the cold-start path new users get (a few known ratings) against popularity."""
+        return stages.run_stage("cold_start", _context())
 
     @task
     def report() -> str:
@@ -147,13 +172,18 @@ def movielens_recsys():
     summarized = olap()
     reference = baseline()
     split >> [summarized, reference]
-    models = [als(), autorec()]
+    models = [als(), autorec(), implicit_als(), ease()]
     reference >> models
-    gated = gate()
-    [reference, *models] >> compare_models() >> gated
-    served = recommend()
-    decide(gated) >> [promote(), keep_champion()] >> similarity() >> served
-    [summarized, served] >> report()
+    compared = compare_models()
+    [reference, *models] >> compared
+    gated, ranked = gate(), ranking_gate()
+    compared >> [gated, ranked]
+    similar = similarity()
+    decide(gated) >> [promote(), keep_champion()] >> similar
+    ranked >> ranking_promotion() >> similar
+    served, measured = recommend(), cold_start()
+    similar >> [served, measured]
+    [summarized, served, measured] >> report()
 
 
 movielens_recsys()

@@ -47,6 +47,7 @@ class Settings:
     mlflow_ui_url: str = ""  # where people browse MLflow (the Airflow plugin's links); empty: see plugins/
     mlflow_experiment: str = "movielens-recsys"
     registered_model: str = "movielens-recommender"
+    registered_ranker: str = "movielens-ranker"
     s3_endpoint_url: str | None = None
     s3_bucket: str | None = None
     s3_prefix: str = "recsys"
@@ -104,6 +105,7 @@ _ENV = {
     "mlflow_ui_url": ["RECSYS_MLFLOW_UI_URL"],
     "mlflow_experiment": ["RECSYS_MLFLOW_EXPERIMENT"],
     "registered_model": ["RECSYS_REGISTERED_MODEL"],
+    "registered_ranker": ["RECSYS_REGISTERED_RANKER"],
     "s3_endpoint_url": ["RECSYS_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"],
     "s3_bucket": ["RECSYS_S3_BUCKET"],
     "s3_prefix": ["RECSYS_S3_PREFIX"],
@@ -174,7 +176,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
 
 JAVA_INT_MAX = 2**31 - 1  # Spark's ALS rank/maxIter/blocks and most JVM-side integers are 32-bit
 _JSON_TYPES = {"string": str, "integer": int, "number": (int, float), "boolean": bool}
-SECTIONS = ("data", "split", "ALS", "AutoRec", "gate", "serving")
+SECTIONS = ("data", "split", "ALS", "AutoRec", "ranking", "gate", "serving")
 
 
 def _param(default, kind: str, section: str, description: str, *, enum: tuple | None = None,
@@ -246,10 +248,43 @@ class Params:
         "baseline", "string", "AutoRec",
         "What the network models: 'baseline' (residuals of the bias baseline) or 'mean' (ratings minus the "
         "global mean).", enum=("baseline", "mean"))
+    ials_ranks: tuple[int, ...] = _param((64, 128), "array", "ranking",
+                                         "Implicit-feedback ALS grid: numbers of latent factors.",
+                                         item="integer", minimum=1, maximum=1000)
+    ials_reg_params: tuple[float, ...] = _param((0.2, 0.5), "array", "ranking", "Implicit-feedback ALS grid: regParam.",
+                                                item="number", minimum=0.0, maximum=1e6)
+    ials_alphas: tuple[float, ...] = _param(
+        (1.0,), "array", "ranking", "Implicit-feedback ALS grid: alpha, the confidence c = 1 + alpha * rating.",
+        item="number", minimum=0.0, maximum=1e6)
+    ials_max_iters: tuple[int, ...] = _param((10,), "array", "ranking", "Implicit-feedback ALS grid: iterations.",
+                                             item="integer", minimum=1, maximum=1000)
+    ease_lambdas: tuple[float, ...] = _param((100.0, 200.0, 400.0, 800.0), "array", "ranking",
+                                             "EASE: L2 weights tried (chosen on validation NDCG@10).",
+                                             item="number", minimum=0.001, maximum=1e9)
+    ease_min_ratings: int = _param(3, "integer", "ranking",
+                                   "EASE catalogue: movies with at least this many training ratings.",
+                                   minimum=1, maximum=1_000_000)
+    ease_max_items: int = _param(
+        15_000, "integer", "ranking",
+        "EASE is skipped (with the reason logged) when its catalogue exceeds this many movies: its items x items "
+        "matrices (3 float32 copies; 2.7 GB at 15,000) must fit in memory.", minimum=1, maximum=100_000)
+    cold_start_known_ratings: int = _param(
+        5, "integer", "ranking",
+        "Cold-start measurement: how many of a test user's first ratings the cold-start path is given.",
+        minimum=1, maximum=1000)
     promotion_margin: float = _param(
         0.0, "number", "gate",
         "How much lower the challenger's test RMSE must be than the champion's to be promoted "
         "(0 = strictly better).", minimum=0.0, maximum=10.0)
+    ranking_promotion_margin: float = _param(
+        0.0, "number", "gate",
+        "How much higher the ranking challenger's test NDCG@10 must be than the ranking champion's to be promoted "
+        "(0 = strictly better).", minimum=0.0, maximum=1.0)
+    similarity_source: str = _param(
+        "ranking", "string", "serving",
+        "Which champion's item vectors feed the similar-movie tables: 'ranking' (the ranker's item factors or "
+        "EASE weight rows) or 'rating' (the rating model's embeddings); chosen by the cold-start measurement.",
+        enum=("rating", "ranking"))
     similar_k: int = _param(10, "integer", "serving", "How many similar movies to keep per movie.",
                             minimum=1, maximum=100)
     recommend_k: int = _param(10, "integer", "serving", "How many recommendations to serve per user.",

@@ -73,6 +73,18 @@ def _autorec(ctx):
     return run_autorec(ctx)
 
 
+def _implicit_als(ctx):
+    from pipeline.models.implicit_als import run_implicit_als
+
+    return run_implicit_als(ctx)
+
+
+def _ease(ctx):
+    from pipeline.models.ease import run_ease
+
+    return run_ease(ctx)
+
+
 def _compare_models(ctx):
     from pipeline.models.protocol import compare_models
 
@@ -89,6 +101,24 @@ def _promotion(ctx):
     from pipeline.gate import apply_decision
 
     return apply_decision(ctx)
+
+
+def _ranking_gate(ctx):
+    from pipeline.gate import evaluate_ranker
+
+    return evaluate_ranker(ctx)
+
+
+def _ranking_promotion(ctx):
+    from pipeline.gate import apply_ranker_decision
+
+    return apply_ranker_decision(ctx)
+
+
+def _cold_start(ctx):
+    from pipeline.serving.cold_start import run_cold_start
+
+    return run_cold_start(ctx)
 
 
 def _similarity(ctx):
@@ -127,12 +157,17 @@ PIPELINE: tuple[Stage, ...] = (
     Stage("baseline", _baseline, ("etl",)),
     Stage("als", _als, ("baseline",)),
     Stage("autorec", _autorec, ("baseline",)),
-    Stage("compare_models", _compare_models, ("baseline", "als", "autorec")),
+    Stage("implicit_als", _implicit_als, ("baseline",)),
+    Stage("ease", _ease, ("baseline",)),
+    Stage("compare_models", _compare_models, ("baseline", "als", "autorec", "implicit_als", "ease")),
     Stage("gate", _gate, ("compare_models",), dag_tasks=("gate", "decide")),
     Stage("promotion", _promotion, ("gate",), dag_tasks=("promote", "keep_champion")),
-    Stage("similarity", _similarity, ("promotion",)),
+    Stage("ranking_gate", _ranking_gate, ("compare_models",)),
+    Stage("ranking_promotion", _ranking_promotion, ("ranking_gate",)),
+    Stage("similarity", _similarity, ("promotion", "ranking_promotion")),
     Stage("recommend", _recommend, ("similarity",)),
-    Stage("report", _report, ("olap", "recommend")),
+    Stage("cold_start", _cold_start, ("similarity",)),
+    Stage("report", _report, ("olap", "recommend", "cold_start")),
 )
 STAGES = {stage.name: stage for stage in PIPELINE}
 ORDER = [stage.name for stage in PIPELINE]

@@ -176,6 +176,51 @@ def log_factor_model(model, name: str = "model", registered_model_name: str | No
             )
 
 
+def _ranker_pyfunc_class():
+    import mlflow.pyfunc
+
+    class ItemItemPyfunc(mlflow.pyfunc.PythonModel):
+        """Input: user_id and history (the movie ids each user rated). Output: user_id, rank, movie_id."""
+
+        def load_context(self, context):
+            from pipeline.models.item_item import ItemItemModel
+
+            self.model = ItemItemModel.load(context.artifacts["item_item_model"])
+
+        def predict(self, context, model_input, params=None):
+            frame = pd.DataFrame(model_input)
+            k = int((params or {}).get("k", 10))
+            history = {int(u): set(int(m) for m in h) for u, h in zip(frame["user_id"], frame["history"])}
+            top = self.model.top_k(list(history), k, exclude=history)
+            rows = [(u, r, m) for u, movies in top.items() for r, m in enumerate(movies, start=1)]
+            return pd.DataFrame(rows, columns=["user_id", "rank", "movie_id"])
+
+    return ItemItemPyfunc
+
+
+def log_ranker(model, name: str = "model"):
+    """Log an item-item ranker (EASE) as a pyfunc that ranks from a history, without Spark."""
+    import mlflow
+    import pyarrow
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = model.save(Path(tmp) / "item_item_model")
+        requirements = [f"mlflow=={mlflow.__version__}", f"numpy=={np.__version__}", f"pandas=={pd.__version__}",
+                        f"pyarrow=={pyarrow.__version__}"]
+        with quiet_mlflow():
+            return mlflow.pyfunc.log_model(name=name, python_model=_ranker_pyfunc_class()(),
+                                           artifacts={"item_item_model": str(folder)},
+                                           code_paths=[str(PACKAGE_DIR)], pip_requirements=requirements)
+
+
+def log_model(model):
+    """The registrable pyfunc of any model the stages train (its item factors too, when it has them)."""
+    if hasattr(model, "item_factors"):
+        log_item_factors(model)
+        return log_factor_model(model)
+    return log_ranker(model)
+
+
 def log_figure(fig, artifact_file: str) -> None:
     import mlflow
 

@@ -104,7 +104,7 @@ def test_ranking_metrics_average_over_users_with_a_relevant_test_rating(ranked_t
 def test_ranking_metrics_keys_are_the_report_names_and_threshold_is_inclusive(ranked_test):
     top_k, test = ranked_test
     out = ranking_metrics(top_k, test)
-    assert set(out) == {"precision_at_10", "recall_at_10", "ndcg_at_10", "users"}
+    assert set(out) == {"precision_at_10", "recall_at_10", "ndcg_at_10", "map_at_10", "users"}
     # k = 10: precision is hits / 10 -> user 1: 1/10, user 2: 1/10, user 4: 0
     assert out["precision_at_10"] == pytest.approx(0.2 / 3)
     # a stricter threshold leaves users 1 (movie 10) and 2 (movie 40): user 4's 4.0 no longer counts
@@ -114,7 +114,7 @@ def test_ranking_metrics_keys_are_the_report_names_and_threshold_is_inclusive(ra
 def test_ranking_metrics_with_no_relevant_rating_report_none(ranked_test):
     top_k, _ = ranked_test
     out = ranking_metrics(top_k, _ratings([(1, 10, 1.0)]))
-    assert out == {"precision_at_10": None, "recall_at_10": None, "ndcg_at_10": None, "users": 0}
+    assert out == {"precision_at_10": None, "recall_at_10": None, "ndcg_at_10": None, "map_at_10": None, "users": 0}
     with pytest.raises(ConfigError, match="positive"):
         ranking_metrics(top_k, _ratings([(1, 10, 5.0)]), k=0)
 
@@ -185,3 +185,12 @@ def test_the_baseline_scored_through_the_evaluation_matches_its_own_predictions(
     out = rating_metrics(TEST, fallback.predict, fallback, TRAIN)
     direct = fallback.predict(TEST["user_id"], TEST["movie_id"])
     assert out["test_rmse"] == pytest.approx(rmse(TEST["rating"], direct))
+
+
+def test_average_precision_at_k_by_hand():
+    from pipeline.models.metrics import average_precision_at_k
+
+    # hits at ranks 1 and 3 of [a, b, c]; relevant {a, c, z}: (1/1 + 2/3) / min(3, 3)
+    assert average_precision_at_k(["a", "b", "c"], {"a", "c", "z"}, 3) == pytest.approx((1 + 2 / 3) / 3)
+    assert average_precision_at_k(["b", "a"], {"a"}, 2) == pytest.approx(0.5)
+    assert average_precision_at_k(["b"], set(), 2) == 0.0

@@ -89,7 +89,7 @@ def test_an_unknown_title_suggests_close_matches(home):
 def test_recommend_a_known_user_from_the_served_table(home, capsys):
     recs = _run_json(capsys, "recommend", "--user", "1", "-k", "2")
     assert [(r["movie_id"], r["title"], r["score"], r["reason"]) for r in recs] == [
-        (2571, "Matrix, The (1999)", 4.8, "predicted rating"), (3114, "Toy Story 2 (1999)", 4.5, "predicted rating")]
+        (2571, "Matrix, The (1999)", 4.8, "recommended for you"), (3114, "Toy Story 2 (1999)", 4.5, "recommended for you")]
     comedies = _run_json(capsys, "recommend", "--user", "1", "--genres", "romance")
     assert [r["movie_id"] for r in comedies] == [7] and comedies[0]["rank"] == 1
 
@@ -102,8 +102,10 @@ def test_an_unknown_user_is_told_to_pass_ratings(home, capsys):
 
 def test_recommend_from_a_new_users_ratings_uses_their_liked_movies(home, capsys):
     recs = _run_json(capsys, "recommend", "--ratings", "1:5, 3:1", "-k", "4")
-    assert [r["movie_id"] for r in recs] == [3114, 2, 7, 260]  # neighbours of Toy Story, then popular
-    assert [r["reason"] for r in recs] == ["similar to Toy Story (1995)"] * 3 + ["popular"]
+    # neighbours of Toy Story (3114: 0.95, 2: 0.6, 7: 0.3) plus each movie's popularity prior: the two popular
+    # movies 260 and 2571 outrank the weak neighbour 7
+    assert [r["movie_id"] for r in recs] == [3114, 2, 260, 2571]
+    assert [r["reason"] for r in recs] == ["similar to Toy Story (1995)"] * 2 + ["popular"] * 2
     assert all(r["movie_id"] not in (1, 3) for r in recs)
 
 

@@ -92,19 +92,31 @@ SIMILAR = _similar([
 ])
 
 
+def test_the_popularity_prior_lets_a_popular_movie_outrank_a_weak_neighbour():
+    # movie 1 liked: neighbours 4 (0.9), 2 (0.5), 3 (0.1); 3 is the most rated movie (prior 1.0)
+    recs = recommend.recommend_from_ratings({1: 5.0}, SIMILAR, POPULAR, k=3, movies=MOVIES)
+    prior = recommend.popularity_prior(POPULAR)
+    expected = {m: vote + prior[m] for m, vote in ((4, 0.9), (2, 0.5), (3, 0.1), (6, 0.0), (5, 0.0))}
+    best = sorted(expected, key=lambda m: -expected[m])[:3]
+    assert recs["movie_id"].tolist() == best
+    np.testing.assert_allclose(recs["score"], [expected[m] for m in best])
+    assert recs.set_index("movie_id").loc[3, "reason"] == "similar to Toy Story (1995)"  # it got a vote
+
+
 def test_new_user_gets_neighbours_of_liked_movies_then_popular_fill():
-    recs = recommend.recommend_from_ratings({1: 5.0, 3: 1.0}, SIMILAR, POPULAR, k=4, movies=MOVIES)
+    recs = recommend.recommend_from_ratings({1: 5.0, 3: 1.0}, SIMILAR, POPULAR, k=4, movies=MOVIES, popularity_weight=0.0)
 
     assert list(recs.columns) == ["rank", "movie_id", "score", "reason"]
     # Liked: movie 1 only (3 is disliked, so its neighbours are ignored); rated 1 and 3 are never returned.
     assert recs["movie_id"].tolist() == [4, 2, 6, 5]
     assert recs["rank"].tolist() == [1, 2, 3, 4]
     np.testing.assert_allclose(recs["score"][:2], [0.9, 0.5])  # weighted mean similarity of one liked movie
+    # (the popularity prior switched off, popular movies fill in their popularity order)
     assert recs["reason"].tolist() == ["similar to Toy Story (1995)"] * 2 + ["popular"] * 2
 
 
 def test_neighbours_of_several_liked_movies_add_up_weighted_by_rating():
-    recs = recommend.recommend_from_ratings({1: 5.0, 2: 3.5}, SIMILAR, POPULAR, k=2, movies=MOVIES)
+    recs = recommend.recommend_from_ratings({1: 5.0, 2: 3.5}, SIMILAR, POPULAR, k=2, movies=MOVIES, popularity_weight=0.0)
     # w(1) = 2.5, w(2) = 1.0: movie 4 = (2.5*0.9 + 1*0.6)/3.5, movie 6 = 1*0.8/3.5, movie 3 = 2.5*0.1/3.5
     assert recs["movie_id"].tolist() == [4, 6]
     np.testing.assert_allclose(recs["score"], [(2.5 * 0.9 + 0.6) / 3.5, 0.8 / 3.5])
@@ -112,7 +124,7 @@ def test_neighbours_of_several_liked_movies_add_up_weighted_by_rating():
 
 
 def test_euclidean_distances_rank_closer_movies_first():
-    recs = recommend.recommend_from_ratings({1: 4.0}, SIMILAR, POPULAR, k=2, metric="euclidean", movies=MOVIES)
+    recs = recommend.recommend_from_ratings({1: 4.0}, SIMILAR, POPULAR, k=2, metric="euclidean", movies=MOVIES, popularity_weight=0.0)
     assert recs["movie_id"].tolist() == [2, 4]
     np.testing.assert_allclose(recs["score"], [1 / 1.5, 1 / 3.0])
 
@@ -120,7 +132,7 @@ def test_euclidean_distances_rank_closer_movies_first():
 def test_a_harsh_rater_still_likes_their_best_movies_but_a_user_who_liked_nothing_gets_popular():
     harsh = recommend.liked_movies({1: 3.0, 2: 2.0, 3: 2.5})
     assert harsh == {1: 0.5}  # 3.0 >= own mean 2.5 and above neutral; 2.5 is neutral, not liked
-    recs = recommend.recommend_from_ratings({1: 1.0, 3: 2.0}, SIMILAR, POPULAR, k=2)
+    recs = recommend.recommend_from_ratings({1: 1.0, 3: 2.0}, SIMILAR, POPULAR, k=2, popularity_weight=0.0)
     assert recs["movie_id"].tolist() == [6, 5] and set(recs["reason"]) == {"popular"}
 
 
@@ -132,7 +144,7 @@ def test_cold_user_gets_popular_movies_within_any_chosen_genre_case_insensitive(
 
 
 def test_genres_also_filter_item_based_recommendations():
-    recs = recommend.recommend_from_ratings({1: 5.0}, SIMILAR, POPULAR, k=2, genres=["Fantasy"], movies=MOVIES)
+    recs = recommend.recommend_from_ratings({1: 5.0}, SIMILAR, POPULAR, k=2, genres=["Fantasy"], movies=MOVIES, popularity_weight=0.0)
     assert recs["movie_id"].tolist() == [2]  # only Jumanji is Fantasy; nothing else to fill with
     assert recs["reason"].tolist() == ["similar to Toy Story (1995)"]
 

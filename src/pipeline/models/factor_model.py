@@ -99,8 +99,11 @@ class FactorModel:
             raw += np.clip(part, b.min_rating, b.max_rating)
         return np.clip(raw, self.min_rating, self.max_rating), raw
 
-    def top_k(self, user_ids, k: int, exclude: dict | None = None, batch: int = 512) -> dict:
+    def top_k(self, user_ids, k: int, exclude: dict | None = None, history: dict | None = None,
+              batch: int = 512) -> dict:
         """The k best known movies for each known user, skipping ``exclude[user]`` (e.g. seen movies).
+
+        ``history`` is accepted for the ranker interface and not used: the user factors hold what was learnt.
 
         Ranked by the predicted rating that predict() returns, so the list is the k best of what is shown;
         ties (several movies clipped to the top of the scale) by the score before clipping, then by movie_id.

@@ -86,9 +86,24 @@ def ndcg_at_k(recommended: Sequence, relevant: set, k: int) -> float:
     return dcg / ideal
 
 
+def average_precision_at_k(recommended: Sequence, relevant: set, k: int) -> float:
+    """Mean of precision@i over the ranks i <= k holding a relevant item, divided by min(k, |relevant|).
+
+    0.0 when nothing is relevant.
+    """
+    if not relevant:
+        return 0.0
+    hits, total = 0, 0.0
+    for rank, item in enumerate(list(recommended)[:k], start=1):
+        if item in relevant:
+            hits += 1
+            total += hits / rank
+    return total / min(k, len(relevant))
+
+
 def ranking_metrics(top_k: Mapping, test: pd.DataFrame, k: int = 10,
                     threshold: float = RELEVANCE_THRESHOLD) -> dict:
-    """Mean precision@k, recall@k and NDCG@k of ``top_k`` (user_id -> movie_ids) against the test ratings.
+    """Mean precision@k, recall@k, NDCG@k and MAP@k of ``top_k`` (user_id -> movie_ids) against ``test``.
 
     Averaged over the test users with at least one relevant test rating (rating >= threshold): a user with
     nothing relevant has no defined recall or NDCG, so counting them would only dilute every model alike.
@@ -98,15 +113,15 @@ def ranking_metrics(top_k: Mapping, test: pd.DataFrame, k: int = 10,
     k = check_k(k)
     liked = test.loc[test["rating"] >= threshold, ["user_id", "movie_id"]]
     relevant_by_user = liked.groupby("user_id")["movie_id"].agg(set)
-    sums = np.zeros(3)
+    sums = np.zeros(4)
     for user_id, relevant in relevant_by_user.items():
         recommended = top_k.get(user_id, ())
         sums += (precision_at_k(recommended, relevant, k), recall_at_k(recommended, relevant, k),
-                 ndcg_at_k(recommended, relevant, k))
+                 ndcg_at_k(recommended, relevant, k), average_precision_at_k(recommended, relevant, k))
     n_users = len(relevant_by_user)
     means = [float(s / n_users) if n_users else None for s in sums]
     return {f"precision_at_{k}": means[0], f"recall_at_{k}": means[1], f"ndcg_at_{k}": means[2],
-            "users": int(n_users)}
+            f"map_at_{k}": means[3], "users": int(n_users)}
 
 
 def predictions_with_fallback(test: pd.DataFrame, predict: Predict, fallback: Fallback,

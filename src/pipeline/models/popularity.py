@@ -26,10 +26,12 @@ def popularity_ranking(train: pd.DataFrame, k: int | None = None) -> np.ndarray:
     return ranking if k is None else ranking[:k]
 
 
-def top_k_popular(train: pd.DataFrame, user_ids: Iterable, k: int, exclude_seen: bool = True) -> dict:
-    """{user_id: the k most popular movies}, leaving out each user's training movies when ``exclude_seen``.
+def top_k_popular(train: pd.DataFrame, user_ids: Iterable, k: int, exclude_seen: bool = True,
+                  seen: pd.DataFrame | None = None) -> dict:
+    """{user_id: the k most popular movies of ``train``}, leaving out each user's movies in ``seen`` (default:
+    ``train``) when ``exclude_seen``.
 
-    A user unseen in training gets the plain popularity top k; a list is shorter than k only when the user
+    A user with nothing seen gets the plain popularity top k; a list is shorter than k only when the user
     has rated nearly every movie.
     """
     k = check_k(k)
@@ -39,8 +41,12 @@ def top_k_popular(train: pd.DataFrame, user_ids: Iterable, k: int, exclude_seen:
     if not exclude_seen:
         return {user: list(head) for user in user_ids}
     # Each user's seen movies as positions in the ranking, grouped by user once (no per-row Python).
-    ranks = pd.Index(ranking).get_indexer(train["movie_id"].to_numpy())
-    user_codes, seen_users = pd.factorize(train["user_id"])
+    seen = train if seen is None else seen
+    ranks = pd.Index(ranking).get_indexer(seen["movie_id"].to_numpy())
+    keep = ranks >= 0  # a seen movie outside the ranking (not in train) takes no place in it
+    seen = seen[keep]
+    ranks = ranks[keep]
+    user_codes, seen_users = pd.factorize(seen["user_id"])
     order = np.argsort(user_codes, kind="stable")
     groups = np.split(ranks[order], np.cumsum(np.bincount(user_codes))[:-1])
     seen_by_user = dict(zip(seen_users.tolist(), groups))
@@ -79,3 +85,22 @@ def popular_movies(ratings: pd.DataFrame, movies: pd.DataFrame | None = None, mi
     out.loc[missing, "title"] = "movie " + out.loc[missing, "movie_id"].astype(str)
     out["genres"] = [list(g) if isinstance(g, (list, tuple, np.ndarray)) else [] for g in out["genres"]]
     return out[POPULAR_COLUMNS]
+
+
+class PopularityRanker:
+    """The popularity list as a ranker (same ``top_k`` as the models), so it goes through the same protocol."""
+
+    name = "popularity"
+
+    def __init__(self, train: pd.DataFrame):
+        self.train = train[["user_id", "movie_id"]]
+
+    def top_k(self, user_ids, k: int, exclude: dict | None = None, history: dict | None = None) -> dict:
+        seen = _frame_of(exclude) if exclude else self.train.iloc[:0]
+        return top_k_popular(self.train, user_ids, k, seen=seen)
+
+
+def _frame_of(by_user: dict) -> pd.DataFrame:
+    users = [u for u, movies in by_user.items() for _ in movies]
+    movies = [m for movies in by_user.values() for m in movies]
+    return pd.DataFrame({"user_id": np.asarray(users, dtype=np.int64), "movie_id": np.asarray(movies, dtype=np.int64)})

@@ -3,12 +3,12 @@
 - ``load_split``: the run's persisted train/validation/test rows (the ETL stage's parquet).
 - ``load_baseline``: the damped bias baseline fitted by the ``baseline`` stage, the fallback for cold rows.
 - ``evaluate``: RMSE/MAE on every test row (cold rows from the baseline), the cold rows' count and RMSE, and
-  precision/recall/NDCG@10 of the model's top-10 (training movies excluded; users the model cannot score get
-  the popularity list) against test ratings >= 4.0.
+  the ranking metrics of the model's top-10 lists (``pipeline.models.ranking``: validation and test, the
+  same protocol for every candidate).
 - ``run_candidate``: load split and baseline -> open the stage's MLflow run -> fit -> score on validation
   and test -> save the model, log params, metrics, artifacts and the pyfunc -> write the stage folder
-  atomically with a manifest naming the model as a candidate for the gate.
-- ``compare_models``: every model of the run side by side (``models.md``).
+  atomically with a manifest naming the model as a candidate for the gates (rating and ranking).
+- ``compare_models``: every model of the run side by side (``models.md``), the ranking section.
 """
 
 from __future__ import annotations
@@ -22,13 +22,15 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline import storage
+from pipeline.models.item_item import ItemItemModel
 from pipeline.models.factor_model import FactorModel
-from pipeline.models.metrics import ranking_metrics, rating_metrics
-from pipeline.models.popularity import top_k_popular
+from pipeline.models.metrics import rating_metrics
+from pipeline.models.ranking import RANKING_K, evaluate_ranking
 
 log = logging.getLogger(__name__)
 
-RANKING_K = 10
+__all__ = ["RANKING_K", "Fitted", "Split", "compare_models", "evaluate", "load_baseline", "load_model", "load_split",
+           "manifest_entries", "run_candidate"]
 SPLITS = ("train", "validation", "test")
 
 
@@ -54,28 +56,25 @@ def load_baseline(ctx, needed_by: str):
     return FactorModel.load(manifest["candidate"]["model_path"]).baseline
 
 
-def seen_movies(train: pd.DataFrame) -> dict:
-    return train.groupby("user_id")["movie_id"].agg(set).to_dict()
+def load_model(folder: Path):
+    """A saved model of any kind (a FactorModel, or an ItemItemModel for EASE)."""
+    meta = storage.read_json(Path(folder) / "model.json")
+    return ItemItemModel.load(folder) if meta.get("kind") == "item_item" else FactorModel.load(folder)
 
 
-def evaluate(model: FactorModel, split: Split, fallback) -> dict:
-    """The one evaluation: rating metrics on every test row and ranking metrics of the top-10."""
-    train, test = split.train, split.test
-    scores = rating_metrics(test, model.predict, fallback, train)
-    users = pd.unique(test["user_id"])
-    top = model.top_k(users, RANKING_K, seen_movies(train))
-    missing = [u for u in users if u not in top]
-    if missing:  # users the model cannot score are served the popularity list, not dropped
-        top.update(top_k_popular(train, missing, RANKING_K))
-    ranking = ranking_metrics(top, test, k=RANKING_K)
-    scores["ranking_users"] = ranking.pop("users")
-    scores["ranking"] = ranking
+def evaluate(model, split: Split, fallback, lists_path: Path | None = None) -> dict:
+    """The one evaluation: rating metrics on every test row (rating models) and the ranking protocol."""
+    scores = {}
+    if hasattr(model, "predict"):
+        scores = rating_metrics(split.test, model.predict, fallback, split.train)
+    scores["ranking"] = evaluate_ranking(model, split, lists_path)
     return scores
 
 
 def metrics_for_mlflow(scores: dict, prefix: str = "") -> dict:
     flat = {f"{prefix}{k}": v for k, v in scores.items() if isinstance(v, (int, float)) and v is not None}
-    flat.update({f"{prefix}{k}": v for k, v in scores.get("ranking", {}).items() if v is not None})
+    flat.update({f"{prefix}{k}": v for k, v in scores.get("ranking", {}).items()
+                 if isinstance(v, (int, float)) and v is not None})
     return flat
 
 
@@ -83,25 +82,27 @@ def metrics_for_mlflow(scores: dict, prefix: str = "") -> dict:
 class Fitted:
     """What a model stage's ``fit`` returns to ``run_candidate``."""
 
-    model: FactorModel
+    model: FactorModel | ItemItemModel
     params: dict  # logged as MLflow params and kept in the manifest and the report
     metrics: dict = field(default_factory=dict)  # extra MLflow metrics (e.g. training seconds)
     artifacts: list[Path] = field(default_factory=list)  # files fit wrote into the stage folder, logged too
     section: dict = field(default_factory=dict)  # extra fields of the model's report section
     sections: dict = field(default_factory=dict)  # extra report sections (e.g. the popularity ranking)
+    manifest: dict = field(default_factory=dict)  # extra manifest entries (what later stages read)
 
 
 Fit = Callable[[Split, object, Path, object], Fitted]
 
 
-def run_candidate(ctx, stage: str, fit: Fit, *, eligible: bool = True, log_model: bool = True,
-                  needs_baseline: bool = True) -> dict:
+def run_candidate(ctx, stage: str, fit: Fit, *, kind: str = "rating", eligible: bool = True,
+                  log_model: bool = True, needs_baseline: bool = True) -> dict:
     """Run one model stage through the protocol; the stage's report sections.
 
     ``fit(split, baseline, folder, mlflow_run)`` trains inside the stage's MLflow run (so nested runs and
     per-epoch metrics land inside it, at the time they happen) and may write files into ``folder``, the
-    stage's temporary output folder. ``eligible``: the model can be the gate's challenger (not the baseline).
-    ``log_model``: log the pyfunc (and item factors) so the gate can register it.
+    stage's temporary output folder. ``kind``: "rating" models are scored on ratings and rankings and are
+    candidates of both gates; "ranking" models on rankings only. ``eligible``: the model can be the rating
+    gate's challenger (not the baseline). ``log_model``: log the pyfunc so the gates can register it.
     """
     import mlflow
 
@@ -114,67 +115,90 @@ def run_candidate(ctx, stage: str, fit: Fit, *, eligible: bool = True, log_model
         started = time.perf_counter()
         fitted = fit(split, baseline, tmp, run)
         fit_s = time.perf_counter() - started
-        fallback = baseline if baseline is not None else fitted.model.fallback
-        val = rating_metrics(split.validation, fitted.model.predict, fallback, split.train, split="val")
-        scores = evaluate(fitted.model, split, fallback)
-        fitted.model.save(tmp / "model")
-        mlflow.log_params({k: v for k, v in fitted.params.items()})
+        model = fitted.model
+        fallback = baseline if baseline is not None else getattr(model, "fallback", None)
+        val = rating_metrics(split.validation, model.predict, fallback, split.train, split="val") \
+            if kind == "rating" else {}
+        scores = evaluate(model if kind == "rating" else _RankingOnly(model), split, fallback,
+                          tmp / "test_lists.parquet")
+        scores["ranking"]["test_lists"] = str(out_dir / "test_lists.parquet")
+        model.save(tmp / "model")
+        mlflow.log_params(dict(fitted.params))
         mlflow.log_metrics({**metrics_for_mlflow(val), **metrics_for_mlflow(scores), "fit_seconds": fit_s,
                             **fitted.metrics})
         with tracking.quiet_mlflow():
             for path in fitted.artifacts:
                 mlflow.log_artifact(str(path))
-        model_uri = None
-        if log_model:
-            tracking.log_item_factors(fitted.model)
-            model_uri = tracking.log_factor_model(fitted.model).model_uri
-        candidate = {"name": stage, "eligible": eligible, "val_rmse": val["val_rmse"],
-                     "test_rmse": scores["test_rmse"], "model_path": str(out_dir / "model"), "model_uri": model_uri,
-                     "mlflow_run_id": run.info.run_id}
-        storage.write_manifest(tmp, stage, {}, candidate=candidate, params=fitted.params,
-                               mlflow_run_id=run.info.run_id)
-    scores.pop("ranking_users", None)
-    section = {"val_rmse": val["val_rmse"], "val_mae": val["val_mae"], **scores, "params": fitted.params,
+        model_uri = tracking.log_model(model).model_uri if log_model else None
+        ranking = scores["ranking"]
+        candidates = {"ranking_candidate": {
+            "name": stage, "val_ndcg_at_10": ranking["val_ndcg_at_10"], "test_ndcg_at_10": ranking["test_ndcg_at_10"],
+            "model_path": str(out_dir / "model"), "model_uri": model_uri, "mlflow_run_id": run.info.run_id}}
+        if kind == "rating":
+            candidates["candidate"] = {
+                "name": stage, "eligible": eligible, "val_rmse": val["val_rmse"], "test_rmse": scores["test_rmse"],
+                "model_path": str(out_dir / "model"), "model_uri": model_uri, "mlflow_run_id": run.info.run_id}
+        storage.write_manifest(tmp, stage, {}, **candidates, params=fitted.params, mlflow_run_id=run.info.run_id,
+                               **fitted.manifest)
+    section = {**{k: val[k] for k in ("val_rmse", "val_mae") if k in val}, **scores, "params": fitted.params,
                "fit_s": round(fit_s, 3), "mlflow_run_id": run.info.run_id, "model_path": str(out_dir / "model"),
                **fitted.section}
-    log.info("%s: validation RMSE %.4f, test RMSE %.4f (%d rows, %d cold), NDCG@10 %.4f (%.1f s)", stage,
-             val["val_rmse"], scores["test_rmse"], scores["test_rows"], scores["cold_test_rows"],
-             scores["ranking"]["ndcg_at_10"] or 0.0, fit_s)
+    log.info("%s: %svalidation NDCG@10 %.4f, test NDCG@10 %.4f (%d users) (%.1f s)", stage,
+             f"validation RMSE {val['val_rmse']:.4f}, test RMSE {scores['test_rmse']:.4f}, " if val else "",
+             ranking["val_ndcg_at_10"] or 0.0, ranking["test_ndcg_at_10"] or 0.0, ranking["users"], fit_s)
     return {"models": {stage: section}, **fitted.sections}
 
 
-def read_candidates(run_dir: Path) -> dict:
-    """{stage: candidate} of every model stage of the run that has completed (from their manifests)."""
-    found = {}
-    for manifest in sorted(Path(run_dir).glob(f"*/{storage.MANIFEST}")):
-        candidate = storage.read_json(manifest).get("candidate")
-        if candidate:
-            found[candidate["name"]] = candidate
-    return found
+class _RankingOnly:
+    """A ranking model seen by ``evaluate``: its lists only (its scores are not ratings)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def top_k(self, *args, **kwargs):
+        return self.model.top_k(*args, **kwargs)
 
 
 def compare_models(ctx) -> dict:
-    """The models side by side; the best candidate by validation RMSE (test figures are reported, not used)."""
+    """The models side by side (``models.md``): rating metrics of the rating models, ranking metrics of every
+    candidate next to popularity; the best candidates by validation (test figures are reported, not used)."""
     from pipeline import report
 
-    models = report.merged_sections(ctx.run_dir).get("models", {})
-    eligible = {name for name, c in read_candidates(ctx.run_dir).items() if c.get("eligible")}
-    rows = []
-    for name, m in models.items():
-        if "test_rmse" not in m:
-            continue
-        rows.append({"model": name, "val_rmse": m.get("val_rmse"), "test_rmse": m["test_rmse"],
-                     "test_mae": m["test_mae"], "cold_test_rmse": m.get("cold_test_rmse"),
-                     **{k: m.get("ranking", {}).get(k) for k in ("precision_at_10", "recall_at_10", "ndcg_at_10")}})
-    candidates = [r for r in rows if r["model"] in eligible and r["val_rmse"] is not None]
-    best = min(candidates, key=lambda r: r["val_rmse"])["model"] if candidates else None
-    lines = ["| model | validation RMSE | test RMSE | test MAE | cold-row RMSE | P@10 | R@10 | NDCG@10 |",
-             "|---|---|---|---|---|---|---|---|"]
+    merged = report.merged_sections(ctx.run_dir)
+    models = merged.get("models", {})
+    popularity = merged.get("ranking", {}).get("popularity")
+    eligible = {name for name, c in manifest_entries(ctx.run_dir, "candidate").items() if c.get("eligible")}
+    rows = [{"model": name, "val_rmse": m.get("val_rmse"), "test_rmse": m["test_rmse"], "test_mae": m["test_mae"],
+             "cold_test_rmse": m.get("cold_test_rmse")} for name, m in models.items() if "test_rmse" in m]
+    rated = [r for r in rows if r["model"] in eligible and r["val_rmse"] is not None]
+    best = min(rated, key=lambda r: r["val_rmse"])["model"] if rated else None
+    keys = ("val_ndcg_at_10", "test_ndcg_at_10", "test_precision_at_10", "test_recall_at_10", "test_map_at_10",
+            "users", "test_lists")
+    candidates = {name: {k: m["ranking"].get(k) for k in keys} for name, m in models.items() if "ranking" in m}
+    rankable = {n: c for n, c in candidates.items() if c["val_ndcg_at_10"] is not None}
+    best_ranker = max(rankable, key=lambda n: rankable[n]["val_ndcg_at_10"]) if rankable else None
     fmt = lambda v: "" if v is None else f"{v:.4f}"  # noqa: E731
+    lines = ["## Rating error (all test rows; cold rows from the bias baseline)", "",
+             "| model | validation RMSE | test RMSE | test MAE | cold-row RMSE |", "|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']}{' (best by validation)' if r['model'] == best else ''} | "
-                     + " | ".join(fmt(r[k]) for k in ("val_rmse", "test_rmse", "test_mae", "cold_test_rmse",
-                                                       "precision_at_10", "recall_at_10", "ndcg_at_10")) + " |")
+                     + " | ".join(fmt(r[k]) for k in ("val_rmse", "test_rmse", "test_mae", "cold_test_rmse")) + " |")
+    lines += ["", "## Top-10 lists (test lists leave out train and validation movies; relevant: rating >= 4)", "",
+              "| model | validation NDCG@10 | NDCG@10 | P@10 | R@10 | MAP@10 | users |", "|---|---|---|---|---|---|---|"]
+    for name, c in ([("popularity", popularity)] if popularity else []) + list(candidates.items()):
+        label = f"{name}{' (best by validation)' if name == best_ranker else ''}"
+        lines.append(f"| {label} | " + " | ".join(fmt(c.get(k)) for k in keys[:5]) + f" | {c.get('users')} |")
     table = Path(ctx.run_dir) / "models.md"
     storage.write_text_atomic(table, "# Models of this run\n\n" + "\n".join(lines) + "\n")
-    return {"model_comparison": {"best_by_validation_rmse": best, "rows": rows, "table": str(table)}}
+    return {"model_comparison": {"best_by_validation_rmse": best, "rows": rows, "table": str(table)},
+            "ranking": {"candidates": candidates, "best_by_validation_ndcg": best_ranker}}
+
+
+def manifest_entries(run_dir: Path, key: str) -> dict:
+    """{name: entry} of the ``key`` entries (e.g. "candidate") of every completed stage's manifest."""
+    found = {}
+    for manifest in sorted(Path(run_dir).glob(f"*/{storage.MANIFEST}")):
+        entry = storage.read_json(manifest).get(key)
+        if entry:
+            found[entry["name"]] = entry
+    return found

@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pandas as pd
 
 from pipeline.models.baseline import GlobalMean, fit_best_damping
 from pipeline.models.factor_model import FactorModel
-from pipeline.models.metrics import ranking_metrics, rating_metrics
-from pipeline.models.popularity import top_k_popular
-from pipeline.models.protocol import RANKING_K, Fitted, Split, run_candidate
+from pipeline.models.metrics import rating_metrics
+from pipeline.models.popularity import PopularityRanker
+from pipeline.models.protocol import Fitted, Split, run_candidate
+from pipeline.models.ranking import evaluate_ranking
 
 
 def bias_model(baseline) -> FactorModel:
@@ -30,10 +30,9 @@ def bias_model(baseline) -> FactorModel:
                                         "damping_item": baseline.damping_item}})
 
 
-def popularity_metrics(split: Split) -> dict:
-    """Ranking metrics of the popularity list (each user's training movies left out) on the test rows."""
-    lists = top_k_popular(split.train, pd.unique(split.test["user_id"]), RANKING_K)
-    return ranking_metrics(lists, split.test, k=RANKING_K)
+def popularity_metrics(split: Split, lists_path=None) -> dict:
+    """The popularity list through the ranking protocol (the bar every ranker must beat)."""
+    return evaluate_ranking(PopularityRanker(split.train), split, lists_path)
 
 
 def run_baseline(ctx) -> dict:
@@ -45,10 +44,14 @@ def run_baseline(ctx) -> dict:
         gm = rating_metrics(split.test, global_mean.predict, baseline, split.train)
         (folder / "damping_grid.json").write_text(json.dumps({"damping_grid": damping_grid}, indent=2))
         chosen = {"damping_user": baseline.damping_user, "damping_item": baseline.damping_item}
-        return Fitted(bias_model(baseline), params=chosen, metrics={"global_mean_test_rmse": gm["test_rmse"]},
+        popularity = popularity_metrics(split, folder / "popularity_test_lists.parquet")
+        popularity["test_lists"] = str(ctx.stage_dir("baseline") / "popularity_test_lists.parquet")
+        return Fitted(bias_model(baseline), params=chosen,
+                      metrics={"global_mean_test_rmse": gm["test_rmse"],
+                               "popularity_test_ndcg_at_10": popularity["test_ndcg_at_10"] or 0.0},
                       artifacts=[folder / "damping_grid.json"],
                       section={"global_mean": {"test_rmse": gm["test_rmse"], "test_mae": gm["test_mae"]},
                                "damping_grid": damping_grid},
-                      sections={"ranking": {"popularity": popularity_metrics(split)}})
+                      sections={"ranking": {"popularity": popularity}}, manifest={"popularity": popularity})
 
     return run_candidate(ctx, "baseline", fit, eligible=False, log_model=False, needs_baseline=False)

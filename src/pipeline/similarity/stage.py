@@ -72,10 +72,14 @@ def similar_items(spark, model_or_embeddings, k: int, out_dir: Path, lsh_params=
         emb_path = write_items(tmp / EMBEDDINGS, items)
         rows = np.arange(items.n)
         frames = {}
+        tied = None
         for metric in EXACT_METRICS:
             t0 = time.perf_counter()
-            _, idx, score = exact_rows(items, k, metric)
-            frames[metric] = result_frame(items, rows, idx, score)
+            # one neighbour more than served, to see whether the k-th place is a tie with the next one
+            _, idx, score = exact_rows(items, min(k + 1, items.n - 1), metric)
+            if metric == "cosine" and score.shape[1] > k:
+                tied = float(np.mean(np.abs(score[:, k - 1] - score[:, k]) <= TIE_TOLERANCE))
+            frames[metric] = result_frame(items, rows, idx[:, :k], score[:, :k])
             timings[f"exact_{metric}"] = time.perf_counter() - t0
         if lsh_params is None:
             t0 = time.perf_counter()
@@ -121,7 +125,7 @@ def similar_items(spark, model_or_embeddings, k: int, out_dir: Path, lsh_params=
         summary = {
             "k": k, "items": items.n, "dimensions": int(items.x.shape[1]),
             "table": str((out_dir / TABLE).resolve()), "embeddings": str((out_dir / EMBEDDINGS).resolve()),
-            "lsh_recall_at_k": recall, "lsh_recall_at_k_with_ties": recall_ties,
+            "lsh_recall_at_k": recall, "lsh_recall_at_k_with_ties": recall_ties, "cosine_tied_lists_share": tied,
             "lsh_target_recall": target_recall, "lsh_target_reached": recall >= target_recall,
             "lsh_params": params.as_dict(),
             "lsh_attempts": [{"params": a["params"].as_dict(), "recall_at_k": round(a["recall"], 4),
@@ -148,7 +152,16 @@ def run_similarity(ctx) -> dict:
     from pipeline import registry, tracking
     from pipeline.spark import get_spark
 
-    model, version = registry.load_champion(ctx.settings)
+    settings = ctx.settings
+    preferred = [settings.registered_ranker, settings.registered_model]
+    if ctx.params.similarity_source == "rating":
+        preferred.reverse()
+    model = version = None
+    for name in preferred:  # the chosen source's champion, else the other one's (a first run may promote one)
+        model, version = registry.load_champion(settings, name)
+        if model is not None:
+            break
+        log.info("similarity: no champion of %s yet", name)
     if model is None:
         log.warning("similarity: no champion in the registry yet (nothing was promoted): nothing to serve")
         return {}
@@ -161,7 +174,7 @@ def run_similarity(ctx) -> dict:
         out = similar_items(get_spark(ctx.settings), (movie_ids, vectors), ctx.params.similar_k,
                             ctx.stage_dir("similarity"), target_recall=LSH_TARGET_RECALL)
         section = out["similarity"]
-        section.update(champion_version=version, registered_model=ctx.settings.registered_model)
+        section.update(champion_version=version, registered_model=name)
         mlflow.log_params({"k": section["k"], "champion_version": version, "embedding_model": model.name,
                            **{f"lsh_{k}": v for k, v in section["lsh_params"].items()}})
         mlflow.log_metrics({f"lsh_recall_at_{section['k']}": section["lsh_recall_at_k"], "items": section["items"],

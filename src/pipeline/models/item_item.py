@@ -1,0 +1,118 @@
+"""The item-item ranking model (EASE's output): a user's score for a movie is the sum, over the movies in
+their history, of one learnt weight per (history movie, movie) pair. Plain numpy: it ranks without Spark."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+
+EMBEDDING_RANK = 64
+
+
+@dataclass
+class ItemItemModel:
+    """Scores = history (binary) x item-item weights; the ranker interface of ``pipeline.models.ranking``."""
+
+    name: str
+    movie_ids: np.ndarray
+    weights: np.ndarray  # movies x movies, B[i, j]: how much having rated i adds to j's score
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.movie_ids = np.asarray(self.movie_ids, dtype=np.int64)
+        self._movies = pd.Index(self.movie_ids)
+
+    def scores(self, histories: list) -> np.ndarray:
+        """float32 scores (len(histories) x movies); a history is an iterable of movie ids."""
+        rows = np.zeros((len(histories), len(self.movie_ids)), dtype=np.float32)
+        for r, movies in enumerate(histories):
+            cols = self._movies.get_indexer(np.fromiter(movies, dtype=np.int64, count=len(movies)))
+            rows[r, cols[cols >= 0]] = 1.0
+        if getattr(self, "_w32", None) is None:  # one float32 copy for the products (stored as float16)
+            self._w32 = self.weights.astype(np.float32, copy=False)
+        return rows @ self._w32
+
+    def top_k(self, user_ids, k: int, exclude: dict | None = None, history: dict | None = None,
+              batch: int = 512) -> dict:
+        """Each user's k best catalogue movies by score, skipping ``exclude[user]``; ties by movie_id.
+
+        ``history`` (default: ``exclude``) is what the user rated; users with nothing of it in the catalogue
+        are left out (the caller gives them popularity).
+        """
+        exclude = exclude or {}
+        history = exclude if history is None else history
+        users = [int(u) for u in user_ids if self._has_history(history.get(int(u)))]
+        out: dict = {}
+        n = len(self.movie_ids)
+        kk = min(k, n)
+        for start in range(0, len(users), batch):
+            chunk = users[start:start + batch]
+            scores = self.scores([history[u] for u in chunk])
+            for user, row in zip(chunk, scores):
+                seen = exclude.get(user)
+                if seen:
+                    cols = self._movies.get_indexer(np.fromiter(seen, dtype=np.int64, count=len(seen)))
+                    row[cols[cols >= 0]] = -np.inf
+                cut = np.partition(row, n - kk)[n - kk]
+                cand = np.flatnonzero((row >= cut) & np.isfinite(row))
+                order = np.lexsort((self.movie_ids[cand], -row[cand]))[:kk]
+                out[user] = self.movie_ids[cand[order]].tolist()
+        return out
+
+    def pair_scores(self, user_ids, movie_ids, history: dict, batch: int = 512) -> np.ndarray:
+        """The score of each (user, movie) pair given the users' histories (NaN outside the catalogue)."""
+        user_ids = np.asarray(user_ids, dtype=np.int64)
+        cols = self._movies.get_indexer(np.asarray(movie_ids, dtype=np.int64))
+        out = np.full(len(user_ids), np.nan)
+        users = list(dict.fromkeys(user_ids.tolist()))
+        for start in range(0, len(users), batch):
+            chunk = users[start:start + batch]
+            scores = self.scores([history.get(u, ()) for u in chunk])
+            for row, user in enumerate(chunk):
+                at = np.flatnonzero((user_ids == user) & (cols >= 0))
+                out[at] = scores[row, cols[at]]
+        return out
+
+    def _has_history(self, movies) -> bool:
+        if not movies:
+            return False
+        return bool((self._movies.get_indexer(np.fromiter(movies, dtype=np.int64, count=len(movies))) >= 0).any())
+
+    def item_embeddings(self, rank: int = EMBEDDING_RANK) -> tuple[np.ndarray, np.ndarray]:
+        """(movie_ids, vectors) for the similar-movie tables: a rank-64 factorisation of the weights
+        (B ~ U S V^T, vectors U sqrt(S), deterministic start). Cosine on them ranks neighbours like cosine on
+        B's rows (ml-latest-small cold start, validation NDCG@10 0.1205 against 0.1227; test 0.1387 against
+        0.1388) with 64 dimensions instead of one per movie, which the LSH search needs."""
+        b = self.weights.astype(np.float32)
+        n = b.shape[0]
+        r = max(1, min(rank, n - 1))
+        if n <= 4 * r:  # small catalogues: a dense SVD
+            u, s, _ = np.linalg.svd(b)
+            u, s = u[:, :r], s[:r]
+        else:
+            from scipy.sparse.linalg import svds
+
+            u, s, _ = svds(b, k=r, v0=np.full(n, 1.0 / np.sqrt(n), dtype=np.float32))
+            order = np.argsort(-s)
+            u, s = u[:, order], s[order]
+        return self.movie_ids, (u * np.sqrt(np.maximum(s, 0.0))).astype(np.float32)
+
+    def save(self, folder: Path) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        np.savez(folder / "weights.npz", movie_ids=self.movie_ids, weights=self.weights.astype(np.float16))
+        (folder / "model.json").write_text(json.dumps({"kind": "item_item", "name": self.name, "meta": self.meta},
+                                                      indent=2))
+        return folder
+
+    @classmethod
+    def load(cls, folder: Path) -> ItemItemModel:
+        folder = Path(folder)
+        meta = json.loads((folder / "model.json").read_text())
+        z = np.load(folder / "weights.npz")
+        return cls(meta["name"], z["movie_ids"], z["weights"], meta.get("meta", {}))

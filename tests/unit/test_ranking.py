@@ -1,0 +1,164 @@
+"""The ranking track: the protocol's exclusions, the item-item model (EASE), implicit ALS, the ranking gate's
+stages, and the cold-start measurement, on tiny generated data whose *choice* of movies carries the taste
+(so that ranking models have something to learn that popularity does not)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.models.ease import catalogue, fit_ease, gram_matrix
+from pipeline.models.item_item import ItemItemModel
+from pipeline.models.metrics import ranking_metrics
+from pipeline.models.popularity import PopularityRanker
+from pipeline.models.protocol import Split
+from pipeline.models.ranking import evaluate_ranking, histories, lists_frame, ranked_lists
+from pipeline.serving.cold_start import cold_start_lists, cold_users
+from stage_inputs import write_split
+
+
+def clustered_choices(n_users: int = 120, n_movies: int = 60, clusters: int = 4, per_user: int = 18,
+                      seed: int = 0) -> pd.DataFrame:
+    """Users of a cluster watch mostly that cluster's movies (and rate them well); a few popular movies are
+    watched by everyone. Ids from 1 (users) and 101 (movies); dense idx from 0."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    size = n_movies // clusters
+    for u in range(n_users):
+        c = u % clusters
+        own = rng.choice(np.arange(c * size, (c + 1) * size), size=per_user - 3, replace=False)
+        common = rng.choice(np.arange(0, 3), size=3, replace=False)  # everyone's blockbusters
+        for t, m in enumerate(np.concatenate([own, common])):
+            rating = 4.5 if m in own else 3.0
+            rows.append((u + 1, int(m) + 101, rating, 1_000_000 + 1000 * u + t, u, int(m)))
+    df = pd.DataFrame(rows, columns=["user_id", "movie_id", "rating", "ts", "user_idx", "movie_idx"])
+    return df.drop_duplicates(["user_id", "movie_id"]).astype({"user_idx": "int32", "movie_idx": "int32"})
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory):
+    folder, frames = write_split(tmp_path_factory.mktemp("rank") / "etl", clustered_choices())
+    return Split(frames["train"], frames["validation"], frames["test"], {"test_fingerprint": "tiny"})
+
+
+def test_test_lists_leave_out_train_and_validation_movies_and_validation_lists_only_train(split):
+    class Everything:  # ranks every movie by id: whatever is not excluded comes first
+        def top_k(self, user_ids, k, exclude=None, history=None):
+            movies = sorted(set(split.train.movie_id) | set(split.validation.movie_id) | set(split.test.movie_id))
+            return {u: [m for m in movies if m not in exclude.get(u, ())][:k] for u in user_ids}
+
+    seen_train, seen_known = histories(split.train), histories(split.train, split.validation)
+    test_users = pd.unique(split.test.user_id)
+    test_lists = ranked_lists(Everything(), test_users, 10, seen_known, seen_train, split.train)
+    assert all(not set(test_lists[u]) & seen_known.get(u, set()) for u in test_users)
+    val_users = pd.unique(split.validation.user_id)
+    val_lists = ranked_lists(Everything(), val_users, 10, seen_train, seen_train, split.train)
+    assert any(set(val_lists[u]) & set(split.validation[split.validation.user_id == u].movie_id) for u in val_users)
+
+
+def test_users_a_model_cannot_rank_get_the_popularity_list(split):
+    class Nobody:
+        def top_k(self, user_ids, k, exclude=None, history=None):
+            return {}
+
+    out = evaluate_ranking(Nobody(), split)
+    pop = evaluate_ranking(PopularityRanker(split.train), split)
+    assert out["test_ndcg_at_10"] == pytest.approx(pop["test_ndcg_at_10"])
+    assert out["users"] == pop["users"] == split.test.loc[split.test.rating >= 4, "user_id"].nunique()
+
+
+def test_the_exact_test_lists_are_written_and_reproduce_the_metrics(split, tmp_path):
+    model = fit_ease(split.train, 10.0, min_ratings=1)
+    out = evaluate_ranking(model, split, tmp_path / "lists.parquet")
+    lists = pd.read_parquet(out["test_lists"])
+    assert list(lists.columns) == ["user_id", "rank", "movie_id"]
+    top = {u: g.sort_values("rank").movie_id.tolist() for u, g in lists.groupby("user_id")}
+    assert ranking_metrics(top, split.test)["ndcg_at_10"] == pytest.approx(out["test_ndcg_at_10"])
+    assert set(out) >= {"val_ndcg_at_10", "test_ndcg_at_10", "test_precision_at_10", "test_recall_at_10",
+                        "test_map_at_10", "users", "test_lists"}
+
+
+def test_ease_learns_what_users_choose_and_beats_popularity(split):
+    ease = evaluate_ranking(fit_ease(split.train, 10.0, min_ratings=1), split)
+    pop = evaluate_ranking(PopularityRanker(split.train), split)
+    assert ease["test_ndcg_at_10"] > 2 * pop["test_ndcg_at_10"], (ease, pop)
+
+
+def test_ease_closed_form_has_a_zero_diagonal_and_solves_its_objective():
+    rng = np.random.default_rng(3)
+    frame = pd.DataFrame({"user_id": rng.integers(0, 30, 200), "movie_id": rng.integers(0, 12, 200)})
+    frame = frame.drop_duplicates().assign(rating=4.0)
+    movies = catalogue(frame, 1)
+    lam = 5.0
+    b = fit_ease(frame, lam, 1).weights.astype(np.float64)
+    assert np.allclose(np.diag(b), 0.0)
+    g = gram_matrix(frame, movies).astype(np.float64)
+    # stationarity: (G + lam I) B - G is zero off the diagonal (the diagonal carries the constraint's multipliers)
+    residual = (g + lam * np.eye(len(g))) @ b - g
+    off = residual - np.diag(np.diag(residual))
+    assert np.abs(off).max() < 1e-3 * np.abs(g).max()
+
+
+def test_item_item_model_ranks_from_a_history_skips_exclusions_and_round_trips(tmp_path):
+    weights = np.array([[0, 2.0, 1.0, 0], [2.0, 0, 0, 0.5], [1.0, 0, 0, 1.0], [0, 0.5, 1.0, 0]], np.float32)
+    model = ItemItemModel("ease", [10, 20, 30, 40], weights)
+    top = model.top_k([1, 2, 3], 2, exclude={1: {10}, 2: {10, 20}}, history={1: {10}, 2: {10, 20}, 3: {99}})
+    assert top[1] == [20, 30]  # scores from movie 10's row: 20 (2.0), 30 (1.0)
+    assert top[2] == [30, 40]  # 30: 1.0, 40: 0.5
+    assert 3 not in top  # nothing of its history in the catalogue: left to popularity
+    np.testing.assert_allclose(model.pair_scores([1, 1], [20, 40], {1: {10}}), [2.0, 0.0])
+    loaded = ItemItemModel.load(model.save(tmp_path / "m"))
+    assert loaded.top_k([1], 2, exclude={1: {10}}) == {1: [20, 30]}
+    assert loaded.weights.dtype == np.float16
+
+
+def test_lists_frame_has_one_row_per_rank():
+    frame = lists_frame({1: [5, 6], 2: [7]})
+    assert frame.values.tolist() == [[1, 1, 5], [1, 2, 6], [2, 1, 7]]
+
+
+def test_cold_start_users_are_given_their_first_ratings_by_time():
+    train = pd.DataFrame({"user_id": [1, 1, 1, 2, 2], "movie_id": [10, 11, 12, 10, 11],
+                          "rating": [4.0, 5.0, 3.0, 4.0, 4.0], "ts": [30, 10, 20, 1, 2]})
+    held_out = pd.DataFrame({"user_id": [1, 2], "movie_id": [13, 13], "rating": [4.5, 2.0]})
+    assert cold_users(train, held_out, known=2) == {1: {11: 5.0, 12: 3.0}}  # user 2: nothing relevant
+
+
+def test_cold_start_lists_come_from_the_query_path_and_leave_out_hidden_movies():
+    similar = pd.DataFrame({"movie_id": [10, 10, 10], "similar_movie_id": [20, 30, 40], "rank": [1, 2, 3],
+                            "score": [0.9, 0.8, 0.7], "metric": "cosine"})
+    popular = pd.DataFrame({"movie_id": [50, 20, 60], "title": ["a", "b", "c"], "genres": [[], [], []],
+                            "n_ratings": [9, 8, 7], "mean_rating": [4.0, 4.0, 4.0], "score": [9.0, 8.0, 7.0]})
+    lists = cold_start_lists({1: {10: 5.0}}, similar, popular, {1: {30}})
+    # 20: neighbour and popular; then the popular 50 and 60 above the weaker neighbour 40; 30 hidden
+    assert lists[1] == [20, 50, 60, 40]
+    assert cold_start_lists({1: {10: 5.0}}, None, popular, {1: set()})[1] == [50, 20, 60]
+
+
+@pytest.mark.spark
+def test_implicit_als_ranks_the_planted_choices_above_popularity(spark, split):
+    from pipeline.models.implicit_als import fit_point
+
+    frame = spark.createDataFrame(split.train[["user_idx", "movie_idx", "rating"]]).cache()
+    model = fit_point(frame, split.train, {"rank": 8, "reg_param": 0.1, "alpha": 1.0, "max_iter": 10}, seed=1,
+                      num_blocks=2)
+    ials = evaluate_ranking(model, split)
+    pop = evaluate_ranking(PopularityRanker(split.train), split)
+    assert ials["test_ndcg_at_10"] > 1.5 * pop["test_ndcg_at_10"], (ials, pop)
+    assert np.isfinite(model.predict([split.train.user_id.iloc[0]], [split.train.movie_id.iloc[0]])).all()
+
+
+def test_item_item_embeddings_are_a_deterministic_low_rank_view_of_the_weights(split):
+    model = fit_ease(split.train, 10.0, min_ratings=1)
+    ids, vectors = model.item_embeddings(rank=8)
+    again = model.item_embeddings(rank=8)[1]
+    assert vectors.shape == (len(model.movie_ids), 8) and np.array_equal(vectors, again)
+    assert np.array_equal(ids, model.movie_ids)
+    # movies of one planted cluster are each other's nearest neighbours
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    sims = unit @ unit.T
+    np.fill_diagonal(sims, -np.inf)
+    cluster = (ids - 101) // 15
+    nearest = np.argmax(sims, axis=1)
+    assert np.mean(cluster[nearest] == cluster) > 0.8

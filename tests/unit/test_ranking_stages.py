@@ -1,0 +1,58 @@
+"""The ranking stages end to end on tiny data: the candidates (implicit ALS, EASE, the rating models' lists),
+the comparison, the second gate (promote a ranker that beats popularity; keep out a worse one), and the
+cold-start stage."""
+
+from __future__ import annotations
+
+import mlflow
+import pytest
+
+from pipeline import stages
+from pipeline.config import load_settings
+from pipeline.registry import CHAMPION
+from stage_inputs import write_split
+from test_ranking import clustered_choices
+
+pytestmark = pytest.mark.spark
+
+SMALL = {"ials_ranks": [8], "ials_reg_params": [0.1], "ials_alphas": [1.0], "ials_max_iters": [8],
+         "ease_lambdas": [5.0, 50.0], "ease_min_ratings": 1, "cold_start_known_ratings": 3}
+
+
+def _run(tmp_path, settings, name, params):
+    run_dir = tmp_path / name
+    write_split(run_dir / "etl", clustered_choices())
+    ctx = stages.make_context(run_id=name, work_dir=run_dir, settings=settings, params=params)
+    for stage in ("baseline", "implicit_als", "ease", "compare_models", "ranking_gate", "ranking_promotion"):
+        stages.run_stage(stage, ctx)
+    return ctx, stages.report.write_report(ctx, stages.ORDER)
+
+
+def test_ranking_candidates_the_second_gate_and_a_worse_ranker_kept_out(spark, tmp_path):
+    settings = load_settings({"RECSYS_HOME": str(tmp_path / "home")})
+    _, first = _run(tmp_path, settings, "first", SMALL)
+    ranking = first["ranking"]
+    assert set(ranking["candidates"]) == {"baseline", "implicit_als", "ease"}
+    assert ranking["best_by_validation_ndcg"] in ("implicit_als", "ease")
+    for candidate in ranking["candidates"].values():
+        assert {"val_ndcg_at_10", "test_ndcg_at_10", "test_precision_at_10", "test_recall_at_10", "users",
+                "test_lists"} <= set(candidate)
+    assert ranking["popularity"]["test_ndcg_at_10"] < ranking["candidates"]["ease"]["test_ndcg_at_10"]
+    promoted = first["ranking_promotion"]
+    assert promoted["decision"] == "promoted" and promoted["champion_version"] == "1"
+    assert promoted["challenger_test_ndcg_at_10"] > promoted["popularity_test_ndcg_at_10"]
+    assert len(first["models"]["ease"]["grid"]) == 2 and first["models"]["ease"]["best_lambda"] in (5.0, 50.0)
+
+    # a sabotaged ranker (EASE with an enormous lambda, rank-1 implicit ALS) is kept out
+    worse = {**SMALL, "ials_ranks": [1], "ials_max_iters": [1], "ease_lambdas": [1e8]}
+    _, second = _run(tmp_path, settings, "second", worse)
+    kept = second["ranking_promotion"]
+    assert kept["decision"] == "kept" and kept["champion_version"] == "1"
+    assert kept["challenger_test_ndcg_at_10"] < kept["champion_test_ndcg_at_10_before"]
+    client = mlflow.MlflowClient(settings.mlflow_tracking_uri)
+    assert str(client.get_model_version_by_alias(settings.registered_ranker, CHAMPION).version) == "1"
+    # the ranker loads from the registry and ranks without Spark
+    from pipeline.registry import load_registered
+
+    model = load_registered(settings.registered_ranker, "1")
+    assert model.top_k([1], 5, exclude={1: {101}}, history={1: {101, 102}})[1]
