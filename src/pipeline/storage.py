@@ -142,9 +142,12 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
 
 
 def s3_client(settings):
+    """An S3 client whose credentials come from the environment *now* (boto3's usual chain): a fresh session
+    each time, not boto3's process-wide default one, which keeps the keys it first found (a long-lived worker
+    would never see rotated credentials)."""
     import boto3  # imported here: most runs never touch S3
 
-    return boto3.client("s3", endpoint_url=settings.s3_endpoint_url or None)
+    return boto3.session.Session().client("s3", endpoint_url=settings.s3_endpoint_url or None)
 
 
 def download_s3_prefix(uri: str, dest: Path, settings) -> list[Path]:
