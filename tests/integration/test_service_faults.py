@@ -212,7 +212,8 @@ def _start_weed(root: Path, env: dict, ports: list[int] | None = None) -> tuple[
         proc = subprocess.Popen(
             [str(BIN / "weed"), "server", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
              f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}", "-s3",
-             f"-s3.port={s3_port}", "-master.telemetry=false", "-master.volumeSizeLimitMB=64", "-volume.max=50"],
+             f"-s3.port={s3_port}", "-s3.port.iceberg=0",  # no fixed 8181 listener: tests may run side by side
+             "-master.telemetry=false", "-master.volumeSizeLimitMB=64", "-volume.max=50"],
             stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     _wait_http(f"http://127.0.0.1:{s3_port}/healthz", proc, log)
     return proc, ports
