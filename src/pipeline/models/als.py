@@ -60,8 +60,10 @@ def _als(point: dict, seed: int, num_blocks: int | None = None):
                itemCol="movie_idx", ratingCol="residual", seed=seed, coldStartStrategy="nan", **kwargs)
 
 
-def factor_model(als_model, train: pd.DataFrame, baseline, name: str = "als", meta: dict | None = None) -> FactorModel:
-    """Collect an ALSModel's factors into a FactorModel keyed by the original ids."""
+def factor_model(als_model, train: pd.DataFrame, baseline, name: str = "als", meta: dict | None = None,
+                 **bounds) -> FactorModel:
+    """Collect an ALSModel's factors into a FactorModel keyed by the original ids (``bounds``: the
+    FactorModel's min_rating / max_rating, for factors whose scores are not ratings)."""
     users = train.drop_duplicates("user_idx").set_index("user_idx")["user_id"]
     movies = train.drop_duplicates("movie_idx").set_index("movie_idx")["movie_id"]
     uf = als_model.userFactors.toPandas()
@@ -70,7 +72,7 @@ def factor_model(als_model, train: pd.DataFrame, baseline, name: str = "als", me
         name=name, user_ids=users.loc[uf["id"]].to_numpy(), movie_ids=movies.loc[itf["id"]].to_numpy(),
         user_factors=np.vstack(uf["features"].to_numpy()) if len(uf) else np.zeros((0, als_model.rank)),
         item_factors=np.vstack(itf["features"].to_numpy()) if len(itf) else np.zeros((0, als_model.rank)),
-        baseline=baseline, fallback=baseline, meta=meta or {},
+        baseline=baseline, fallback=baseline, meta=meta or {}, **bounds,
     )
 
 

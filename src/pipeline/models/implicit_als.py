@@ -17,10 +17,10 @@ import json
 import logging
 import time
 
-import numpy as np
 import pandas as pd
 
 from pipeline import tracking
+from pipeline.models.als import factor_model
 from pipeline.models.factor_model import FactorModel
 from pipeline.models.protocol import Fitted, run_candidate
 from pipeline.models.ranking import evaluate_ranking
@@ -35,19 +35,6 @@ def grid_points(ranks, reg_params, alphas, max_iters) -> list[dict]:
             for r, g, a, i in itertools.product(ranks, reg_params, alphas, max_iters)]
 
 
-def preference_model(als_model, train: pd.DataFrame, point: dict) -> FactorModel:
-    """Collect an implicit ALSModel's factors into a FactorModel keyed by the original ids."""
-    users = train.drop_duplicates("user_idx").set_index("user_idx")["user_id"]
-    movies = train.drop_duplicates("movie_idx").set_index("movie_idx")["movie_id"]
-    uf = als_model.userFactors.toPandas()
-    itf = als_model.itemFactors.toPandas()
-    return FactorModel(
-        name="implicit_als", user_ids=users.loc[uf["id"]].to_numpy(), movie_ids=movies.loc[itf["id"]].to_numpy(),
-        user_factors=np.vstack(uf["features"].to_numpy()).astype(np.float32),
-        item_factors=np.vstack(itf["features"].to_numpy()).astype(np.float32),
-        min_rating=-UNBOUNDED, max_rating=UNBOUNDED, meta={"params": point, "scores": "preference"})
-
-
 def fit_point(spark_frame, train: pd.DataFrame, point: dict, seed: int, num_blocks: int) -> FactorModel:
     from pyspark.ml.recommendation import ALS
 
@@ -55,7 +42,8 @@ def fit_point(spark_frame, train: pd.DataFrame, point: dict, seed: int, num_bloc
               implicitPrefs=True, userCol="user_idx", itemCol="movie_idx", ratingCol="rating", seed=seed,
               numUserBlocks=num_blocks, numItemBlocks=num_blocks, intermediateStorageLevel="MEMORY_ONLY",
               finalStorageLevel="MEMORY_ONLY")
-    return preference_model(als.fit(spark_frame), train, point)
+    return factor_model(als.fit(spark_frame), train, None, name="implicit_als",
+                        meta={"params": point, "scores": "preference"}, min_rating=-UNBOUNDED, max_rating=UNBOUNDED)
 
 
 def run_implicit_als(ctx) -> dict:
