@@ -27,7 +27,8 @@ from datetime import datetime, timedelta
 from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, get_current_context, task
 
 from pipeline import stages
-from pipeline.config import PARAMS, load_settings
+from pipeline.config import load_settings
+from pipeline.params import PARAMS
 from pipeline.data.watch import ASSET_NAME, ASSET_URI
 from pipeline.gate import keep_champion as keep, promote as move_alias
 

@@ -22,7 +22,8 @@ from pathlib import Path
 from pipeline import __version__, storage
 from pipeline.errors import RecsysError
 from pipeline.similarity import METRICS as SIMILARITY_METRICS
-from pipeline.config import PARAMS, SECTIONS, mask_secrets, parse_cli_param
+from pipeline.config import mask_secrets
+from pipeline.params import PARAMS, SECTIONS, parse_cli_param
 
 
 def _cmd_run(args) -> int:

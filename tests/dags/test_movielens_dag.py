@@ -6,7 +6,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipeline.config import PARAMS
+from pipeline.params import PARAMS
 
 DAG_ID = "movielens_recsys"
 REPO = Path(__file__).resolve().parents[2]

@@ -40,7 +40,7 @@ TINY_RANKING = {"ials_ranks": "[4]", "ials_reg_params": "[0.5]", "ease_lambdas":
 
 
 def _params() -> list[str]:
-    from pipeline.config import PARAMS_BY_NAME
+    from pipeline.params import PARAMS_BY_NAME
 
     extra = [a for name, value in TINY_RANKING.items() if name in PARAMS_BY_NAME
              for a in ("--param", f"{name}={value}")]
@@ -306,6 +306,6 @@ def test_the_s3_endpoint_going_away_while_publishing_moves_no_pointer_and_a_reru
 
 
 def _known() -> set[str]:
-    from pipeline.config import PARAMS_BY_NAME
+    from pipeline.params import PARAMS_BY_NAME
 
     return set(PARAMS_BY_NAME)

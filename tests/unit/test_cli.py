@@ -9,7 +9,7 @@ import pytest
 
 from movielens_fixtures import write_csv_variant
 from pipeline import cli
-from pipeline.config import PARAMS
+from pipeline.params import PARAMS
 
 
 def test_params_lists_every_param_with_default_and_description(capsys):

@@ -5,7 +5,8 @@ import pytest
 
 import dataclasses
 
-from pipeline.config import PARAMS, SECTIONS, Params, load_settings, mask_secrets, parse_cli_param, resolve_params
+from pipeline.config import load_settings, mask_secrets
+from pipeline.params import PARAMS, SECTIONS, Params, parse_cli_param, resolve_params
 from pipeline.errors import ConfigError
 
 

@@ -14,7 +14,7 @@ import pytest
 from movielens_fixtures import UNRATED_MOVIE, write_100k, write_1m, write_csv_variant
 from pipeline.errors import DataValidationError
 from pipeline.data.ingest import ingest_movielens
-from pipeline.config import PARAMS_BY_NAME
+from pipeline.params import PARAMS_BY_NAME
 from pipeline.config import load_settings
 from pipeline.data.validate import MIN_TS, validate_tables
 

@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from pipeline.config import Params
+from pipeline.params import Params
 from pipeline.models.baseline import BiasBaseline, fit_best_damping
 from pipeline.errors import ConfigError, DataValidationError
 from pipeline.models.metrics import RATING_MAX, RATING_MIN
@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 
 NORMALIZATIONS = ("baseline", "mean")
 
-# The defaults are the Params' (pipeline.config.Params), chosen on ml-latest-small's validation split
+# The defaults are the Params' (pipeline.params.Params), chosen on ml-latest-small's validation split
 # (per-user random 80/10/10, seed 42; bias baseline 0.8647 on all validation rows). With the cold rows given
 # to the baseline, validation RMSE was 0.843 for them (~9 s on 2 cores); 0.845-0.849 for 300 or 500 hidden
 # units, l2 in {30, 100}, dropout in {0.3, 0.5}; 0.850 with mean normalisation, and 0.879 for the paper's

@@ -18,7 +18,7 @@ from typing import Protocol
 import numpy as np
 import pandas as pd
 
-from pipeline.config import check_k
+from pipeline.params import check_k
 from pipeline.errors import DataValidationError
 
 RATING_MIN, RATING_MAX = 0.5, 5.0

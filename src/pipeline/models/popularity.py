@@ -12,7 +12,7 @@ from collections.abc import Iterable
 import numpy as np
 import pandas as pd
 
-from pipeline.config import check_k
+from pipeline.params import check_k
 
 POPULAR_COLUMNS = ["movie_id", "title", "genres", "n_ratings", "mean_rating", "score"]
 

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.serving import recommend
-from pipeline.config import check_k
+from pipeline.params import check_k
 from pipeline.errors import ConfigError, UnknownMovieError, UnknownUserError
 from pipeline.serving.publish import ServedTables
 

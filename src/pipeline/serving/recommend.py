@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from pipeline.config import check_k
+from pipeline.params import check_k
 from pipeline.errors import ConfigError
 from pipeline.models.popularity import popular_movies
 from pipeline.similarity import METRICS

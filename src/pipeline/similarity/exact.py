@@ -21,7 +21,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.config import check_k
+from pipeline.params import check_k
 from pipeline.errors import ConfigError, DataValidationError
 
 log = logging.getLogger(__name__)

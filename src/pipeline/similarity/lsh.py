@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.config import check_k
+from pipeline.params import check_k
 from pipeline.errors import ConfigError
 from pipeline.similarity.exact import (
     BLOCK_ELEMENTS,

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import storage
-from pipeline.config import check_k
+from pipeline.params import check_k
 from pipeline.similarity.exact import (
     EMBEDDINGS,
     EMBEDDINGS_SCHEMA,

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.config import check_k
+from pipeline.params import check_k
 from pipeline.similarity.exact import RESCORE_MARGIN, exact_rows, prepare, result_frame
 from pipeline.similarity.lsh import (
     Orderings,
