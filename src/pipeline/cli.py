@@ -3,6 +3,7 @@
     recsys run --source SRC --work-dir DIR [--stages a,b,...] [--param NAME=VALUE ...]
     recsys params
     recsys settings
+    recsys synth --ratings N --users U --movies M --out DIR [--seed S]
     recsys similar --movie TITLE_OR_ID [-k 10] [--metric cosine|euclidean|lsh] [--json]
     recsys recommend (--user ID | --ratings "ID:RATING,..." | --popular) [-k 10] [--genres G1,G2] [--json]
 
@@ -64,6 +65,14 @@ def _cmd_settings(args) -> int:
     from pipeline.config import load_settings
 
     print(json.dumps(load_settings().public_dict(), indent=2))
+    return 0
+
+
+def _cmd_synth(args) -> int:
+    from pipeline.data.synth import write_synthetic
+
+    print(json.dumps(write_synthetic(Path(args.out), args.ratings, args.users, args.movies, seed=args.seed),
+                     indent=2))
     return 0
 
 
@@ -132,6 +141,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     settings = sub.add_parser("settings", help="print the effective settings")
     settings.set_defaults(func=_cmd_settings)
+
+    synth = sub.add_parser("synth", help="write a synthetic MovieLens-CSV folder (power-law popularity and "
+                                         "activity, a planted low-rank taste structure)")
+    synth.add_argument("--ratings", type=int, required=True, help="how many ratings (about: heavy users may "
+                                                                    "fall a few short)")
+    synth.add_argument("--users", type=int, required=True)
+    synth.add_argument("--movies", type=int, required=True)
+    synth.add_argument("--out", required=True, help="the folder to write (a new one, or an earlier synth folder)")
+    synth.add_argument("--seed", type=int, default=42, help="same seed and sizes, same files (default 42)")
+    synth.set_defaults(func=_cmd_synth)
 
     similar = sub.add_parser("similar", help="movies similar to one movie, from the served tables")
     similar.add_argument("--movie", required=True, metavar="TITLE_OR_ID",
