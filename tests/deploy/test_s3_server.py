@@ -11,6 +11,7 @@ and artifacts, the MLflow store, and every object in the bucket.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -106,8 +107,8 @@ def s3_server(tmp_path_factory):
         proc = subprocess.Popen(
             [str(weed), "server", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
              f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
-             "-s3", f"-s3.port={s3_port}", "-master.telemetry=false", "-master.volumeSizeLimitMB=64",
-             "-volume.max=50"],
+             "-s3", f"-s3.port={s3_port}", "-s3.port.iceberg=0",  # no fixed 8181 listener: tests may run side by side
+             "-master.telemetry=false", "-master.volumeSizeLimitMB=64", "-volume.max=50"],
             stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     endpoint = f"http://127.0.0.1:{s3_port}"
     try:
@@ -130,6 +131,29 @@ def s3_env(s3_server, monkeypatch):
     monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)  # a session cached by another test has other keys
     monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", s3_server["endpoint"])
     return s3_server
+
+
+@contextlib.contextmanager
+def mlflow_on(uri: str):
+    """This process's MLflow (tracking and registry) on ``uri``, then back as it was, environment included: an
+    earlier test may have left the registry URI on its own store, and set_*_uri also export MLFLOW_*_URI."""
+    import mlflow
+
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    saved_env = {name: os.environ.get(name) for name in names}
+    saved = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    finally:
+        mlflow.set_tracking_uri(saved[0])
+        mlflow.set_registry_uri(saved[1])
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def s3_client(endpoint: str, secret: str = SECRET):
@@ -274,8 +298,7 @@ def test_mlflow_artifacts_go_to_s3_and_the_model_loads_back(s3_env, bucket, tmp_
 
     caplog.set_level(logging.DEBUG)
     db = tmp_path / "mlflow.db"
-    mlflow.set_tracking_uri(f"sqlite:///{db}")
-    try:
+    with mlflow_on(f"sqlite:///{db}"):
         experiment = mlflow.create_experiment("s3-direct", artifact_location=f"s3://{bucket}/direct-mlflow")
         model = _tiny_model()
         with mlflow.start_run(experiment_id=experiment) as run:
@@ -295,8 +318,6 @@ def test_mlflow_artifacts_go_to_s3_and_the_model_loads_back(s3_env, bucket, tmp_
         stored = mlflow.get_run(run.info.run_id).data
         assert SECRET not in json.dumps({"params": stored.params, "tags": stored.tags})
         assert not any(SECRET.encode() in body for body in mine.values())
-    finally:
-        mlflow.set_tracking_uri("")
     captured = capfd.readouterr()
     assert SECRET not in caplog.text + captured.out + captured.err
     assert not files_holding(tmp_path, SECRET.encode())
@@ -383,9 +404,11 @@ def test_a_pipeline_run_uses_s3_for_data_serving_and_mlflow(s3_server, bucket, m
     artifacts = {k: v for k, v in objects.items() if k.startswith("mlflow/")}
     assert any(k.endswith("/MLmodel") for k in artifacts), "no model artifact reached s3://bucket/mlflow"
 
-    mlflow.set_tracking_uri(mlflow_server["url"])
-    try:
-        mlflow_client = mlflow.MlflowClient()
+    with mlflow_on(mlflow_server["url"]) as mlflow_client:
+        registered = [m.name for m in mlflow_client.search_registered_models()]
+        assert "s3-recommender" in registered, (
+            f"registered models: {registered}; gate: {json.dumps(report.get('gate'))[:2000]}; "
+            f"skipped: {json.dumps(report.get('skipped'))[:1000]}\n{proc.stderr[-6000:]}")
         version = mlflow_client.get_model_version_by_alias("s3-recommender", "champion")
         model = mlflow.pyfunc.load_model("models:/s3-recommender@champion")  # downloaded through the server
         scores = np.asarray(model.predict(pd.DataFrame({"user_id": [1, 2, 10_000], "movie_id": [1, 2, 3]})))
@@ -396,8 +419,6 @@ def test_a_pipeline_run_uses_s3_for_data_serving_and_mlflow(s3_server, bucket, m
         logged = json.dumps([{"params": r.data.params, "tags": r.data.tags, "metrics": r.data.metrics}
                              for r in runs])
         version_tags = json.dumps(mlflow_client.get_model_version("s3-recommender", version.version).tags)
-    finally:
-        mlflow.set_tracking_uri("")
 
     # the secret: not in the run's output, report, manifests or any file the run wrote, nor in MLflow's
     # params, tags, store or artifacts, nor in any object in the bucket
