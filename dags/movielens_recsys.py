@@ -7,8 +7,9 @@ with their reason, the run stops above `quarantine_threshold` or on a table-leve
 (Spark: dense user/movie indices, per-user train/validation/test split) → **olap** (Spark SQL summaries
 and `summary.md`) beside the models: **baseline** (global mean, damped user+item biases — every model's
 fallback for cold rows — and popularity), then in parallel **als** (Spark ALS grid search on the
-baseline's residuals, one MLflow child run per grid point) and **autorec** (TensorFlow item-based
-autoencoder, early-stopped on validation RMSE) → **compare_models** (every model on the same test rows) → **gate** (the best candidate by
+baseline's residuals, one MLflow child run per grid point), **autorec** (TensorFlow item-based
+autoencoder, early-stopped on validation RMSE) and **knn** (item neighbourhood on the baseline's residuals)
+→ **blend** (their linear blend, weights fitted on validation) → **compare_models** (every model on the same test rows) → **gate** (the best candidate by
 validation RMSE against the registry's `champion`, both scored on this run's test rows) → branch:
 **promote** (compare-and-set of the `champion` alias) or **keep_champion** → **similarity** (Euclidean,
 cosine and LSH similar-movie tables from the champion's embeddings) → **recommend** (top-N per user and
@@ -102,6 +103,16 @@ def movielens_recsys():
         return stages.run_stage("autorec", _context())
 
     @task
+    def knn() -> dict:
+        """Item kNN on the baseline's residuals (shrunk Pearson neighbours), grid on validation RMSE."""
+        return stages.run_stage("knn", _context())
+
+    @task
+    def blend() -> dict:
+        """Blend of the rating models (weights fitted on validation, scored out of fold), tested like the rest."""
+        return stages.run_stage("blend", _context())
+
+    @task
     def implicit_als() -> dict:
         """Spark implicit-feedback ALS grid (validation NDCG@10): a ranking model for the top-N lists."""
         return stages.run_stage("implicit_als", _context())
@@ -173,10 +184,13 @@ def movielens_recsys():
     summarized = olap()
     reference = baseline()
     split >> [summarized, reference]
-    models = [als(), autorec(), implicit_als(), ease()]
-    reference >> models
+    raters = [als(), autorec(), knn()]
+    rankers = [implicit_als(), ease()]
+    reference >> [*raters, *rankers]
+    blended = blend()
+    [reference, *raters] >> blended
     compared = compare_models()
-    [reference, *models] >> compared
+    [reference, *raters, blended, *rankers] >> compared
     gated, ranked = gate(), ranking_gate()
     compared >> [gated, ranked]
     similar = similarity()

@@ -102,7 +102,8 @@ def real_pipeline(real_movielens, tmp_path_factory, spark):
         before = {"target": os.readlink(serving / "current"), "files": _tree_digest(serving / "current")}
         sabotage = ["--param", "als_ranks=[1]", "--param", "als_reg_params=[10.0]", "--param", "als_max_iters=[1]",
                     "--param", "autorec_enabled=false", "--param", "ials_ranks=[1]", "--param", "ials_max_iters=[1]",
-                    "--param", "ease_lambdas=[100000000.0]"]
+                    "--param", "ease_lambdas=[100000000.0]", "--param", "knn_enabled=false",
+                    "--param", "blend_enabled=false"]
         assert cli.main(["run", "--source", str(real_movielens), "--work-dir", str(second), *sabotage]) == 0
         after = {"target": os.readlink(serving / "current"), "files": _tree_digest(serving / "current")}
         settings = load_settings()

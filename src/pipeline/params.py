@@ -18,7 +18,7 @@ from pipeline.errors import ConfigError
 
 JAVA_INT_MAX = 2**31 - 1  # Spark's ALS rank/maxIter/blocks and most JVM-side integers are 32-bit
 _JSON_TYPES = {"string": str, "integer": int, "number": (int, float), "boolean": bool}
-SECTIONS = ("data", "split", "ALS", "AutoRec", "ranking", "gate", "serving")
+SECTIONS = ("data", "split", "ALS", "AutoRec", "kNN", "blend", "ranking", "gate", "serving")
 
 
 def _param(default, kind: str, section: str, description: str, *, enum: tuple | None = None,
@@ -90,6 +90,31 @@ class Params:
         "baseline", "string", "AutoRec",
         "What the network models: 'baseline' (residuals of the bias baseline) or 'mean' (ratings minus the "
         "global mean).", enum=("baseline", "mean"))
+    knn_enabled: bool = _param(True, "boolean", "kNN", "Train the item-neighbourhood rating model (item kNN).")
+    knn_neighbours: tuple[int, ...] = _param(
+        (50, 100, 200), "array", "kNN",
+        "Item kNN grid: how many most similar movies each movie keeps as neighbours (K).", item="integer",
+        minimum=1, maximum=2000)
+    knn_shrinkages: tuple[float, ...] = _param(
+        (50.0, 100.0), "array", "kNN",
+        "Item kNN grid: similarity shrinkage, s * n / (n + shrinkage) for n users who rated both movies.",
+        item="number", minimum=0.0, maximum=1e6)
+    knn_dampings: tuple[float, ...] = _param(
+        (0.25, 0.5, 1.0), "array", "kNN",
+        "Item kNN grid: added to the sum of |similarities| a prediction divides by (pulls thin evidence to "
+        "the baseline).", item="number", minimum=0.0, maximum=1e6)
+    blend_enabled: bool = _param(True, "boolean", "blend",
+                                 "Blend the run's rating models (weights fitted on validation).")
+    blend_support: bool = _param(
+        True, "boolean", "blend",
+        "Let each member's weight vary with the movie's (log) number of training ratings.")
+    blend_ridges: tuple[float, ...] = _param(
+        (0.0, 0.0001, 0.001, 0.01, 0.1), "array", "blend",
+        "Ridge strengths tried for the blend weights (chosen by K-fold over validation).", item="number",
+        minimum=0.0, maximum=1e6)
+    blend_folds: int = _param(5, "integer", "blend",
+                              "K of the K-fold over validation (ridge choice and out-of-fold validation RMSE).",
+                              minimum=2, maximum=100)
     ials_ranks: tuple[int, ...] = _param((64, 128), "array", "ranking",
                                          "Implicit-feedback ALS grid: numbers of latent factors.",
                                          item="integer", minimum=1, maximum=1000)

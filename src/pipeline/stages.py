@@ -73,6 +73,18 @@ def _autorec(ctx):
     return run_autorec(ctx)
 
 
+def _knn(ctx):
+    from pipeline.models.rating_stages import run_knn
+
+    return run_knn(ctx)
+
+
+def _blend(ctx):
+    from pipeline.models.rating_stages import run_blend
+
+    return run_blend(ctx)
+
+
 def _implicit_als(ctx):
     from pipeline.models.implicit_als import run_implicit_als
 
@@ -157,9 +169,11 @@ PIPELINE: tuple[Stage, ...] = (
     Stage("baseline", _baseline, ("etl",)),
     Stage("als", _als, ("baseline",)),
     Stage("autorec", _autorec, ("baseline",)),
+    Stage("knn", _knn, ("baseline",)),
+    Stage("blend", _blend, ("baseline", "als", "autorec", "knn")),
     Stage("implicit_als", _implicit_als, ("baseline",)),
     Stage("ease", _ease, ("baseline",)),
-    Stage("compare_models", _compare_models, ("baseline", "als", "autorec", "implicit_als", "ease")),
+    Stage("compare_models", _compare_models, ("baseline", "als", "autorec", "knn", "blend", "implicit_als", "ease")),
     Stage("gate", _gate, ("compare_models",), dag_tasks=("gate", "decide")),
     Stage("promotion", _promotion, ("gate",), dag_tasks=("promote", "keep_champion")),
     Stage("ranking_gate", _ranking_gate, ("compare_models",)),

@@ -1,8 +1,10 @@
 """MLflow: the experiment, nested runs, plots, and the one pyfunc wrapper every registered model uses.
 
-The pyfunc carries a saved ``FactorModel`` (factors, id mappings, the baseline it may add and the fallback
-baseline for cold pairs) plus this package as code, so ``mlflow.pyfunc.load_model("models:/name@champion")``
-scores any (user_id, movie_id) pairs without Spark or TensorFlow.
+The rating pyfunc carries a saved rating model of any kind (a ``FactorModel``: factors, id mappings, the
+baseline it may add and the fallback baseline for cold pairs; an ``ItemKNN``; a ``Blend`` with its members),
+loaded by one dispatch (``pipeline.models.saved``), plus this package as code, so
+``mlflow.pyfunc.load_model("models:/name@champion")`` scores any (user_id, movie_id) pairs without Spark or
+TensorFlow.
 """
 
 from __future__ import annotations
@@ -134,23 +136,24 @@ def quiet_mlflow():
 def _pyfunc_class():
     import mlflow.pyfunc
 
-    class FactorModelPyfunc(mlflow.pyfunc.PythonModel):
+    class RatingModelPyfunc(mlflow.pyfunc.PythonModel):
         """Input: a DataFrame with user_id and movie_id. Output: predicted ratings (cold pairs: baseline)."""
 
         def load_context(self, context):
-            from pipeline.models.factor_model import FactorModel
+            from pipeline.models.saved import load_model
 
-            self.model = FactorModel.load(context.artifacts["factor_model"])
+            self.model = load_model(context.artifacts["rating_model"])
 
         def predict(self, context, model_input, params=None):
             frame = pd.DataFrame(model_input)
             return self.model.predict_all(frame["user_id"].to_numpy(np.int64), frame["movie_id"].to_numpy(np.int64))
 
-    return FactorModelPyfunc
+    return RatingModelPyfunc
 
 
-def log_factor_model(model, name: str = "model", registered_model_name: str | None = None):
-    """Log ``model`` as a pyfunc with signature, input example and explicit pip requirements."""
+def log_rating_model(model, name: str = "model", registered_model_name: str | None = None):
+    """Log a rating model of any kind (factor model, item kNN, blend: ``pipeline.models.saved``) as a pyfunc
+    with signature, input example and explicit pip requirements."""
     import mlflow
     from mlflow.models import infer_signature
 
@@ -158,11 +161,12 @@ def log_factor_model(model, name: str = "model", registered_model_name: str | No
                             "movie_id": model.movie_ids[:3].astype(np.int64)})
     signature = infer_signature(example, model.predict_all(example.user_id, example.movie_id))
     with tempfile.TemporaryDirectory() as tmp:
-        folder = model.save(Path(tmp) / "factor_model")
+        folder = model.save(Path(tmp) / "rating_model")
         import pyarrow
+        import scipy
 
         requirements = [f"mlflow=={mlflow.__version__}", f"numpy=={np.__version__}", f"pandas=={pd.__version__}",
-                        f"pyarrow=={pyarrow.__version__}"]
+                        f"pyarrow=={pyarrow.__version__}", f"scipy=={scipy.__version__}"]
         import warnings
 
         with quiet_mlflow(), warnings.catch_warnings():
@@ -170,10 +174,13 @@ def log_factor_model(model, name: str = "model", registered_model_name: str | No
             warnings.filterwarnings("ignore", message=".*integer column.*")
             warnings.filterwarnings("ignore", message=".*type hints.*")
             return mlflow.pyfunc.log_model(
-                name=name, python_model=_pyfunc_class()(), artifacts={"factor_model": str(folder)},
+                name=name, python_model=_pyfunc_class()(), artifacts={"rating_model": str(folder)},
                 code_paths=[str(PACKAGE_DIR)], signature=signature, input_example=example,
                 pip_requirements=requirements, registered_model_name=registered_model_name,
             )
+
+
+log_factor_model = log_rating_model  # the name from before the kNN and blend models
 
 
 def _ranker_pyfunc_class():
@@ -183,9 +190,9 @@ def _ranker_pyfunc_class():
         """Input: user_id and history (the movie ids each user rated). Output: user_id, rank, movie_id."""
 
         def load_context(self, context):
-            from pipeline.models.item_item import ItemItemModel
+            from pipeline.models.saved import load_model
 
-            self.model = ItemItemModel.load(context.artifacts["item_item_model"])
+            self.model = load_model(context.artifacts["item_item_model"])
 
         def predict(self, context, model_input, params=None):
             frame = pd.DataFrame(model_input)
@@ -217,7 +224,8 @@ def log_model(model):
     """The registrable pyfunc of any model the stages train (its item factors too, when it has them)."""
     if hasattr(model, "item_factors"):
         log_item_factors(model)
-        return log_factor_model(model)
+    if hasattr(model, "predict_all"):
+        return log_rating_model(model)
     return log_ranker(model)
 
 

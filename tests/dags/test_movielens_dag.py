@@ -38,16 +38,18 @@ def test_every_dag_is_tagged_documented_and_retries(dagbag, dag_id):
 def test_tasks_are_the_real_stages_in_order(dagbag):
     dag = dagbag.dags[DAG_ID]
     assert {t.task_id for t in dag.tasks} == {"ingest", "validate", "etl", "olap", "baseline", "als", "autorec",
-                                              "implicit_als", "ease", "compare_models", "gate", "decide", "promote",
+                                              "knn", "blend", "implicit_als", "ease", "compare_models", "gate", "decide", "promote",
                                               "keep_champion", "ranking_gate", "ranking_promotion", "similarity",
                                               "recommend", "cold_start", "report"}
     assert dag.get_task("validate").upstream_task_ids == {"ingest"}
     assert dag.get_task("etl").upstream_task_ids == {"validate"}
     assert dag.get_task("olap").upstream_task_ids == {"etl"}
     assert dag.get_task("baseline").upstream_task_ids == {"etl"}
-    for model in ("als", "autorec", "implicit_als", "ease"):  # in parallel after the baseline
+    for model in ("als", "autorec", "knn", "implicit_als", "ease"):  # in parallel after the baseline
         assert dag.get_task(model).upstream_task_ids == {"baseline"}
-    assert dag.get_task("compare_models").upstream_task_ids == {"baseline", "als", "autorec", "implicit_als", "ease"}
+    assert dag.get_task("blend").upstream_task_ids == {"baseline", "als", "autorec", "knn"}  # the rating models
+    assert dag.get_task("compare_models").upstream_task_ids == {"baseline", "als", "autorec", "knn", "blend",
+                                                                "implicit_als", "ease"}
     assert dag.get_task("ranking_gate").upstream_task_ids == {"compare_models"}
     assert dag.get_task("ranking_promotion").upstream_task_ids == {"ranking_gate"}
     assert dag.get_task("gate").upstream_task_ids == {"compare_models"}
@@ -141,7 +143,8 @@ def dag_run(airflow_db, dagbag, real_movielens, tmp_path_factory):
         run = dagbag.dags[DAG_ID].test(run_conf={
             "source": str(sample), "seed": 7, "olap_min_ratings": 3, "als_ranks": [4, 8],
             "als_reg_params": [0.15], "als_max_iters": [10], "ials_ranks": [32], "ials_reg_params": [0.5],
-            "ials_alphas": [1.0], "ease_lambdas": [200.0]})
+            "ials_alphas": [1.0], "ease_lambdas": [200.0], "knn_neighbours": [50], "knn_shrinkages": [100.0],
+            "knn_dampings": [0.5]})
         settings = load_settings()
     finally:
         if previous is None:
@@ -168,17 +171,18 @@ def test_dag_test_runs_end_to_end_on_a_sample(dag_run):
     assert set(report["olap"]["tables"]) >= {"genre_year", "user_activity", "movie_popularity",
                                               "ratings_per_month", "tags_per_movie"}
     assert set(report["timings_s"]) == {"ingest", "validate", "etl", "olap", "baseline", "als", "autorec",
-                                        "implicit_als", "ease", "compare_models", "gate", "promotion",
+                                        "knn", "blend", "implicit_als", "ease", "compare_models", "gate", "promotion",
                                         "ranking_gate", "ranking_promotion", "similarity", "recommend",
                                         "cold_start", "report"}
     assert report["params"]["als_ranks"] == [4, 8] and report["params"]["source"] == str(sample)
     models = report["models"]
-    assert set(models) == {"baseline", "als", "autorec", "implicit_als", "ease"}
+    assert set(models) == {"baseline", "als", "autorec", "knn", "blend", "implicit_als", "ease"}
     assert [p["rank"] for p in models["als"]["grid"]] == [4, 8]
-    for name in ("als", "autorec"):  # every model scored on every test row
+    for name in ("als", "autorec", "knn", "blend"):  # every model scored on every test row
         assert models[name]["test_rows"] == split["test"]
         assert models[name]["mlflow_run_id"]
-    assert report["model_comparison"]["best_by_validation_rmse"] in ("als", "autorec")
+    assert report["model_comparison"]["best_by_validation_rmse"] in ("als", "autorec", "knn", "blend")
+    assert models["blend"]["members"] == ["baseline", "als", "autorec", "knn"]
     assert "test_precision_at_10" in report["ranking"]["popularity"]
     assert report["ranking_promotion"]["decision"] == "promoted"  # an empty registry: beating popularity is enough
     assert report["cold_start"]["users"] > 0

@@ -26,17 +26,20 @@ def test_quality_targets_hold_on_all_test_rows(first):
     for name in ("als", "autorec"):
         assert models[name]["test_rmse"] <= 0.875 and models[name]["test_rmse"] < base, name
     assert min(models[n]["test_rmse"] for n in ("als", "autorec")) <= 0.845
+    assert models["knn"]["test_rmse"] < base
+    assert models["blend"]["test_rmse"] <= 0.830  # issue 13: the best rating challenger
+    assert models["blend"]["test_rmse"] < min(models[n]["test_rmse"] for n in ("als", "autorec", "knn"))
     assert models["baseline"]["global_mean"]["test_rmse"] > base
 
 
 def test_every_model_is_scored_on_the_same_test_rows(first):
     split, models = first["split"], first["models"]
     rows = {name: (m["test_rows"], m["cold_test_rows"]) for name, m in models.items() if "test_rmse" in m}
-    assert set(rows) == {"baseline", "als", "autorec"}
+    assert set(rows) == {"baseline", "als", "autorec", "knn", "blend"}
     assert set(rows.values()) == {(split["test"], models["baseline"]["cold_test_rows"])}
     assert models["baseline"]["cold_test_rows"] > 0  # cold rows exist and are predicted, not dropped
     users = {name: c["users"] for name, c in first["ranking"]["candidates"].items()}
-    assert set(users) == {"baseline", "als", "autorec", "implicit_als", "ease"}
+    assert set(users) == {"baseline", "als", "autorec", "knn", "blend", "implicit_als", "ease"}
     assert set(users.values()) == {first["ranking"]["popularity"]["users"]}  # every list scored on the same users
     assert set(models["als"]) >= {"grid", "best_params", "val_rmse", "test_rmse", "test_mae", "test_rows",
                                   "cold_test_rows", "cold_test_rmse", "mlflow_run_id", "ranking"}

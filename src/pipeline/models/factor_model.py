@@ -99,6 +99,10 @@ class FactorModel:
             raw += np.clip(part, b.min_rating, b.max_rating)
         return np.clip(raw, self.min_rating, self.max_rating), raw
 
+    def user_scores(self, user_ids) -> np.ndarray:
+        """What predict() returns for the (known) users and every movie of ``movie_ids`` (users x movies)."""
+        return self._scores(self._users.get_indexer(np.asarray(user_ids, dtype=np.int64)))[0]
+
     def top_k(self, user_ids, k: int, exclude: dict | None = None, history: dict | None = None,
               batch: int = 512) -> dict:
         """The k best known movies for each known user, skipping ``exclude[user]`` (e.g. seen movies).
@@ -143,14 +147,7 @@ class FactorModel:
         meta = {"name": self.name, "offset": self.offset, "min_rating": self.min_rating,
                 "max_rating": self.max_rating, "meta": self.meta}
         for key in ("baseline", "fallback"):
-            b = getattr(self, key)
-            meta[key] = None
-            if b is not None:
-                arrays.update({f"{key}_user_ids": b.user_bias_.index.to_numpy(np.int64),
-                               f"{key}_user_bias": b.user_bias_.to_numpy(),
-                               f"{key}_movie_ids": b.item_bias_.index.to_numpy(np.int64),
-                               f"{key}_item_bias": b.item_bias_.to_numpy()})
-                meta[key] = {"mu": b.mu_, "damping_user": b.damping_user, "damping_item": b.damping_item}
+            meta[key] = baseline_arrays(getattr(self, key), key, arrays)
         np.savez(folder / "factors.npz", **arrays)
         (folder / "model.json").write_text(json.dumps(meta, indent=2, default=float))
         return folder
@@ -160,15 +157,29 @@ class FactorModel:
         folder = Path(folder)
         meta = json.loads((folder / "model.json").read_text())
         z = np.load(folder / "factors.npz")
-        stored = {}
-        for key in ("baseline", "fallback"):
-            stored[key] = None if meta.get(key) is None else baseline_from_arrays(
-                meta[key], z[f"{key}_user_ids"], z[f"{key}_user_bias"], z[f"{key}_movie_ids"],
-                z[f"{key}_item_bias"], meta["min_rating"], meta["max_rating"])
+        stored = {key: baseline_from_stored(meta.get(key), key, z, meta["min_rating"], meta["max_rating"])
+                  for key in ("baseline", "fallback")}
         return cls(name=meta["name"], user_ids=z["user_ids"], movie_ids=z["movie_ids"],
                    user_factors=z["user_factors"], item_factors=z["item_factors"], user_bias=z["user_bias"],
                    item_bias=z["item_bias"], offset=meta["offset"], baseline=stored["baseline"], fallback=stored["fallback"],
                    min_rating=meta["min_rating"], max_rating=meta["max_rating"], meta=meta.get("meta", {}))
+
+
+def baseline_arrays(b: BiasBaseline | None, key: str, arrays: dict) -> dict | None:
+    """Add a fitted baseline's biases to ``arrays`` (an npz's contents) under ``key``; its meta (None: none)."""
+    if b is None:
+        return None
+    arrays.update({f"{key}_user_ids": b.user_bias_.index.to_numpy(np.int64), f"{key}_user_bias": b.user_bias_.to_numpy(),
+                   f"{key}_movie_ids": b.item_bias_.index.to_numpy(np.int64), f"{key}_item_bias": b.item_bias_.to_numpy()})
+    return {"mu": b.mu_, "damping_user": b.damping_user, "damping_item": b.damping_item}
+
+
+def baseline_from_stored(info: dict | None, key: str, arrays, lo=RATING_MIN, hi=RATING_MAX) -> BiasBaseline | None:
+    """The baseline ``baseline_arrays`` stored under ``key`` (None if none was)."""
+    if info is None:
+        return None
+    return baseline_from_arrays(info, arrays[f"{key}_user_ids"], arrays[f"{key}_user_bias"],
+                                arrays[f"{key}_movie_ids"], arrays[f"{key}_item_bias"], lo, hi)
 
 
 def baseline_from_arrays(info: dict, user_ids, user_bias, movie_ids, item_bias, lo=RATING_MIN, hi=RATING_MAX):

@@ -158,6 +158,12 @@ def rating_metrics(rows: pd.DataFrame, predict: Predict, fallback: Fallback, tra
     if len(rows) == 0:
         raise DataValidationError(f"the {split} split has no rows: there is nothing to evaluate")
     pred, cold = predictions_with_fallback(rows, predict, fallback, train)
+    return metrics_of_predictions(rows, pred, cold, split)
+
+
+def metrics_of_predictions(rows: pd.DataFrame, pred: np.ndarray, cold: np.ndarray, split: str = "test") -> dict:
+    """``rating_metrics``' figures for predictions already made for every row (``cold``: the cold rows)."""
+    pred = clip_ratings(pred)
     truth = rows["rating"].to_numpy(dtype=np.float64)
     n_cold = int(cold.sum())
     return {

@@ -26,6 +26,7 @@ from pipeline.models.item_item import ItemItemModel
 from pipeline.models.factor_model import FactorModel
 from pipeline.models.metrics import rating_metrics
 from pipeline.models.ranking import RANKING_K, evaluate_ranking
+from pipeline.models.saved import load_model
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +57,6 @@ def load_baseline(ctx, needed_by: str):
     return FactorModel.load(manifest["candidate"]["model_path"]).baseline
 
 
-def load_model(folder: Path):
-    """A saved model of any kind (a FactorModel, or an ItemItemModel for EASE)."""
-    meta = storage.read_json(Path(folder) / "model.json")
-    return ItemItemModel.load(folder) if meta.get("kind") == "item_item" else FactorModel.load(folder)
-
-
 def evaluate(model, split: Split, fallback, lists_path: Path | None = None) -> dict:
     """The one evaluation: rating metrics on every test row (rating models) and the ranking protocol."""
     scores = {}
@@ -89,6 +84,9 @@ class Fitted:
     section: dict = field(default_factory=dict)  # extra fields of the model's report section
     sections: dict = field(default_factory=dict)  # extra report sections (e.g. the popularity ranking)
     manifest: dict = field(default_factory=dict)  # extra manifest entries (what later stages read)
+    # the validation figures, when scoring the model on validation would be in sample (the blend's weights are
+    # fitted on validation: its figures are out of fold); None: the protocol scores the model on validation
+    validation: dict | None = None
 
 
 Fit = Callable[[Split, object, Path, object], Fitted]
@@ -117,8 +115,10 @@ def run_candidate(ctx, stage: str, fit: Fit, *, kind: str = "rating", eligible: 
         fit_s = time.perf_counter() - started
         model = fitted.model
         fallback = baseline if baseline is not None else getattr(model, "fallback", None)
-        val = rating_metrics(split.validation, model.predict, fallback, split.train, split="val") \
-            if kind == "rating" else {}
+        val = {}
+        if kind == "rating":
+            val = fitted.validation or rating_metrics(split.validation, model.predict, fallback, split.train,
+                                                      split="val")
         scores = evaluate(model if kind == "rating" else _RankingOnly(model), split, fallback,
                           tmp / "test_lists.parquet")
         scores["ranking"]["test_lists"] = str(out_dir / "test_lists.parquet")
@@ -183,6 +183,8 @@ def compare_models(ctx) -> dict:
     for r in rows:
         lines.append(f"| {r['model']}{' (best by validation)' if r['model'] == best else ''} | "
                      + " | ".join(fmt(r[k]) for k in ("val_rmse", "test_rmse", "test_mae", "cold_test_rmse")) + " |")
+    if "weights" in models.get("blend", {}):
+        lines += [""] + blend_lines(models["blend"])
     lines += ["", "## Top-10 lists (test lists leave out train and validation movies; relevant: rating >= 4)", "",
               "| model | validation NDCG@10 | NDCG@10 | P@10 | R@10 | MAP@10 | users |", "|---|---|---|---|---|---|---|"]
     for name, c in ([("popularity", popularity)] if popularity else []) + list(candidates.items()):
@@ -192,6 +194,24 @@ def compare_models(ctx) -> dict:
     storage.write_text_atomic(table, "# Models of this run\n\n" + "\n".join(lines) + "\n")
     return {"model_comparison": {"best_by_validation_rmse": best, "rows": rows, "table": str(table)},
             "ranking": {"candidates": candidates, "best_by_validation_ndcg": best_ranker}}
+
+
+def blend_lines(blend: dict) -> list[str]:
+    """models.md's blend section: its weights, and each member's share of its gain over the baseline."""
+    gain = blend.get("gain", {})
+    lines = [f"## Blend (weights fitted on {blend['fitted_on_rows']} validation rows, ridge {blend['ridge']:g} "
+             f"chosen by {blend['folds']}-fold; validation RMSE out of fold)", "",
+             "| feature | weight |", "|---|---|", f"| intercept | {blend['intercept']:.4f} |"]
+    lines += [f"| {name} | {w:.4f} |" for name, w in blend["weights"].items()]
+    if gain:
+        lines += ["", f"Out-of-fold validation RMSE (warm rows): baseline {gain['reference_rmse']:.4f}, blend "
+                  f"{gain['blend_rmse']:.4f}, gain {gain['gain']:.4f}. Each member's share of the gain (Shapley value "
+                  "over the blends of the baseline with every subset of members):", "",
+                  "| member | share (RMSE) | share of the gain |", "|---|---|---|"]
+        total = gain["gain"] or 1.0
+        shares = {**blend["shares"], "baseline recalibration": gain["recalibration"]}
+        lines += [f"| {name} | {v:.4f} | {100 * v / total:.1f} % |" for name, v in shares.items()]
+    return lines
 
 
 def manifest_entries(run_dir: Path, key: str) -> dict:

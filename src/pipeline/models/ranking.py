@@ -47,6 +47,30 @@ def ranked_lists(model, user_ids, k: int, exclude: dict, history: dict, train: p
     return {u: top[u] for u in user_ids}
 
 
+def top_k_by_score(scores, user_ids: list, movie_ids: np.ndarray, k: int, exclude: dict | None = None,
+                   batch: int = 256) -> dict:
+    """{user: the k movies of ``movie_ids`` with the highest score}, skipping ``exclude[user]``; ties by
+    movie_id. ``scores(user_ids)`` gives a users x movies matrix (the rating models that score densely)."""
+    exclude = exclude or {}
+    index = pd.Index(np.asarray(movie_ids, dtype=np.int64))
+    n = len(index)
+    kk = min(k, n)
+    out: dict = {}
+    for start in range(0, len(user_ids), batch):
+        chunk = user_ids[start:start + batch]
+        matrix = np.array(scores(chunk), dtype=np.float64)
+        for user, row in zip(chunk, matrix):
+            seen = exclude.get(user)
+            if seen:
+                cols = index.get_indexer(np.fromiter(seen, dtype=np.int64, count=len(seen)))
+                row[cols[cols >= 0]] = -np.inf
+            cut = np.partition(row, n - kk)[n - kk]
+            cand = np.flatnonzero((row >= cut) & np.isfinite(row))
+            order = np.lexsort((index.to_numpy()[cand], -row[cand]))[:kk]
+            out[user] = index.to_numpy()[cand[order]].tolist()
+    return out
+
+
 def lists_frame(top: dict) -> pd.DataFrame:
     rows = [(u, r, m) for u, movies in top.items() for r, m in enumerate(movies, start=1)]
     return pd.DataFrame(rows, columns=["user_id", "rank", "movie_id"]).astype(

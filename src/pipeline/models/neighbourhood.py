@@ -1,0 +1,239 @@
+"""Item-based kNN on the residuals of the bias baseline, with shrunk Pearson-baseline similarities.
+
+    r^(u, i) = b(u, i) + sum_j s_ij z_uj / (sum_j |s_ij| + damping),   z_uj = r_uj - b(u, j)
+
+over the movies j among movie i's K most similar movies that user u rated in training (``b``: the damped bias
+baseline; ``damping`` pulls a prediction with little neighbourhood evidence towards the baseline). The
+similarity is Pearson on the baseline residuals over the users who rated both movies, shrunk by their number
+(Koren 2008; the "pearson_baseline" of KNNBaseline):
+
+    s_ij = n_ij / (n_ij + shrinkage) * sum_u z_ui z_uj / sqrt(sum_u z_ui^2 * sum_u z_uj^2)   (u rated i and j)
+
+Only the K best positive similarities of each movie are kept (``neighbours``/``sims``: movies x K), so the
+model is O(movies x K) plus the training residuals (one float per rating): at 10 M ratings and K = 100, about
+90 MB. Fitting computes the four co-rating sums by sparse products one block of movies at a time, a block
+being at most ``block_entries`` (movie, movie) cells, so its memory is bounded whatever the catalogue.
+Predictions are plain numpy/scipy (no Spark): the registered pyfunc scores pairs like the factor models.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from pipeline.models.baseline import BiasBaseline
+from pipeline.models.metrics import RATING_MAX, RATING_MIN
+from pipeline.models.ranking import top_k_by_score
+
+log = logging.getLogger(__name__)
+
+BLOCK_ENTRIES = 4_000_000  # (movie, movie) cells computed at once while fitting: 4 float64 blocks = 128 MB
+EMBEDDING_RANK = 64
+_PAIR_CHUNK = 100_000
+
+
+def residual_matrix(train: pd.DataFrame, baseline: BiasBaseline, user_ids: np.ndarray,
+                    movie_ids: np.ndarray) -> sp.csr_matrix:
+    """Users x movies CSR of the training residuals r - b(u, i) (float32; rows/cols follow the ids)."""
+    rows = pd.Index(user_ids).get_indexer(train["user_id"].to_numpy())
+    cols = pd.Index(movie_ids).get_indexer(train["movie_id"].to_numpy())
+    z = train["rating"].to_numpy(np.float64) - baseline.predict(train["user_id"].to_numpy(), train["movie_id"].to_numpy())
+    # a residual of exactly 0 must stay a stored entry (the user rated the movie): nudge it
+    z = np.where(z == 0.0, 1e-6, z).astype(np.float32)
+    m = sp.csr_matrix((z, (rows, cols)), shape=(len(user_ids), len(movie_ids)), dtype=np.float32)
+    m.sum_duplicates()
+    return m
+
+
+def neighbour_tables(z: sp.csr_matrix, shrinkages, k: int, block_entries: int = BLOCK_ENTRIES,
+                     min_support: int = 2) -> dict:
+    """{shrinkage: (neighbours int32 movies x k, sims float32 movies x k)}: each movie's k most similar movies
+    (positive shrunk Pearson-baseline similarity, best first; -1 / 0 where fewer exist). The co-rating sums are
+    computed once for every shrinkage."""
+    n = z.shape[1]
+    zc = z.tocsc().astype(np.float64)
+    ones = zc.copy()
+    ones.data[:] = 1.0
+    sq = zc.multiply(zc).tocsc()
+    k = max(1, min(int(k), max(n - 1, 1)))
+    out = {float(s): (np.full((n, k), -1, np.int32), np.zeros((n, k), np.float32)) for s in shrinkages}
+    block = max(1, int(block_entries) // max(n, 1))
+    for start in range(0, n, block):
+        stop = min(start + block, n)
+        zb, ob, sb = zc[:, start:stop].T.tocsr(), ones[:, start:stop].T.tocsr(), sq[:, start:stop].T.tocsr()
+        num = (zb @ zc).toarray()
+        count = (ob @ ones).toarray()
+        sq_i = (sb @ ones).toarray()
+        sq_j = (ob @ sq).toarray()
+        with np.errstate(divide="ignore", invalid="ignore"):
+            pearson = num / np.sqrt(sq_i * sq_j)
+        pearson[~np.isfinite(pearson) | (count < min_support)] = 0.0
+        pearson[np.arange(stop - start), np.arange(start, stop)] = 0.0  # not its own neighbour
+        for shrink, (nbr, sim) in out.items():
+            s = pearson * (count / (count + shrink))
+            top = np.argpartition(-s, k - 1, axis=1)[:, :k] if k < n else np.tile(np.arange(n), (stop - start, 1))
+            vals = np.take_along_axis(s, top, axis=1)
+            order = np.argsort(-vals, axis=1, kind="stable")
+            top, vals = np.take_along_axis(top, order, axis=1), np.take_along_axis(vals, order, axis=1)
+            keep = vals > 0
+            nbr[start:stop] = np.where(keep, top, -1)
+            sim[start:stop] = np.where(keep, vals, 0.0)
+    return out
+
+
+@dataclass
+class ItemKNN:
+    """The fitted neighbourhood model: neighbour tables, the users' training residuals and the baseline."""
+
+    name: str
+    user_ids: np.ndarray
+    movie_ids: np.ndarray
+    neighbours: np.ndarray  # movies x K column indices into movie_ids, -1 = none
+    sims: np.ndarray  # movies x K similarities, 0 = none
+    residuals: sp.csr_matrix  # users x movies training residuals
+    baseline: BiasBaseline
+    damping: float = 1.0
+    fallback: BiasBaseline | None = None
+    min_rating: float = RATING_MIN
+    max_rating: float = RATING_MAX
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.user_ids = np.asarray(self.user_ids, dtype=np.int64)
+        self.movie_ids = np.asarray(self.movie_ids, dtype=np.int64)
+        self.neighbours = np.asarray(self.neighbours, dtype=np.int32)
+        self.sims = np.asarray(self.sims, dtype=np.float32)
+        self._users, self._movies = pd.Index(self.user_ids), pd.Index(self.movie_ids)
+        n, k = self.neighbours.shape
+        keep = self.neighbours >= 0
+        rows = np.repeat(np.arange(n), k).reshape(n, k)[keep]
+        self._s = sp.csr_matrix((self.sims[keep], (rows, self.neighbours[keep])), shape=(n, n), dtype=np.float32)
+        self._rated = self.residuals.copy()
+        self._rated.data[:] = 1.0
+
+    @property
+    def k(self) -> int:
+        return int(self.neighbours.shape[1])
+
+    def _baseline_part(self, user_ids, movie_ids) -> np.ndarray:
+        return self.baseline.predict(user_ids, movie_ids)
+
+    def predict(self, user_ids, movie_ids) -> np.ndarray:
+        """Predicted ratings, clipped; NaN where the user or movie is unknown to the model."""
+        user_ids = np.asarray(user_ids, dtype=np.int64)
+        movie_ids = np.asarray(movie_ids, dtype=np.int64)
+        u, m = self._users.get_indexer(user_ids), self._movies.get_indexer(movie_ids)
+        out = np.full(len(u), np.nan)
+        known = np.flatnonzero((u >= 0) & (m >= 0))
+        abs_s = abs(self._s)
+        for start in range(0, len(known), _PAIR_CHUNK):
+            at = known[start:start + _PAIR_CHUNK]
+            num = np.asarray(self._s[m[at]].multiply(self.residuals[u[at]]).sum(axis=1)).ravel()
+            den = np.asarray(abs_s[m[at]].multiply(self._rated[u[at]]).sum(axis=1)).ravel()
+            out[at] = self._combine(self._baseline_part(user_ids[at], movie_ids[at]), num, den)
+        return out
+
+    def _combine(self, base, num, den):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            delta = np.where(den > 0, num / (den + self.damping), 0.0)
+        return np.clip(base + delta, self.min_rating, self.max_rating)
+
+    def predict_all(self, user_ids, movie_ids) -> np.ndarray:
+        """Predictions for every pair: cold users/movies get the fallback baseline, as in the evaluation."""
+        out = self.predict(user_ids, movie_ids)
+        missing = ~np.isfinite(out)
+        if missing.any():
+            if self.fallback is None:
+                raise ValueError(f"model {self.name!r} has no fallback baseline for {int(missing.sum())} cold pairs")
+            out[missing] = self.fallback.predict(np.asarray(user_ids)[missing], np.asarray(movie_ids)[missing])
+        return out
+
+    def user_scores(self, user_ids) -> np.ndarray:
+        """Predicted ratings of the (known) users for every movie of ``movie_ids`` (users x movies), as
+        ``predict`` computes them, by two sparse products."""
+        rows = self._users.get_indexer(np.asarray(user_ids, dtype=np.int64))
+        num = (self.residuals[rows] @ self._s.T).toarray()
+        den = (self._rated[rows] @ abs(self._s).T).toarray()
+        b = self.baseline
+        base = np.clip(b.mu_ + b._lookup(b.user_bias_, self.user_ids[rows])[:, None]
+                       + b._lookup(b.item_bias_, self.movie_ids)[None, :], b.min_rating, b.max_rating)
+        return self._combine(base, num, den)
+
+    def top_k(self, user_ids, k: int, exclude: dict | None = None, history: dict | None = None,
+              batch: int = 256) -> dict:
+        """The k best movies by predicted rating for each known user, skipping ``exclude[user]``; ties by
+        movie_id. ``history`` is accepted for the ranker interface (the residuals hold what was rated)."""
+        known = [int(u) for u in user_ids if self._users.get_indexer([int(u)])[0] >= 0]
+        return top_k_by_score(self.user_scores, known, self.movie_ids, k, exclude, batch)
+
+    def item_embeddings(self, rank: int = EMBEDDING_RANK) -> tuple[np.ndarray, np.ndarray]:
+        """(movie_ids, vectors) for the similar-movie tables: a rank-64 factorisation of the (symmetrised)
+        sparse similarity matrix, so that cosine on the vectors follows the neighbourhoods."""
+        from scipy.sparse.linalg import svds
+
+        s = ((self._s + self._s.T) * 0.5).astype(np.float64)
+        n = s.shape[0]
+        r = max(1, min(rank, n - 2))
+        if n <= 4 * r:
+            u, sv, _ = np.linalg.svd(s.toarray())
+            u, sv = u[:, :r], sv[:r]
+        else:
+            u, sv, _ = svds(s, k=r, v0=np.full(n, 1.0 / np.sqrt(n)))
+        return self.movie_ids, (u * np.sqrt(np.maximum(sv, 0.0))).astype(np.float32)
+
+    # --- persistence ------------------------------------------------------------------------------------
+
+    def save(self, folder: Path) -> Path:
+        from pipeline.models.factor_model import baseline_arrays
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        z = self.residuals.tocsr()
+        arrays = dict(user_ids=self.user_ids, movie_ids=self.movie_ids, neighbours=self.neighbours, sims=self.sims,
+                      z_indptr=z.indptr, z_indices=z.indices, z_data=z.data)
+        meta = {"kind": "knn", "name": self.name, "damping": self.damping, "min_rating": self.min_rating,
+                "max_rating": self.max_rating, "meta": self.meta}
+        for key in ("baseline", "fallback"):
+            meta[key] = baseline_arrays(getattr(self, key), key, arrays)
+        np.savez(folder / "knn.npz", **arrays)
+        (folder / "model.json").write_text(json.dumps(meta, indent=2, default=float))
+        return folder
+
+    @classmethod
+    def load(cls, folder: Path) -> ItemKNN:
+        from pipeline.models.factor_model import baseline_from_stored
+
+        folder = Path(folder)
+        meta = json.loads((folder / "model.json").read_text())
+        a = np.load(folder / "knn.npz")
+        z = sp.csr_matrix((a["z_data"], a["z_indices"], a["z_indptr"]), shape=(len(a["user_ids"]), len(a["movie_ids"])))
+        stored = {key: baseline_from_stored(meta[key], key, a, meta["min_rating"], meta["max_rating"])
+                  for key in ("baseline", "fallback")}
+        return cls(meta["name"], a["user_ids"], a["movie_ids"], a["neighbours"], a["sims"], z, stored["baseline"],
+                   damping=meta["damping"], fallback=stored["fallback"], min_rating=meta["min_rating"],
+                   max_rating=meta["max_rating"], meta=meta.get("meta", {}))
+
+
+def fit_knn_grid(train: pd.DataFrame, baseline: BiasBaseline, neighbours, shrinkages, dampings,
+                 block_entries: int = BLOCK_ENTRIES) -> list[tuple[dict, ItemKNN]]:
+    """One ItemKNN per (k, shrinkage, damping) point, sharing one pass of co-rating sums."""
+    user_ids = np.sort(pd.unique(train["user_id"]).astype(np.int64))
+    movie_ids = np.sort(pd.unique(train["movie_id"]).astype(np.int64))
+    z = residual_matrix(train, baseline, user_ids, movie_ids)
+    tables = neighbour_tables(z, shrinkages, max(neighbours), block_entries)
+    out = []
+    for shrink, (nbr, sim) in tables.items():
+        for k in neighbours:
+            kk = min(int(k), nbr.shape[1])
+            for damping in dampings:
+                point = {"k": int(k), "shrinkage": float(shrink), "damping": float(damping)}
+                out.append((point, ItemKNN("knn", user_ids, movie_ids, nbr[:, :kk].copy(), sim[:, :kk].copy(), z,
+                                           baseline, damping=float(damping), fallback=baseline,
+                                           meta={"params": point})))
+    return out
