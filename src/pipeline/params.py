@@ -78,6 +78,10 @@ class Params:
                                     minimum=0.0, maximum=0.95)
     autorec_learning_rate: float = _param(0.001, "number", "AutoRec", "Adam learning rate.",
                                           minimum=1e-6, maximum=1.0)
+    autorec_lr_decay: float = _param(
+        1.0, "number", "AutoRec",
+        "Learning-rate schedule: epoch e trains at autorec_learning_rate * autorec_lr_decay^(e-1) (1 = constant).",
+        minimum=0.5, maximum=1.0)
     autorec_epochs: int = _param(100, "integer", "AutoRec",
                                  "Most epochs; early stopping on validation RMSE usually ends sooner.",
                                  minimum=1, maximum=100_000)

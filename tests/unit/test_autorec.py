@@ -138,7 +138,7 @@ def test_configure_threads_after_initialisation_does_not_raise(fitted):
 
 
 @pytest.mark.parametrize("bad", [{"hidden_units": 0}, {"dropout": 1.0}, {"l2": -1}, {"normalization": "z"},
-                                 {"patience": 0}])
+                                 {"patience": 0}, {"lr_decay": 0.0}, {"lr_decay": 1.5}])
 def test_bad_hyper_parameters_are_config_errors(planted, bad):
     train, validation, _ = planted
     with pytest.raises(ConfigError):
@@ -159,3 +159,15 @@ def test_same_seed_gives_the_same_model(planted):
     second, second_history = train_autorec(train, validation, **params)
     assert [r["val_rmse"] for r in first_history] == pytest.approx([r["val_rmse"] for r in second_history], abs=1e-6)
     np.testing.assert_allclose(first.item_factors, second.item_factors, atol=1e-5)
+
+
+def test_the_learning_rate_schedule_shrinks_later_steps_only(planted):
+    train, validation, _ = planted
+    one = {**FAST, "epochs": 1, "patience": 1}
+    first_constant, _ = train_autorec(train, validation, **one)
+    first_decayed, _ = train_autorec(train, validation, **one, lr_decay=0.5)
+    np.testing.assert_allclose(first_decayed.item_factors, first_constant.item_factors, atol=1e-5)  # epoch 1: lr
+    three = {**FAST, "epochs": 3, "patience": 3}
+    constant, _ = train_autorec(train, validation, **three)
+    decayed, _ = train_autorec(train, validation, **three, lr_decay=0.5)
+    assert decayed.meta["lr_decay"] == 0.5 and not np.allclose(constant.item_factors, decayed.item_factors)

@@ -59,6 +59,7 @@ DEFAULTS = {
     "l2": _P.autorec_l2,
     "dropout": _P.autorec_dropout,
     "learning_rate": _P.autorec_learning_rate,
+    "lr_decay": _P.autorec_lr_decay,
     "epochs": _P.autorec_epochs,
     "batch_size": _P.autorec_batch_size,
     "patience": _P.autorec_patience,
@@ -167,7 +168,8 @@ class AutoRecRun:
     network: ItemAutoRec
 
 
-def _check_hyper_parameters(hidden_units, l2, dropout, learning_rate, epochs, batch_size, patience, normalization):
+def _check_hyper_parameters(hidden_units, l2, dropout, learning_rate, epochs, batch_size, patience, normalization,
+                            lr_decay=1.0):
     def count(value):
         return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1
 
@@ -176,6 +178,7 @@ def _check_hyper_parameters(hidden_units, l2, dropout, learning_rate, epochs, ba
         ("l2", l2, l2 >= 0, "a number >= 0"),
         ("dropout", dropout, 0 <= dropout < 1, "a number in [0, 1)"),
         ("learning_rate", learning_rate, learning_rate > 0, "a number > 0"),
+        ("lr_decay", lr_decay, 0 < lr_decay <= 1, "a number in (0, 1]"),
         ("epochs", epochs, count(epochs), "an integer >= 1"),
         ("batch_size", batch_size, count(batch_size), "an integer >= 1"),
         ("patience", patience, count(patience), "an integer >= 1"),
@@ -203,10 +206,11 @@ def fit_autorec(train: pd.DataFrame, validation: pd.DataFrame, *, hidden_units: 
                 learning_rate: float = DEFAULTS["learning_rate"], epochs: int = DEFAULTS["epochs"],
                 batch_size: int = DEFAULTS["batch_size"], patience: int = DEFAULTS["patience"],
                 seed: int = DEFAULTS["seed"], normalization: str = DEFAULTS["normalization"],
-                baseline: BiasBaseline | None = None,
+                baseline: BiasBaseline | None = None, lr_decay: float = DEFAULTS["lr_decay"],
                 on_epoch: Callable[[dict], None] | None = None) -> AutoRecRun:
     """Train I-AutoRec on ``train`` with early stopping on ``validation``; see ``train_autorec``."""
-    _check_hyper_parameters(hidden_units, l2, dropout, learning_rate, epochs, batch_size, patience, normalization)
+    _check_hyper_parameters(hidden_units, l2, dropout, learning_rate, epochs, batch_size, patience, normalization,
+                            lr_decay)
     if len(train) == 0:
         raise DataValidationError("the training split has no rows: AutoRec needs ratings to learn from")
     user_codes, user_ids = pd.factorize(train["user_id"], sort=True)
@@ -285,6 +289,8 @@ def fit_autorec(train: pd.DataFrame, validation: pd.DataFrame, *, hidden_units: 
     history, best, step = [], None, 0
     started = time.perf_counter()
     for epoch in range(1, epochs + 1):
+        if lr_decay != 1.0:  # exponential schedule: epoch e trains at learning_rate * lr_decay^(e-1)
+            optimizer.learning_rate.assign(learning_rate * lr_decay ** (epoch - 1))
         perm = rng.permutation(n_items)
         for start in range(0, n_items, batch_size):
             items = np.sort(perm[start:start + batch_size])
@@ -307,8 +313,8 @@ def fit_autorec(train: pd.DataFrame, validation: pd.DataFrame, *, hidden_units: 
     for variable, value in zip(network.weights, best["weights"]):
         variable.assign(value)
     meta = {"hidden_units": int(hidden_units), "l2": float(l2), "dropout": float(dropout),
-            "learning_rate": float(learning_rate), "epochs": int(epochs), "batch_size": int(batch_size),
-            "patience": int(patience), "seed": int(seed), "normalization": normalization,
+            "learning_rate": float(learning_rate), "lr_decay": float(lr_decay), "epochs": int(epochs),
+            "batch_size": int(batch_size), "patience": int(patience), "seed": int(seed), "normalization": normalization,
             "best_epoch": int(best["epoch"]), "epochs_run": len(history), "best_val_rmse": float(best["val_rmse"]),
             "train_seconds": round(time.perf_counter() - started, 3)}
     model = FactorModel(name="autorec", user_ids=np.asarray(user_ids), movie_ids=np.asarray(movie_ids),
@@ -322,7 +328,7 @@ def train_autorec(train: pd.DataFrame, validation: pd.DataFrame, *, hidden_units
                   learning_rate: float = DEFAULTS["learning_rate"], epochs: int = DEFAULTS["epochs"],
                   batch_size: int = DEFAULTS["batch_size"], patience: int = DEFAULTS["patience"],
                   seed: int = DEFAULTS["seed"], normalization: str = DEFAULTS["normalization"],
-                  baseline: BiasBaseline | None = None,
+                  baseline: BiasBaseline | None = None, lr_decay: float = DEFAULTS["lr_decay"],
                   on_epoch: Callable[[dict], None] | None = None) -> tuple[FactorModel, list[dict]]:
     """(model, history): I-AutoRec trained on ``train``, early-stopped on ``validation`` RMSE.
 
@@ -342,7 +348,8 @@ def train_autorec(train: pd.DataFrame, validation: pd.DataFrame, *, hidden_units
     """
     run = fit_autorec(train, validation, hidden_units=hidden_units, l2=l2, dropout=dropout,
                       learning_rate=learning_rate, epochs=epochs, batch_size=batch_size, patience=patience,
-                      seed=seed, normalization=normalization, baseline=baseline, on_epoch=on_epoch)
+                      seed=seed, normalization=normalization, baseline=baseline, lr_decay=lr_decay,
+                      on_epoch=on_epoch)
     return run.model, run.history
 
 
@@ -361,8 +368,9 @@ def run_autorec(ctx) -> dict:
         log.info("autorec: skipped (autorec_enabled is false)")
         return {}
     configure_threads()
-    hyper = {name: getattr(p, f"autorec_{name}") for name in ("hidden_units", "l2", "dropout", "learning_rate",
-                                                              "epochs", "batch_size", "patience", "normalization")}
+    hyper = {name: getattr(p, f"autorec_{name}") for name in (
+        "hidden_units", "l2", "dropout", "learning_rate", "lr_decay", "epochs", "batch_size", "patience",
+        "normalization")}
 
     def fit(split, baseline, folder, run) -> Fitted:
         def on_epoch(row):  # logged as it happens: the run's curves fill in while it trains
