@@ -2,7 +2,7 @@
 child run (parents ``tune-autorec`` / ``tune-als``), chosen on validation RMSE only.
 
     RECSYS_HOME=... .venv/bin/python bench/rating_tuning.py --work-dir RUN [--autorec] [--als]
-        [--units 100,200,400] [--l2 10,30,100] [--decays 1.0,0.97] [--ranks 50,75,100,150] [--regs 0.1,0.125,0.15]
+        [--units 100,200,400] [--l2 10,30,100] [--lrs 0.001] [--decays 1.0,0.97] [--ranks 50,75,100,150] [--regs 0.1,0.125,0.15]
 
 For each model it prints the validation RMSE of every point and, for the best point, the blend's out-of-fold
 validation RMSE with that model in place of the run's (``pipeline.models.blend.fit_blend``): what matters is
@@ -45,8 +45,9 @@ def tune_autorec(ctx, split, baseline, args) -> dict:
 
     configure_threads()
     p = ctx.params
-    points = [{"hidden_units": int(u), "l2": l2, "lr_decay": d}
-              for u, l2, d in itertools.product(args.units.split(","), _floats(args.l2), _floats(args.decays))]
+    points = [{"hidden_units": int(u), "l2": l2, "learning_rate": lr, "lr_decay": d}
+              for u, l2, lr, d in itertools.product(args.units.split(","), _floats(args.l2), _floats(args.lrs),
+                                                    _floats(args.decays))]
     results, best = [], None
     with tracking.start_run(ctx, "tune-autorec", split.summary) as parent:
         for point in points:
@@ -54,7 +55,7 @@ def tune_autorec(ctx, split, baseline, args) -> dict:
             with tracking.child_run(parent, ctx, name, split.summary) as record:
                 started = time.perf_counter()
                 model, history = train_autorec(split.train, split.validation, baseline=baseline, seed=p.seed,
-                                               dropout=p.autorec_dropout, learning_rate=p.autorec_learning_rate,
+                                               dropout=p.autorec_dropout,
                                                epochs=p.autorec_epochs, batch_size=p.autorec_batch_size,
                                                patience=p.autorec_patience, **point)
                 model.fallback = baseline
@@ -98,6 +99,7 @@ def main() -> int:
     parser.add_argument("--als", action="store_true")
     parser.add_argument("--units", default="100,200,400")
     parser.add_argument("--l2", default="10,30,100")
+    parser.add_argument("--lrs", default="0.001")
     parser.add_argument("--decays", default="1.0,0.97")
     parser.add_argument("--ranks", default="50,75,100,150")
     parser.add_argument("--regs", default="0.1,0.125,0.15")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,8 +115,10 @@ class ItemKNN:
         keep = self.neighbours >= 0
         rows = np.repeat(np.arange(n), k).reshape(n, k)[keep]
         self._s = sp.csr_matrix((self.sims[keep], (rows, self.neighbours[keep])), shape=(n, n), dtype=np.float32)
-        self._rated = self.residuals.copy()
-        self._rated.data[:] = 1.0
+        self._abs_s = abs(self._s)
+        z = self.residuals
+        # which movies each user rated: the residuals' structure (indices shared, not copied) with ones
+        self._rated = sp.csr_matrix((np.ones(z.nnz, np.float32), z.indices, z.indptr), shape=z.shape)
 
     @property
     def k(self) -> int:
@@ -131,11 +134,10 @@ class ItemKNN:
         u, m = self._users.get_indexer(user_ids), self._movies.get_indexer(movie_ids)
         out = np.full(len(u), np.nan)
         known = np.flatnonzero((u >= 0) & (m >= 0))
-        abs_s = abs(self._s)
         for start in range(0, len(known), _PAIR_CHUNK):
             at = known[start:start + _PAIR_CHUNK]
             num = np.asarray(self._s[m[at]].multiply(self.residuals[u[at]]).sum(axis=1)).ravel()
-            den = np.asarray(abs_s[m[at]].multiply(self._rated[u[at]]).sum(axis=1)).ravel()
+            den = np.asarray(self._abs_s[m[at]].multiply(self._rated[u[at]]).sum(axis=1)).ravel()
             out[at] = self._combine(self._baseline_part(user_ids[at], movie_ids[at]), num, den)
         return out
 
@@ -159,7 +161,7 @@ class ItemKNN:
         ``predict`` computes them, by two sparse products."""
         rows = self._users.get_indexer(np.asarray(user_ids, dtype=np.int64))
         num = (self.residuals[rows] @ self._s.T).toarray()
-        den = (self._rated[rows] @ abs(self._s).T).toarray()
+        den = (self._rated[rows] @ self._abs_s.T).toarray()
         b = self.baseline
         base = np.clip(b.mu_ + b._lookup(b.user_bias_, self.user_ids[rows])[:, None]
                        + b._lookup(b.item_bias_, self.movie_ids)[None, :], b.min_rating, b.max_rating)
@@ -221,19 +223,17 @@ class ItemKNN:
 
 
 def fit_knn_grid(train: pd.DataFrame, baseline: BiasBaseline, neighbours, shrinkages, dampings,
-                 block_entries: int = BLOCK_ENTRIES) -> list[tuple[dict, ItemKNN]]:
-    """One ItemKNN per (k, shrinkage, damping) point, sharing one pass of co-rating sums."""
+                 block_entries: int = BLOCK_ENTRIES) -> Iterator[tuple[dict, ItemKNN]]:
+    """(point, ItemKNN) for each (k, shrinkage, damping) point, sharing one pass of co-rating sums; yielded one
+    at a time, so that a caller keeping only the best holds two models, not the grid."""
     user_ids = np.sort(pd.unique(train["user_id"]).astype(np.int64))
     movie_ids = np.sort(pd.unique(train["movie_id"]).astype(np.int64))
     z = residual_matrix(train, baseline, user_ids, movie_ids)
     tables = neighbour_tables(z, shrinkages, max(neighbours), block_entries)
-    out = []
     for shrink, (nbr, sim) in tables.items():
         for k in neighbours:
             kk = min(int(k), nbr.shape[1])
             for damping in dampings:
                 point = {"k": int(k), "shrinkage": float(shrink), "damping": float(damping)}
-                out.append((point, ItemKNN("knn", user_ids, movie_ids, nbr[:, :kk].copy(), sim[:, :kk].copy(), z,
-                                           baseline, damping=float(damping), fallback=baseline,
-                                           meta={"params": point})))
-    return out
+                yield point, ItemKNN("knn", user_ids, movie_ids, nbr[:, :kk].copy(), sim[:, :kk].copy(), z, baseline,
+                                     damping=float(damping), fallback=baseline, meta={"params": point})
