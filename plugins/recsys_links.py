@@ -1,6 +1,6 @@
 """Extra links from the pipeline's tasks to where their results are browsed, and the Data Docs they link to.
 
-- **MLflow run** on `baseline`, `als`, `autorec` (the model's run, `models.<task>.mlflow_run_id` of the task's
+- **MLflow run** on `baseline`, `als`, `autorec`, `knn`, `blend` (the model's run, `models.<task>.mlflow_run_id` of the task's
   return value) and `gate` (the challenger's run, `gate.challenger_run_id`);
 - **MLflow model version** on `gate` (the registered challenger version, `gate.registered_model` /
   `gate.challenger_version`);
@@ -33,7 +33,7 @@ from airflow.sdk import BaseOperatorLink
 
 DEFAULT_MLFLOW_UI_URL = "http://127.0.0.1:5000"
 DOCS_PREFIX = "/recsys"  # where the Data Docs app is mounted on the API server
-MODEL_TASKS = ("baseline", "als", "autorec")
+MODEL_TASKS = ("baseline", "als", "autorec", "knn", "blend")
 
 
 def mlflow_ui_url(environ: dict | None = None) -> str:

@@ -14,7 +14,8 @@ sys.path.insert(0, str(REPO / "plugins"))
 
 import recsys_links  # noqa: E402
 
-RUN_IDS = {"baseline": "b" * 32, "als": "a" * 32, "autorec": "c" * 32, "gate": "d" * 32}
+RUN_IDS = {"baseline": "b" * 32, "als": "a" * 32, "autorec": "c" * 32, "knn": "e" * 32, "blend": "f" * 32,
+           "gate": "d" * 32}
 
 
 def _summaries(data_docs: Path) -> dict:
@@ -23,7 +24,7 @@ def _summaries(data_docs: Path) -> dict:
         "validate": {"validation": {"success": True, "data_docs": str(data_docs)}, "timings_s": {"validate": 1.0}},
         "olap": {"olap": {"summary": "/x/summary.md"}, "timings_s": {"olap": 1.0}},
         **{name: {"models": {name: {"test_rmse": 0.9, "mlflow_run_id": RUN_IDS[name]}}, "timings_s": {name: 1.0}}
-           for name in ("baseline", "als", "autorec")},
+           for name in ("baseline", "als", "autorec", "knn", "blend")},
         "gate": {"gate": {"registered_model": "movielens-recommender", "challenger": "autorec",
                           "challenger_version": "3", "challenger_run_id": RUN_IDS["gate"], "decision": "promote"}},
     }
@@ -101,7 +102,7 @@ def test_plugin_is_loaded_from_the_plugins_folder():
     assert any(app["url_prefix"] == recsys_links.DOCS_PREFIX for app in apps)
 
 
-@pytest.mark.parametrize("task_id", ["baseline", "als", "autorec", "gate"])
+@pytest.mark.parametrize("task_id", ["baseline", "als", "autorec", "knn", "blend", "gate"])
 def test_model_tasks_link_to_their_mlflow_run(probe_run, monkeypatch, task_id):
     monkeypatch.setenv("RECSYS_MLFLOW_UI_URL", "http://mlflow.example:5001/")
     ti = probe_run.get_task_instance(task_id)
