@@ -171,7 +171,8 @@ class ItemKNN:
               batch: int = 256) -> dict:
         """The k best movies by predicted rating for each known user, skipping ``exclude[user]``; ties by
         movie_id. ``history`` is accepted for the ranker interface (the residuals hold what was rated)."""
-        known = [int(u) for u in user_ids if self._users.get_indexer([int(u)])[0] >= 0]
+        ids = np.asarray([int(u) for u in user_ids], dtype=np.int64)
+        known = ids[self._users.get_indexer(ids) >= 0].tolist()
         return top_k_by_score(self.user_scores, known, self.movie_ids, k, exclude, batch)
 
     def item_embeddings(self, rank: int = EMBEDDING_RANK) -> tuple[np.ndarray, np.ndarray]:
