@@ -91,6 +91,17 @@ class BiasBaseline:
         return clip_ratings(raw, self.min_rating, self.max_rating)
 
 
+def fill_cold(pred: np.ndarray, fallback, user_ids, movie_ids, model_name: str) -> np.ndarray:
+    """``pred`` with the pairs a model could not score (NaN: cold users or movies) predicted by ``fallback``, as
+    the evaluation does: every rating model's ``predict_all``."""
+    missing = ~np.isfinite(pred)
+    if missing.any():
+        if fallback is None:
+            raise ValueError(f"model {model_name!r} has no fallback baseline for {int(missing.sum())} cold pairs")
+        pred[missing] = fallback.predict(np.asarray(user_ids)[missing], np.asarray(movie_ids)[missing])
+    return pred
+
+
 class _Codes:
     """A training split factorized once, so that a damping grid refits with two bincounts per point."""
 

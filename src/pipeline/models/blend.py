@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.models.baseline import BiasBaseline
+from pipeline.models.baseline import BiasBaseline, fill_cold
 from pipeline.models.metrics import RATING_MAX, RATING_MIN, rmse
 from pipeline.models.ranking import top_k_by_score
 
@@ -204,13 +204,7 @@ class Blend:
         return _clip(features @ np.array([self.weights[c] for c in columns]) + self.intercept)
 
     def predict_all(self, user_ids, movie_ids) -> np.ndarray:
-        out = self.predict(user_ids, movie_ids)
-        missing = ~np.isfinite(out)
-        if missing.any():
-            if self.fallback is None:
-                raise ValueError(f"model {self.name!r} has no fallback baseline for {int(missing.sum())} cold pairs")
-            out[missing] = self.fallback.predict(np.asarray(user_ids)[missing], np.asarray(movie_ids)[missing])
-        return out
+        return fill_cold(self.predict(user_ids, movie_ids), self.fallback, user_ids, movie_ids, self.name)
 
     def user_scores(self, user_ids) -> np.ndarray:
         """Blended ratings of the users for every movie of ``movie_ids`` (users known to every member)."""

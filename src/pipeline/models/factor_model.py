@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.models.baseline import BiasBaseline
+from pipeline.models.baseline import BiasBaseline, fill_cold
 from pipeline.models.metrics import RATING_MAX, RATING_MIN
 
 
@@ -78,13 +78,7 @@ class FactorModel:
 
     def predict_all(self, user_ids, movie_ids) -> np.ndarray:
         """Predictions for every pair: cold users/movies get the fallback baseline, as in the evaluation."""
-        out = self.predict(user_ids, movie_ids)
-        missing = ~np.isfinite(out)
-        if missing.any():
-            if self.fallback is None:
-                raise ValueError(f"model {self.name!r} has no fallback baseline for {int(missing.sum())} cold pairs")
-            out[missing] = self.fallback.predict(np.asarray(user_ids)[missing], np.asarray(movie_ids)[missing])
-        return out
+        return fill_cold(self.predict(user_ids, movie_ids), self.fallback, user_ids, movie_ids, self.name)
 
     def _scores(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(shown, raw) scores of the users at ``rows`` for every movie: ``shown`` is exactly what predict

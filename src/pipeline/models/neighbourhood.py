@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from pipeline.models.baseline import BiasBaseline
+from pipeline.models.baseline import BiasBaseline, fill_cold
 from pipeline.models.metrics import RATING_MAX, RATING_MIN
 from pipeline.models.ranking import top_k_by_score
 
@@ -148,13 +148,7 @@ class ItemKNN:
 
     def predict_all(self, user_ids, movie_ids) -> np.ndarray:
         """Predictions for every pair: cold users/movies get the fallback baseline, as in the evaluation."""
-        out = self.predict(user_ids, movie_ids)
-        missing = ~np.isfinite(out)
-        if missing.any():
-            if self.fallback is None:
-                raise ValueError(f"model {self.name!r} has no fallback baseline for {int(missing.sum())} cold pairs")
-            out[missing] = self.fallback.predict(np.asarray(user_ids)[missing], np.asarray(movie_ids)[missing])
-        return out
+        return fill_cold(self.predict(user_ids, movie_ids), self.fallback, user_ids, movie_ids, self.name)
 
     def user_scores(self, user_ids) -> np.ndarray:
         """Predicted ratings of the (known) users for every movie of ``movie_ids`` (users x movies), as
