@@ -67,6 +67,15 @@ class Params:
     als_parallel_fits: int = _param(
         2, "integer", "ALS", "How many ALS grid points Spark fits at once (overlaps driver work with executor "
         "work).", minimum=1, maximum=16)
+    als_search: str = _param(
+        "halving", "string", "ALS",
+        "How the ALS grid is searched: 'halving' (successive halving over iterations: every point fitted with a "
+        "fraction of its maxIter, the best 1/eta go on with eta times more, the last rung with all of them; "
+        "the full grid below 100,000 training rows) or 'full' (every point fitted with all its iterations).",
+        enum=("halving", "full"))
+    als_halving_eta: int = _param(
+        3, "integer", "ALS", "Successive halving: each rung keeps the best 1/eta of its points and gives them eta "
+        "times more iterations.", minimum=2, maximum=10)
     autorec_enabled: bool = _param(True, "boolean", "AutoRec", "Train the AutoRec autoencoder (TensorFlow).")
     autorec_hidden_units: int = _param(100, "integer", "AutoRec",
                                        "AutoRec code size (encoding_dim): each movie's embedding length.",

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from pipeline.models.als import best_point, grid_points, search_grid
+from pipeline.models.als import best_point, grid_points, halving_rungs, search_grid
 from pipeline.models.baseline import BiasBaseline
 from pipeline.models.metrics import rating_metrics
 from stage_inputs import planted_ratings, write_split
@@ -28,6 +28,30 @@ def test_als_learns_a_planted_low_rank_structure(spark, planted):
     als_rmse = rating_metrics(frames["test"], model.predict, base, frames["train"])["test_rmse"]
     base_rmse = rating_metrics(frames["test"], base.predict, base, frames["train"])["test_rmse"]
     assert als_rmse < 0.75 * base_rmse, (als_rmse, base_rmse)
+
+
+def test_halving_plan_screens_every_point_with_fewer_iterations_then_refits_the_best():
+    plan = halving_rungs(15, 15, eta=3, min_iters=3)
+    assert [(round(r["fraction"] * 15), r["points"], r["keep"]) for r in plan] == [(5, 15, 5), (15, 5, 1)]
+    plan = halving_rungs(15, 30, eta=3, min_iters=3)
+    assert [(round(r["fraction"] * 30), r["points"], r["keep"]) for r in plan] == [(3, 15, 5), (10, 5, 2), (30, 2, 1)]
+    assert halving_rungs(15, 5, eta=3, min_iters=3) == [{"fraction": 1.0, "points": 15, "keep": 1}]  # no room
+
+
+def test_halving_refits_the_best_point_with_all_its_iterations(spark, planted):
+    _, frames = planted
+    base = BiasBaseline().fit(frames["train"])
+    points = grid_points([1, 3], [0.05, 1.0], [12])
+    results, model = search_grid(spark, frames["train"], frames["validation"], base, points, strategy="halving",
+                                 eta=2, min_rows=200)
+    rungs = model.meta["search"]["rungs"]
+    assert [len(r["points"]) for r in rungs] == [4, 2, 1] and rungs[-1]["fraction"] == 1.0
+    assert [r["rung_iters"] for r in results if len(r["rung_iters"]) == 3] == [[3, 6, 12]]
+    assert best_point(results) == model.meta["params"] and model.meta["params"]["rank"] == 3
+    assert sum(r["val_rmse"] is not None for r in results) == 1  # only the last rung's point ran in full
+    # under min_rows training rows halving is the full grid
+    results, model = search_grid(spark, frames["train"], frames["validation"], base, points, strategy="halving")
+    assert model.meta["search"]["strategy"] == "full" and all(r["val_rmse"] is not None for r in results)
 
 
 def test_grid_is_logged_as_a_parent_with_one_nested_run_per_point(spark, tmp_path):

@@ -76,49 +76,121 @@ def factor_model(als_model, train: pd.DataFrame, baseline, name: str = "als", me
     )
 
 
-def search_grid(spark, train: pd.DataFrame, validation: pd.DataFrame, baseline, points: list[dict], seed: int = 42,
-                workers: int = 2, num_blocks: int | None = None, track=None) -> tuple[list[dict], FactorModel]:
-    """Fit every grid point; (results in grid order, the FactorModel with the lowest validation RMSE).
+HALVING_MIN_ROWS = 100_000  # under this many training rows halving is the full grid (which then takes a minute)
+HALVING_MIN_ITERS = 3  # a first rung's fits run at least this many ALS iterations
 
-    ``track(point)``, if given, is a context manager opened around each point's fit (from the worker thread)
-    that yields ``log(params, metrics)``: the stage opens one MLflow child run per point with it.
+
+def halving_rungs(n_points: int, max_iter: int, eta: int = 3, min_iters: int = HALVING_MIN_ITERS) -> list[dict]:
+    """Successive halving's plan over ALS iterations: per rung, the share of each point's ``max_iter`` its fits
+    run (``fraction``), how many points it fits and how many of them go on (``keep``).
+
+    Rung budgets grow ``eta``-fold up to all the iterations, the first one at least ``min_iters``; the first
+    rung fits every point, each later one the best ``1/eta`` of the previous rung; the last rung fits its
+    points with all their iterations, and the best of those is the model. Every rung fits on all the training
+    data: ranking on a sample of users was tried first and chose a regParam too high (a smaller sample favours
+    stronger regularisation; docs/decisions.md).
+    """
+    rungs = 1
+    while max_iter / eta ** rungs >= min_iters:
+        rungs += 1
+    plan, points = [], n_points
+    for i in range(rungs):
+        plan.append({"fraction": 1.0 / eta ** (rungs - 1 - i), "points": points, "keep": 1})
+        if points == 1:
+            plan[-1]["fraction"] = 1.0
+            break
+        points = -(-points // eta)
+        plan[-1]["keep"] = points if i < rungs - 1 else 1
+    return plan
+
+
+def _iters(point: dict, fraction: float) -> int:
+    return point["max_iter"] if fraction >= 1.0 else max(1, min(point["max_iter"], round(point["max_iter"] * fraction)))
+
+
+def search_grid(spark, train: pd.DataFrame, validation: pd.DataFrame, baseline, points: list[dict], seed: int = 42,
+                workers: int = 2, num_blocks: int | None = None, track=None, strategy: str = "full", eta: int = 3,
+                min_rows: int = HALVING_MIN_ROWS) -> tuple[list[dict], FactorModel]:
+    """Search the grid; (results in grid order, the chosen FactorModel; its ``meta["search"]`` holds the plan:
+    per rung the share of iterations, seconds and the points fitted).
+
+    ``strategy``: "full" fits every point with all its iterations; "halving" is successive halving over
+    iterations (``halving_rungs``), the full grid under ``min_rows`` training rows. Each result holds the point,
+    ``val_rmse`` of its full fit (None for a point only fitted with fewer iterations), and under halving
+    ``rung_val_rmse`` (one value per rung it reached). Every fit uses all the training data and is scored on
+    every validation row. ``track(point)``, if given, is a context manager yielding ``log(params, metrics)``:
+    the stage opens one MLflow child run per point with it, kept open across rungs.
     """
     parallelism = spark.sparkContext.defaultParallelism
     num_blocks = num_blocks or max(1, min(parallelism, 4))
+    halving = strategy == "halving" and len(train) >= min_rows
+    rungs = halving_rungs(len(points), max(p["max_iter"] for p in points), eta) if halving else \
+        [{"fraction": 1.0, "points": len(points), "keep": 1}]
+    halving = len(rungs) > 1
     frame = spark.createDataFrame(residual_frame(train, baseline)).repartition(num_blocks).cache()
     frame.count()
-    best: dict = {}
     lock = threading.Lock()
+    results = [{**p, "val_rmse": None, "val_mae": None, "fit_s": 0.0} for p in points]
+    records: dict = {}
+    best: dict = {}
 
-    done = []
-
-    def fit(i_point):
-        i, point = i_point
-        with (track(point) if track else contextlib.nullcontext(lambda params, metrics: None)) as record:
-            started = time.perf_counter()
-            model = _als(point, seed, num_blocks).fit(frame)
-            fm = factor_model(model, train, baseline, meta={"params": point})
-            fit_s = time.perf_counter() - started
-            scores = rating_metrics(validation, fm.predict, baseline, train, split="val")  # the protocol's
-            result = {**point, "val_rmse": scores["val_rmse"], "val_mae": scores["val_mae"], "fit_s": round(fit_s, 3)}
-            record(point, {k: result[k] for k in ("val_rmse", "val_mae", "fit_s")})
+    def fit(rung_no: int, rung: dict, i: int) -> float:
+        point = points[i]
         with lock:
-            if not best or (result["val_rmse"], i) < (best["result"]["val_rmse"], best["i"]):
-                best.update(result=result, model=fm, i=i)
-            done.append(i)
-            log.info("ALS grid point %d/%d (rank=%d reg=%.3g iters=%d): validation RMSE %.4f (%.1f s)", len(done),
-                     len(points), point["rank"], point["reg_param"], point["max_iter"], result["val_rmse"], fit_s)
-        return result
+            if i not in records:
+                records[i] = stack.enter_context(track(point)) if track else (lambda params, metrics: None)
+                records[i](point, {})
+        full = rung["fraction"] >= 1.0
+        iters = _iters(point, rung["fraction"])
+        started = time.perf_counter()
+        model = _als({**point, "max_iter": iters}, seed, num_blocks).fit(frame)
+        fm = factor_model(model, train, baseline, meta={"params": point})
+        fit_s = time.perf_counter() - started
+        scores = rating_metrics(validation, fm.predict, baseline, train, split="val")  # the protocol's
+        with lock:
+            result = results[i]
+            result["fit_s"] = round(result["fit_s"] + fit_s, 3)
+            if halving:
+                result.setdefault("rung_val_rmse", []).append(scores["val_rmse"])
+                result.setdefault("rung_iters", []).append(iters)
+            if full:
+                result.update(val_rmse=scores["val_rmse"], val_mae=scores["val_mae"])
+                if not best or (scores["val_rmse"], i) < (best["val_rmse"], best["i"]):
+                    best.update(val_rmse=scores["val_rmse"], model=fm, i=i)
+            metrics = {"val_rmse": scores["val_rmse"], "val_mae": scores["val_mae"]} if full else \
+                {f"rung{rung_no}_val_rmse": scores["val_rmse"]}
+            records[i]({}, {**metrics, "fit_s": result["fit_s"]})
+            rung["done"] += 1
+            log.info("ALS %s point %d/%d (rank=%d reg=%.3g iters=%d): validation RMSE %.4f (%.1f s)",
+                     f"halving rung {rung_no + 1}/{len(rungs)}" if halving else "grid", rung["done"],
+                     len(rung["fit"]), point["rank"], point["reg_param"], iters, scores["val_rmse"], fit_s)
+        return scores["val_rmse"]
 
     previous = spark.conf.get("spark.sql.shuffle.partitions")
     spark.conf.set("spark.sql.shuffle.partitions", str(max(2, parallelism)))
+    alive = list(range(len(points)))
     try:
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            results = list(pool.map(fit, enumerate(points)))
+        with contextlib.ExitStack() as stack, ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            for rung_no, rung in enumerate(rungs):
+                started = time.perf_counter()
+                rung.update(fit=list(alive), done=0)
+                if halving:
+                    log.info("ALS halving rung %d/%d: %d points at %.0f %% of their iterations, %d training rows",
+                             rung_no + 1, len(rungs), len(alive), 100 * rung["fraction"], len(train))
+                scores = list(pool.map(lambda i: fit(rung_no, rung, i), alive))
+                # lowest RMSE first, the earlier grid point on a tie, a diverged point (NaN) last
+                order = sorted(range(len(alive)), key=lambda j: (scores[j] != scores[j],
+                                                                  scores[j] if scores[j] == scores[j] else 0, alive[j]))
+                alive = [alive[j] for j in order[:rung["keep"]]]
+                rung["seconds"] = round(time.perf_counter() - started, 2)
     finally:
         spark.conf.set("spark.sql.shuffle.partitions", previous)
         frame.unpersist()
-    return results, best["model"]
+    model = best["model"]
+    model.meta["search"] = {"strategy": "halving" if halving else "full", "eta": eta if halving else None,
+                            "rungs": [{"fraction": r["fraction"], "seconds": r["seconds"], "points": r["fit"]}
+                                      for r in rungs]}
+    return results, model
 
 
 def search_grid_naive(spark, train_path: str, validation: pd.DataFrame, baseline, points: list[dict],
@@ -152,8 +224,9 @@ def search_grid_naive(spark, train_path: str, validation: pd.DataFrame, baseline
 
 
 def best_point(results: list[dict]) -> dict:
-    """Lowest validation RMSE; the earlier grid point wins a tie."""
-    i = min(range(len(results)), key=lambda j: (results[j]["val_rmse"], j))
+    """Lowest validation RMSE among the points fitted on all the data; the earlier grid point wins a tie."""
+    fitted = [j for j in range(len(results)) if results[j]["val_rmse"] is not None]
+    i = min(fitted, key=lambda j: (results[j]["val_rmse"], j))
     return {k: results[i][k] for k in ("rank", "reg_param", "max_iter")}
 
 
@@ -174,14 +247,23 @@ def run_als(ctx) -> dict:
 
         started = time.perf_counter()
         results, model = search_grid(get_spark(ctx.settings), split.train, split.validation, baseline, points,
-                                     seed=p.seed, workers=p.als_parallel_fits, track=track)
+                                     seed=p.seed, workers=p.als_parallel_fits, track=track, strategy=p.als_search,
+                                     eta=p.als_halving_eta)
         grid_s = time.perf_counter() - started
         (folder / "grid.json").write_text(storage.strict_json(results, indent=2))  # a diverged point: null
-        best = model.meta["params"]
-        return Fitted(model, params={f"best_{k}": v for k, v in best.items()} | {"grid_points": len(points)},
+        best, search = model.meta["params"], model.meta["search"]
+        if "rung_val_rmse" in results[0]:  # halving: the first rung scored every point, with fewer iterations
+            heat = [{**r, "val_rmse": r["rung_val_rmse"][0]} for r in results]
+            share = 100 * search["rungs"][0]["fraction"]
+            title = f"ALS validation RMSE, first rung ({share:.0f} % of the iterations)"
+        else:
+            heat, title = results, "ALS validation RMSE (best over maxIter)"
+        return Fitted(model, params={f"best_{k}": v for k, v in best.items()} | {
+                          "grid_points": len(points), "search": p.als_search,
+                          "fits": sum(len(r["points"]) for r in search["rungs"])},
                       metrics={"grid_seconds": grid_s},
-                      artifacts=[als_heatmap(results, folder / "als_val_rmse_heatmap.png"), folder / "grid.json"],
+                      artifacts=[als_heatmap(heat, folder / "als_val_rmse_heatmap.png", title), folder / "grid.json"],
                       section={"grid": points, "grid_val_rmse": [r["val_rmse"] for r in results], "best_params": best,
-                               "grid_seconds": round(grid_s, 2)})
+                               "grid_seconds": round(grid_s, 2), "search": search})
 
     return run_candidate(ctx, "als", fit)

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 
-def als_heatmap(results: list[dict], path: Path) -> Path:
+def als_heatmap(results: list[dict], path: Path, title: str = "ALS validation RMSE (best over maxIter)") -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -20,7 +20,7 @@ def als_heatmap(results: list[dict], path: Path) -> Path:
     image = ax.imshow(table.to_numpy(), cmap="viridis_r", aspect="auto")
     ax.set_xticks(range(len(table.columns)), [f"{c:g}" for c in table.columns])
     ax.set_yticks(range(len(table.index)), [str(r) for r in table.index])
-    ax.set(xlabel="regParam", ylabel="rank", title="ALS validation RMSE (best over maxIter)")
+    ax.set(xlabel="regParam", ylabel="rank", title=title)
     for (i, j), value in np.ndenumerate(table.to_numpy()):
         ax.text(j, i, f"{value:.4f}", ha="center", va="center", color="white", fontsize=8)
     fig.colorbar(image, ax=ax)
