@@ -152,6 +152,11 @@ class Params:
         5, "integer", "ranking",
         "Cold-start measurement: how many of a test user's first ratings the cold-start path is given.",
         minimum=1, maximum=1000)
+    cold_start_max_users: int = _param(
+        1000, "integer", "ranking",
+        "Cold-start measurement: at most this many users per split (a seeded sample of the eligible ones; each "
+        "costs a cold-start query per similarity source, so all 70,000 users of ml-10m would take hours).",
+        minimum=1, maximum=10_000_000)
     promotion_margin: float = _param(
         0.0, "number", "gate",
         "How much lower the challenger's test RMSE must be than the champion's to be promoted "

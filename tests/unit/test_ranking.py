@@ -125,6 +125,17 @@ def test_cold_start_users_are_given_their_first_ratings_by_time():
     assert cold_users(train, held_out, known=2) == {1: {11: 5.0, 12: 3.0}}  # user 2: nothing relevant
 
 
+def test_cold_start_measures_a_seeded_sample_of_users_on_large_data():
+    users = np.repeat(np.arange(1, 101), 3)
+    train = pd.DataFrame({"user_id": users, "movie_id": np.tile([10, 11, 12], 100), "rating": 4.0,
+                          "ts": np.arange(300)})
+    held_out = pd.DataFrame({"user_id": np.arange(1, 101), "movie_id": 13, "rating": 5.0})
+    sample = cold_users(train, held_out, known=2, max_users=30, seed=1)
+    assert len(sample) == 30 and sample == cold_users(train, held_out, known=2, max_users=30, seed=1)
+    assert set(sample) != set(cold_users(train, held_out, known=2, max_users=30, seed=2))
+    assert len(cold_users(train, held_out, known=2, max_users=1000)) == 100
+
+
 def test_cold_start_lists_come_from_the_query_path_and_leave_out_hidden_movies():
     similar = pd.DataFrame({"movie_id": [10, 10, 10], "similar_movie_id": [20, 30, 40], "rank": [1, 2, 3],
                             "score": [0.9, 0.8, 0.7], "metric": "cosine"})

@@ -173,7 +173,8 @@ def write_synthetic(out: Path, ratings: int, users: int, movies: int, seed: int 
     if min(ratings, users, movies) < 1:
         raise ConfigError("synth: ratings, users and movies must be positive")
     if ratings > users * movies // 3:
-        raise ConfigError(f"synth: {ratings} ratings do not fit {users} users x {movies} movies (at most a third filled)")
+        raise ConfigError(f"synth: {ratings} ratings do not fit {users} users x {movies} movies "
+                          f"(at most a third filled)")
     out = Path(out)
     stray = sorted(p.name for p in out.iterdir() if p.name not in OUTPUT_FILES) if out.is_dir() else []
     if stray or (out.exists() and not out.is_dir()):

@@ -1,8 +1,9 @@
 """Stage ``cold_start``: how good the lists are that a new user gets from their first few ratings.
 
 For every test user with more training ratings than ``cold_start_known_ratings`` (n) and a relevant test
-rating, the user's first n training ratings (by time) are all the cold-start path knows: their list comes
-from ``recommend.recommend_from_ratings`` (the function ``recsys recommend --ratings`` runs), fed with one
+rating (a seeded sample of ``cold_start_max_users`` of them on large data), the user's first n training
+ratings (by time) are all the cold-start path knows: their list comes from
+``recommend.recommend_from_ratings`` (the function ``recsys recommend --ratings`` runs), fed with one
 similar-movie table, and is scored against their test ratings (>= 4.0) like every other list. Their other
 training and validation movies are left out of the lists, as in the main protocol (they are neither input
 nor target). Popularity, given the same n ratings to leave out, is the bar.
@@ -32,13 +33,17 @@ log = logging.getLogger(__name__)
 K = 10
 
 
-def cold_users(train: pd.DataFrame, held_out: pd.DataFrame, known: int) -> dict[int, dict[int, float]]:
+def cold_users(train: pd.DataFrame, held_out: pd.DataFrame, known: int, max_users: int | None = None,
+               seed: int = 42) -> dict[int, dict[int, float]]:
     """{user_id: {movie_id: rating} of their first ``known`` training ratings} for the users of ``held_out``
-    with a relevant rating and more than ``known`` training ratings."""
+    with a relevant rating and more than ``known`` training ratings (a seeded sample of ``max_users`` of them
+    when there are more)."""
     relevant = set(held_out.loc[held_out["rating"] >= 4.0, "user_id"].tolist())
     ordered = train[train["user_id"].isin(relevant)].sort_values(["user_id", "ts", "movie_id"], kind="stable")
     counts = ordered.groupby("user_id").size()
     eligible = counts.index[counts.to_numpy() > known]
+    if max_users is not None and len(eligible) > max_users:
+        eligible = np.sort(np.random.default_rng(seed).choice(eligible.to_numpy(), max_users, replace=False))
     first = ordered[ordered["user_id"].isin(eligible)].groupby("user_id").head(known)
     return {int(u): dict(zip(g["movie_id"].astype(int), g["rating"].astype(float))) for u, g in first.groupby("user_id")}
 
@@ -105,7 +110,7 @@ def run_cold_start(ctx) -> dict:
     result: dict = {"known_ratings": known, "by_similarity_source": {}}
     for split_name, held_out, hidden_frames in (("val", split.validation, (split.train,)),
                                                 ("test", split.test, (split.train, split.validation))):
-        users = cold_users(split.train, held_out, known)
+        users = cold_users(split.train, held_out, known, ctx.params.cold_start_max_users, ctx.params.seed)
         hidden = {u: set() for u in users}
         for frame in hidden_frames:
             rows = frame[frame["user_id"].isin(list(users))]
