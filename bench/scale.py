@@ -1,0 +1,242 @@
+"""The whole pipeline (``recsys run``, default Params) at several sizes: every stage's wall time and peak resident
+memory of the driver (the Python process tree) and of the Spark JVM.
+
+    .venv/bin/python bench/scale.py [--sizes small,1m,10m] [--data-dir /tmp/recsys-bench/data]
+        [--work-dir /tmp/recsys-bench/runs] [--json docs/scale.json] [--plot docs/scale.png] [--param NAME=VALUE]
+
+Sizes: ``small`` is ml-latest-small ($MOVIELENS_DIR, else ../shared/data/ml-latest-small); ``1m``, ``10m`` and
+``25m`` are ``recsys synth`` folders of the ml-1m-like, ml-10m and ml-25m shapes (made once in --data-dir, seed
+42). Each size runs in a fresh RECSYS_HOME (an empty registry: the first run's gate). Stage times are the run's
+own ``timings_s``; memory is sampled from /proc every half second over the process tree (the JVM is the ``java``
+process, the driver everything else) and attributed to the stage whose start/done log lines enclose the
+sample. Results merge into --json by size (measure sizes in separate calls), the plot is redrawn from all of
+them, and a table is printed. (Named ``scale.py``: a ``bench/pipeline.py`` would shadow the ``pipeline`` package
+for every script run from bench/.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SIZES = {  # ratings, users, movies
+    "1m": (1_000_000, 7_000, 5_000),
+    "10m": (10_000_000, 70_000, 10_000),
+    "25m": (25_000_000, 160_000, 60_000),
+}
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            tree.setdefault(ppid, []).append(int(entry))
+    return tree
+
+
+def _rss_mb(pid: int) -> tuple[float, bool]:
+    """(resident MB, is a JVM) of one process; (0, False) once it is gone."""
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            rss = int(f.read().split()[1]) * PAGE / 2**20
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            exe = f.read().split(b"\0")[0]
+        return rss, exe.endswith(b"java")
+    except (OSError, IndexError, ValueError):
+        return 0.0, False
+
+
+class Sampler(threading.Thread):
+    """Samples (time, driver MB, JVM MB) of ``root`` and its descendants every ``period`` seconds."""
+
+    def __init__(self, root: int, period: float = 0.5):
+        super().__init__(daemon=True)
+        self.root, self.period, self.samples, self.stop = root, period, [], threading.Event()
+
+    def run(self):
+        while not self.stop.is_set():
+            tree, todo, driver, jvm = _children(), [self.root], 0.0, 0.0
+            while todo:
+                pid = todo.pop()
+                rss, is_jvm = _rss_mb(pid)
+                jvm, driver = (jvm + rss, driver) if is_jvm else (jvm, driver + rss)
+                todo.extend(tree.get(pid, []))
+            self.samples.append((time.time(), driver, jvm))
+            self.stop.wait(self.period)
+
+
+def _stage_spans(log_path: Path) -> dict[str, tuple[float, float]]:
+    """{stage: (start, end)} epoch seconds from the run's 'stage X: starting' / 'done|skipped' log lines."""
+    spans, starts = {}, {}
+    for line in log_path.read_text(errors="replace").splitlines():
+        if " stage " not in line or ": " not in line:
+            continue
+        try:
+            stamp = datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        except ValueError:
+            continue
+        text = line.split(" stage ", 1)[1]
+        name, _, rest = text.partition(": ")
+        if rest.startswith("starting"):
+            starts[name] = stamp
+        elif (rest.startswith("done") or rest.startswith("skipped")) and name in starts:
+            spans[name] = (starts[name], stamp)
+    return spans
+
+
+def source_for(size: str, data_dir: Path) -> tuple[str, dict]:
+    if size == "small":
+        folder = Path(os.environ.get("MOVIELENS_DIR", REPO.parent / "shared/data/ml-latest-small"))
+        return str(folder), {"variant": "ml-latest-small"}
+    ratings, users, movies = SIZES[size]
+    folder = data_dir / f"synth-{size}"
+    meta = folder / "synth.json"
+    if not (meta.exists() and json.loads(meta.read_text())["users"] == users):
+        from pipeline.data.synth import write_synthetic
+
+        print(f"bench: writing {ratings:,} synthetic ratings to {folder}", file=sys.stderr)
+        write_synthetic(folder, ratings, users, movies, seed=42)
+    return str(folder), {"variant": f"synthetic {size}", **json.loads(meta.read_text())}
+
+
+def measure(size: str, args) -> dict:
+    source, data = source_for(size, args.data_dir)
+    root = args.work_dir / size
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    env = {**os.environ, "RECSYS_HOME": str(root / "home")}
+    env.pop("RECSYS_SETTINGS_FILE", None)
+    cmd = [str(Path(sys.executable).with_name("recsys")), "run", "--source", source, "--work-dir", str(root / "run")]
+    for p in args.param:
+        cmd += ["--param", p]
+    log_path = root / "run.log"
+    print(f"bench: {size}: {' '.join(cmd)} (log {log_path})", file=sys.stderr)
+    started = time.time()
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_file, env=env, text=True)
+        sampler = Sampler(proc.pid)
+        sampler.start()
+        out, _ = proc.communicate()
+        sampler.stop.set()
+        sampler.join()
+    wall = time.time() - started
+    try:
+        timings = json.loads(out).get("timings_s", {})
+    except json.JSONDecodeError:
+        timings = {}
+    spans = _stage_spans(log_path)
+    samples = sampler.samples
+
+    def peaks(lo: float, hi: float) -> dict:
+        inside = [s for s in samples if lo <= s[0] <= hi] or [min(samples, key=lambda s: abs(s[0] - lo))]
+        return {"driver_mb": round(max(s[1] for s in inside)), "jvm_mb": round(max(s[2] for s in inside)),
+                "total_mb": round(max(s[1] + s[2] for s in inside))}
+
+    stages = {name: {"seconds": round(timings.get(name, hi - lo), 1), **peaks(lo, hi)}
+              for name, (lo, hi) in spans.items()}
+    report = root / "run" / "report.json"
+    dataset = json.loads(report.read_text()).get("dataset", {}) if report.exists() else {}
+    return {"size": size, "source": source, "ratings": dataset.get("ratings") or data.get("ratings"),
+            "users": dataset.get("users") or data.get("users"), "movies": dataset.get("movies") or data.get("movies"),
+            "variant": data["variant"], "params": args.param, "rc": proc.returncode, "wall_s": round(wall, 1),
+            "peak": peaks(started, time.time()), "stages": stages, "log": str(log_path),
+            "measured_at": datetime.utcnow().strftime("%Y-%m-%d %H:%M UTC"), "cpus": os.cpu_count()}
+
+
+def table(runs: list[dict]) -> str:
+    names = []
+    for r in runs:
+        names += [n for n in r["stages"] if n not in names]
+    lines = ["| stage | " + " | ".join(f"{r['size']} ({(r['ratings'] or 0) / 1e6:.2f} M)" for r in runs) + " |",
+             "|---|" + "---|" * len(runs)]
+    for n in names:
+        cells = []
+        for r in runs:
+            s = r["stages"].get(n)
+            cells.append(f"{s['seconds']:.1f} s / {s['total_mb'] / 1024:.1f} GB" if s else "-")
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    lines.append("| **whole run** | " + " | ".join(
+        f"**{r['wall_s']:.0f} s / {r['peak']['total_mb'] / 1024:.1f} GB**"
+        + ("" if r["rc"] == 0 else f" (exit {r['rc']})")
+        for r in runs) + " |")
+    lines.append("| peak driver / JVM | " + " | ".join(
+        f"{r['peak']['driver_mb'] / 1024:.1f} / {r['peak']['jvm_mb'] / 1024:.1f} GB" for r in runs) + " |")
+    return "\n".join(lines)
+
+
+def plot(runs: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = sorted((r for r in runs if r["ratings"]), key=lambda r: r["ratings"])
+    names = []
+    for r in runs:
+        names += [n for n in r["stages"] if n not in names]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+    x = [r["ratings"] for r in runs]
+    labels = [f"{r['size']}\n{r['ratings'] / 1e6:.2f} M" for r in runs]
+    bottom = [0.0] * len(runs)
+    for n in names:
+        heights = [r["stages"].get(n, {}).get("seconds", 0) for r in runs]
+        if max(heights) < 0.02 * max(r["wall_s"] for r in runs):
+            continue
+        left.bar(labels, heights, bottom=bottom, label=n)
+        bottom = [b + h for b, h in zip(bottom, heights)]
+    left.plot(labels, [r["wall_s"] for r in runs], "k_", markersize=30, label="whole run (wall)")
+    left.set(ylabel="seconds", title="Wall time by stage (stages under 2 % of the largest run not shown)")
+    left.legend(fontsize=7)
+    for key, style in (("total_mb", "o-"), ("driver_mb", "s--"), ("jvm_mb", "^--")):
+        right.plot(x, [r["peak"][key] / 1024 for r in runs], style, label=key.replace("_mb", ""))
+    right.set(xscale="log", xlabel="ratings", ylabel="peak RSS (GB)", title="Peak resident memory")
+    right.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sizes", default="small,1m")
+    parser.add_argument("--data-dir", type=Path, default=Path("/tmp/recsys-bench/data"))
+    parser.add_argument("--work-dir", type=Path, default=Path("/tmp/recsys-bench/runs"))
+    parser.add_argument("--json", type=Path, default=REPO / "docs" / "scale.json")
+    parser.add_argument("--plot", type=Path, default=REPO / "docs" / "scale.png")
+    parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
+    args = parser.parse_args()
+    sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    unknown = [s for s in sizes if s != "small" and s not in SIZES]
+    if unknown:
+        parser.error(f"unknown sizes {unknown}; known: small, {', '.join(SIZES)}")
+    previous = json.loads(args.json.read_text())["runs"] if args.json.exists() else []
+    runs = {r["size"]: r for r in previous}
+    for size in sizes:
+        runs[size] = measure(size, args)
+        print(json.dumps(runs[size], indent=2))
+    ordered = sorted(runs.values(), key=lambda r: r["ratings"] or 0)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"runs": ordered}, indent=2) + "\n")
+    plot(ordered, args.plot)
+    print(table(ordered))
+    return max(r["rc"] for r in ordered)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
