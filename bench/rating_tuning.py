@@ -14,13 +14,8 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import sys
 import time
 from pathlib import Path
-
-# this folder is sys.path[0] when the script runs, and bench/pipeline.py (the pipeline benchmark) would shadow
-# the package of the same name
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 
 def _floats(text):
