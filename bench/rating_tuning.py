@@ -57,7 +57,8 @@ def tune_autorec(ctx, split, baseline, args) -> dict:
                 val = rating_metrics(split.validation, model.predict, baseline, split.train, split="val")["val_rmse"]
                 seconds = time.perf_counter() - started
                 record(point, {"val_rmse": val, "fit_s": seconds, "best_epoch": model.meta["best_epoch"]})
-            row = {**point, "val_rmse": round(val, 5), "best_epoch": model.meta["best_epoch"], "fit_s": round(seconds, 1)}
+            row = {**point, "val_rmse": round(val, 5), "best_epoch": model.meta["best_epoch"],
+                   "fit_s": round(seconds, 1)}
             print("autorec", row, flush=True)
             results.append(row)
             if best is None or val < best[0]["val_rmse"]:

@@ -93,7 +93,8 @@ def test_blend_weights_come_from_validation_only_and_round_trip(planted, tmp_pat
     loaded = load_model(blend.save(tmp_path / "blend"))
     assert isinstance(loaded, Blend) and isinstance(loaded.members["knn"], ItemKNN)
     test = frames["test"]
-    np.testing.assert_allclose(loaded.predict_all(test.user_id, test.movie_id), blend.predict_all(test.user_id, test.movie_id))
+    np.testing.assert_allclose(loaded.predict_all(test.user_id, test.movie_id),
+                               blend.predict_all(test.user_id, test.movie_id))
     user = int(test.user_id.iloc[0])
     top = loaded.top_k([user], 5, exclude={user: set(frames["train"].movie_id[frames["train"].user_id == user])})[user]
     scores = loaded.predict([user] * len(loaded.movie_ids), loaded.movie_ids)
@@ -125,7 +126,8 @@ def test_the_blend_is_chosen_on_validation_promoted_and_served_without_spark(tmp
     assert report["model_comparison"]["best_by_validation_rmse"] == "blend"
     assert report["gate"]["challenger"] == "blend" and report["promotion"]["decision"] == "promoted"
     assert blend["val_rmse"] < report["models"]["knn"]["val_rmse"] < report["models"]["baseline"]["val_rmse"]
-    assert "## Blend" in (run_dir / "models.md").read_text() and "share of the gain" in (run_dir / "models.md").read_text()
+    table = (run_dir / "models.md").read_text()
+    assert "## Blend" in table and "share of the gain" in table
     client = mlflow.MlflowClient(settings.mlflow_tracking_uri)
     version = client.get_model_version_by_alias(settings.registered_model, CHAMPION).version
     assert isinstance(load_registered(settings.registered_model, version), Blend)
@@ -140,7 +142,8 @@ def test_the_blend_is_chosen_on_validation_promoted_and_served_without_spark(tmp
         "    assert len(out) == 3 and all(0.5 <= v <= 5.0 for v in out), out\n"
         # mlflow.pyfunc imports pyspark's Python package when installed; no JVM (SparkContext) is started
         "spark = sys.modules.get('pyspark')\n"
-        "assert (spark is None or spark.SparkContext._active_spark_context is None) and 'tensorflow' not in sys.modules\n"
+        "assert spark is None or spark.SparkContext._active_spark_context is None\n"
+        "assert 'tensorflow' not in sys.modules\n"
         "print('ok')\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]

@@ -18,9 +18,9 @@ cold rows, which every member and the protocol give to the baseline), the interc
   (``out_of_fold``). The blend is never scored on rows its weights were fitted on.
 
 Each member's share of the gain over the baseline is its Shapley value: the average, over the orders in
-which members join a blend of the baseline, of how much the out-of-fold validation RMSE falls when it joins
-(exact: 2^(members-1) blends of a few columns). Members are stored inside the blend, so the registered pyfunc
-scores without Spark or TensorFlow.
+which members join a blend of the baseline, of how much the out-of-fold validation RMSE (at the blend's
+ridge) falls when it joins (exact: 2^(members-1) blends of a few columns). Members are stored inside the
+blend, so the registered pyfunc scores without Spark or TensorFlow.
 """
 
 from __future__ import annotations
@@ -74,13 +74,14 @@ def cross_validated_ridge(x, y, ridges, folds: int, seed: int) -> tuple[float, d
     return best, scores
 
 
-def out_of_fold(x, y, ridges, folds: int, seed: int) -> np.ndarray:
-    """Each row predicted by weights fitted on the other folds (ridge chosen by an inner K-fold on them)."""
+def out_of_fold(x, y, ridges, folds: int, seed: int, nested: bool = True) -> np.ndarray:
+    """Each row predicted by weights fitted on the other folds, the ridge chosen by an inner K-fold on them
+    (``nested``), or ``ridges[0]`` throughout."""
     fold = folds_of(len(y), folds, seed)
     pred = np.empty(len(y))
     for f in np.unique(fold):
         held = fold == f
-        ridge, _ = cross_validated_ridge(x[~held], y[~held], ridges, folds, seed + 1)
+        ridge = cross_validated_ridge(x[~held], y[~held], ridges, folds, seed + 1)[0] if nested else ridges[0]
         w, b = ridge_fit(x[~held], y[~held], ridge)
         pred[held] = x[held] @ w + b
     return _clip(pred)
@@ -122,9 +123,10 @@ def _member_columns(columns: list[str], member: str) -> list[int]:
 
 
 def shapley_shares(x, y, names: list[str], reference: str, support: np.ndarray | None = None,
-                   ridges=DEFAULT_RIDGES, folds: int = 5, seed: int = 42) -> dict:
+                   ridge: float = 0.0, folds: int = 5, seed: int = 42) -> dict:
     """Each member's Shapley share of the blend's out-of-fold RMSE gain over ``reference`` (always in the blend,
-    with the support feature when there is one).
+    with the support feature when there is one), every subset's blend at the given ``ridge`` (a report figure,
+    not a decision: 2^(members-1) K-fold fits, seconds at a million validation rows).
 
     {"reference_rmse", "blend_rmse", "gain", "recalibration" (the reference blended alone), "shares":
     {member: RMSE points}}; shares + recalibration = gain."""
@@ -137,7 +139,7 @@ def shapley_shares(x, y, names: list[str], reference: str, support: np.ndarray |
     for size in range(len(players) + 1):
         for subset in itertools.combinations(players, size):
             cols = always + [c for p in subset for c in _member_columns(columns, names[p])]
-            value[frozenset(subset)] = rmse(y, out_of_fold(features[:, cols], y, ridges, folds, seed))
+            value[frozenset(subset)] = rmse(y, out_of_fold(features[:, cols], y, (ridge,), folds, seed, nested=False))
     n = len(players)
     shares = {}
     for p in players:
@@ -294,5 +296,5 @@ def fit_blend(members: dict, train: pd.DataFrame, validation: pd.DataFrame, fall
     measured = {"validation_predictions": predictions, "ridge": fit.ridge, "ridge_cv_rmse": fit.ridge_cv_rmse,
                 "warm_rows": int(warm.sum()), "folds": int(folds)}
     if reference in names and len(names) > 1:
-        measured["shapley"] = shapley_shares(x, y, names, reference, s, ridges, folds, seed)
+        measured["shapley"] = shapley_shares(x, y, names, reference, s, fit.ridge, folds, seed)
     return blend, measured

@@ -155,7 +155,8 @@ class FactorModel:
                   for key in ("baseline", "fallback")}
         return cls(name=meta["name"], user_ids=z["user_ids"], movie_ids=z["movie_ids"],
                    user_factors=z["user_factors"], item_factors=z["item_factors"], user_bias=z["user_bias"],
-                   item_bias=z["item_bias"], offset=meta["offset"], baseline=stored["baseline"], fallback=stored["fallback"],
+                   item_bias=z["item_bias"], offset=meta["offset"], baseline=stored["baseline"],
+                   fallback=stored["fallback"],
                    min_rating=meta["min_rating"], max_rating=meta["max_rating"], meta=meta.get("meta", {}))
 
 
@@ -163,8 +164,10 @@ def baseline_arrays(b: BiasBaseline | None, key: str, arrays: dict) -> dict | No
     """Add a fitted baseline's biases to ``arrays`` (an npz's contents) under ``key``; its meta (None: none)."""
     if b is None:
         return None
-    arrays.update({f"{key}_user_ids": b.user_bias_.index.to_numpy(np.int64), f"{key}_user_bias": b.user_bias_.to_numpy(),
-                   f"{key}_movie_ids": b.item_bias_.index.to_numpy(np.int64), f"{key}_item_bias": b.item_bias_.to_numpy()})
+    arrays.update({f"{key}_user_ids": b.user_bias_.index.to_numpy(np.int64),
+                   f"{key}_user_bias": b.user_bias_.to_numpy(),
+                   f"{key}_movie_ids": b.item_bias_.index.to_numpy(np.int64),
+                   f"{key}_item_bias": b.item_bias_.to_numpy()})
     return {"mu": b.mu_, "damping_user": b.damping_user, "damping_item": b.damping_item}
 
 

@@ -44,7 +44,8 @@ def residual_matrix(train: pd.DataFrame, baseline: BiasBaseline, user_ids: np.nd
     """Users x movies CSR of the training residuals r - b(u, i) (float32; rows/cols follow the ids)."""
     rows = pd.Index(user_ids).get_indexer(train["user_id"].to_numpy())
     cols = pd.Index(movie_ids).get_indexer(train["movie_id"].to_numpy())
-    z = train["rating"].to_numpy(np.float64) - baseline.predict(train["user_id"].to_numpy(), train["movie_id"].to_numpy())
+    users, movies = train["user_id"].to_numpy(), train["movie_id"].to_numpy()
+    z = train["rating"].to_numpy(np.float64) - baseline.predict(users, movies)
     # a residual of exactly 0 must stay a stored entry (the user rated the movie): nudge it
     z = np.where(z == 0.0, 1e-6, z).astype(np.float32)
     m = sp.csr_matrix((z, (rows, cols)), shape=(len(user_ids), len(movie_ids)), dtype=np.float32)

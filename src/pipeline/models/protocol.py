@@ -205,8 +205,8 @@ def blend_lines(blend: dict) -> list[str]:
     lines += [f"| {name} | {w:.4f} |" for name, w in blend["weights"].items()]
     if gain:
         lines += ["", f"Out-of-fold validation RMSE (warm rows): baseline {gain['reference_rmse']:.4f}, blend "
-                  f"{gain['blend_rmse']:.4f}, gain {gain['gain']:.4f}. Each member's share of the gain (Shapley value "
-                  "over the blends of the baseline with every subset of members):", "",
+                  f"{gain['blend_rmse']:.4f} (at its ridge), gain {gain['gain']:.4f}. Each member's share of the gain "
+                  "(Shapley value over the blends of the baseline with every subset of members):", "",
                   "| member | share (RMSE) | share of the gain |", "|---|---|---|"]
         total = gain["gain"] or 1.0
         shares = {**blend["shares"], "baseline recalibration": gain["recalibration"]}

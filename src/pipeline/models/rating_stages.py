@@ -89,7 +89,8 @@ def run_blend(ctx) -> dict:
                                     ridges=p.blend_ridges, folds=p.blend_folds, seed=p.seed)
         users = split.validation["user_id"].to_numpy()
         movies = split.validation["movie_id"].to_numpy()
-        cold = ~(np.isin(users, split.train["user_id"].to_numpy()) & np.isin(movies, split.train["movie_id"].to_numpy()))
+        cold = ~(np.isin(users, split.train["user_id"].to_numpy())
+                 & np.isin(movies, split.train["movie_id"].to_numpy()))
         validation = metrics_of_predictions(split.validation, measured["validation_predictions"], cold, split="val")
         shares = measured.get("shapley", {})
         metrics = {f"weight_{c.replace('*', '_x_')}": w for c, w in blend.weights.items()}
