@@ -168,14 +168,14 @@ def table(runs: list[dict]) -> str:
         cells = []
         for r in runs:
             s = r["stages"].get(n)
-            cells.append(f"{s['seconds']:.1f} s / {s['total_mb'] / 1024:.1f} GB" if s else "-")
+            cells.append(f"{s['seconds']:.1f} s / {s['total_mb'] / 1024:.1f} GiB" if s else "-")
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     lines.append("| **whole run** | " + " | ".join(
-        f"**{r['wall_s']:.0f} s / {r['peak']['total_mb'] / 1024:.1f} GB**"
+        f"**{r['wall_s']:.0f} s / {r['peak']['total_mb'] / 1024:.1f} GiB**"
         + ("" if r["rc"] == 0 else f" (exit {r['rc']})")
         for r in runs) + " |")
     lines.append("| peak driver / JVM | " + " | ".join(
-        f"{r['peak']['driver_mb'] / 1024:.1f} / {r['peak']['jvm_mb'] / 1024:.1f} GB" for r in runs) + " |")
+        f"{r['peak']['driver_mb'] / 1024:.1f} / {r['peak']['jvm_mb'] / 1024:.1f} GiB" for r in runs) + " |")
     return "\n".join(lines)
 
 
@@ -204,7 +204,7 @@ def plot(runs: list[dict], path: Path) -> None:
     left.legend(fontsize=7)
     for key, style in (("total_mb", "o-"), ("driver_mb", "s--"), ("jvm_mb", "^--")):
         right.plot(x, [r["peak"][key] / 1024 for r in runs], style, label=key.replace("_mb", ""))
-    right.set(xscale="log", xlabel="ratings", ylabel="peak RSS (GB)", title="Peak resident memory")
+    right.set(xscale="log", xlabel="ratings", ylabel="peak RSS (GiB)", title="Peak resident memory")
     right.legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
