@@ -220,16 +220,21 @@ class ItemKNN:
 
 def fit_knn_grid(train: pd.DataFrame, baseline: BiasBaseline, neighbours, shrinkages, dampings,
                  block_entries: int = BLOCK_ENTRIES) -> Iterator[tuple[dict, ItemKNN]]:
-    """(point, ItemKNN) for each (k, shrinkage, damping) point, sharing one pass of co-rating sums; yielded one
-    at a time, so that a caller keeping only the best holds two models, not the grid."""
+    """(point, ItemKNN) for each (k, shrinkage, damping) point, sharing one pass of co-rating sums (done before
+    this returns); the models are built one at a time as the caller iterates, so that a caller keeping only the
+    best holds two models, not the grid."""
     user_ids = np.sort(pd.unique(train["user_id"]).astype(np.int64))
     movie_ids = np.sort(pd.unique(train["movie_id"]).astype(np.int64))
     z = residual_matrix(train, baseline, user_ids, movie_ids)
     tables = neighbour_tables(z, shrinkages, max(neighbours), block_entries)
-    for shrink, (nbr, sim) in tables.items():
-        for k in neighbours:
-            kk = min(int(k), nbr.shape[1])
-            for damping in dampings:
-                point = {"k": int(k), "shrinkage": float(shrink), "damping": float(damping)}
-                yield point, ItemKNN("knn", user_ids, movie_ids, nbr[:, :kk].copy(), sim[:, :kk].copy(), z, baseline,
-                                     damping=float(damping), fallback=baseline, meta={"params": point})
+
+    def models():
+        for shrink, (nbr, sim) in tables.items():
+            for k in neighbours:
+                kk = min(int(k), nbr.shape[1])
+                for damping in dampings:
+                    point = {"k": int(k), "shrinkage": float(shrink), "damping": float(damping)}
+                    yield point, ItemKNN("knn", user_ids, movie_ids, nbr[:, :kk].copy(), sim[:, :kk].copy(), z,
+                                         baseline, damping=float(damping), fallback=baseline, meta={"params": point})
+
+    return models()
