@@ -69,9 +69,10 @@ class Params:
         "work).", minimum=1, maximum=16)
     als_search: str = _param(
         "halving", "string", "ALS",
-        "How the ALS grid is searched: 'halving' (successive halving over iterations: every point fitted with a "
-        "fraction of its maxIter, the best 1/eta go on with eta times more, the last rung with all of them; "
-        "the full grid below 100,000 training rows) or 'full' (every point fitted with all its iterations).",
+        "How the ALS grids (explicit and implicit) are searched: 'halving' (successive halving over iterations: "
+        "every point fitted with a fraction of its maxIter, the best 1/eta go on with eta times more, the last "
+        "rung with all of them; the full grid below 100,000 training rows) or 'full' (every point fitted with "
+        "all its iterations).",
         enum=("halving", "full"))
     als_halving_eta: int = _param(
         3, "integer", "ALS", "Successive halving: each rung keeps the best 1/eta of its points and gives them eta "

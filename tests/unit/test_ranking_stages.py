@@ -56,3 +56,28 @@ def test_ranking_candidates_the_second_gate_and_a_worse_ranker_kept_out(spark, t
 
     model = load_registered(settings.registered_ranker, "1")
     assert model.top_k([1], 5, exclude={1: {101}}, history={1: {101, 102}})[1]
+
+
+def test_implicit_als_grid_halves_over_iterations_on_large_data(spark, tmp_path, monkeypatch):
+    from pipeline.models import implicit_als
+
+    monkeypatch.setattr(implicit_als, "HALVING_MIN_ROWS", 1)  # tiny data counts as large
+    settings = load_settings({"RECSYS_HOME": str(tmp_path / "home")})
+    run_dir = tmp_path / "halving"
+    write_split(run_dir / "etl", clustered_choices())
+    params = {**SMALL, "ials_ranks": [2, 8], "ials_reg_params": [0.1, 1.0], "ials_max_iters": [9]}
+    ctx = stages.make_context(run_id="halving", work_dir=run_dir, settings=settings, params=params)
+    for stage in ("baseline", "implicit_als"):
+        stages.run_stage(stage, ctx)
+    section = stages.report.write_report(ctx, stages.ORDER)["models"]["implicit_als"]
+    grid = section["grid"]
+    assert [g["rung_iters"] for g in grid].count(3) == 2  # the two cut after the first rung (3 of 9 iterations)
+    finalists = [g for g in grid if g["val_ndcg_at_10"] is not None]
+    assert len(finalists) == 2 and all(g["rung_iters"] == 9 for g in finalists)
+    best = max(finalists, key=lambda g: g["val_ndcg_at_10"])
+    assert section["best_params"] == {k: best[k] for k in ("rank", "reg_param", "alpha", "max_iter")}
+    client = mlflow.MlflowClient(settings.mlflow_tracking_uri)
+    parent = client.get_run(section["mlflow_run_id"])
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(children) == 4  # one child run per point, across rungs

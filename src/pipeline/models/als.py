@@ -104,7 +104,7 @@ def halving_rungs(n_points: int, max_iter: int, eta: int = 3, min_iters: int = H
     return plan
 
 
-def _iters(point: dict, fraction: float) -> int:
+def rung_iters(point: dict, fraction: float) -> int:
     return point["max_iter"] if fraction >= 1.0 else max(1, min(point["max_iter"], round(point["max_iter"] * fraction)))
 
 
@@ -141,7 +141,7 @@ def search_grid(spark, train: pd.DataFrame, validation: pd.DataFrame, baseline, 
                 records[i] = stack.enter_context(track(point)) if track else (lambda params, metrics: None)
                 records[i](point, {})
         full = rung["fraction"] >= 1.0
-        iters = _iters(point, rung["fraction"])
+        iters = rung_iters(point, rung["fraction"])
         started = time.perf_counter()
         model = _als({**point, "max_iter": iters}, seed, num_blocks).fit(frame)
         fm = factor_model(model, train, baseline, meta={"params": point})

@@ -4,7 +4,8 @@ Every rating is an observed interaction (preference 1) whose confidence grows wi
 ``c = 1 + alpha * rating``. A low rating still says "watched", which is what predicts the next movies a
 user rates; the value only weighs it. (Keeping only ratings >= 4 as positives was measured too and ranks
 worse on ml-latest-small: it throws away most of the watching signal.) A grid over rank, regParam and alpha
-is chosen on validation NDCG@10, one MLflow child run per point, like the explicit grid.
+is chosen on validation NDCG@10, one MLflow child run per point, like the explicit grid, and searched the
+same way (``als_search``: successive halving over iterations from 100,000 training rows).
 
 The model is a ``FactorModel`` whose scores are preferences, not ratings: it has no baseline and no clipping
 range, and it is a candidate of the ranking gate only.
@@ -12,6 +13,7 @@ range, and it is a candidate of the ranking gate only.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -20,7 +22,7 @@ import time
 import pandas as pd
 
 from pipeline import tracking
-from pipeline.models.als import factor_model
+from pipeline.models.als import HALVING_MIN_ROWS, factor_model, halving_rungs, rung_iters
 from pipeline.models.factor_model import FactorModel
 from pipeline.models.protocol import Fitted, run_candidate
 from pipeline.models.ranking import evaluate_ranking
@@ -61,22 +63,41 @@ def run_implicit_als(ctx) -> dict:
         frame.count()
         previous = spark.conf.get("spark.sql.shuffle.partitions")
         spark.conf.set("spark.sql.shuffle.partitions", str(max(2, spark.sparkContext.defaultParallelism)))
-        started, results, best = time.perf_counter(), [], None
+        started, results, best = time.perf_counter(), [None] * len(points), None
+        # successive halving over iterations from HALVING_MIN_ROWS training rows, as the explicit grid
+        # (Params als_search, als_halving_eta): the rank-128 points cost ~4x the rank-64 ones at 1 M ratings
+        rungs = halving_rungs(len(points), max(q["max_iter"] for q in points), p.als_halving_eta) \
+            if p.als_search == "halving" and len(split.train) >= HALVING_MIN_ROWS else \
+            [{"fraction": 1.0, "points": len(points), "keep": 1}]
+        alive, records = list(range(len(points))), {}
         try:
-            for i, point in enumerate(points, start=1):
-                name = (f"implicit als rank={point['rank']} reg={point['reg_param']:g} alpha={point['alpha']:g} "
-                        f"iters={point['max_iter']}")
-                with tracking.child_run(parent, ctx, name, split.summary) as record:
-                    t0 = time.perf_counter()
-                    model = fit_point(frame, split.train, point, p.seed, num_blocks)
-                    fit_s = time.perf_counter() - t0
-                    ndcg = evaluate_ranking(model, split)["val_ndcg_at_10"] or 0.0
-                    record(point, {"val_ndcg_at_10": ndcg, "fit_s": fit_s})
-                results.append({**point, "val_ndcg_at_10": ndcg, "fit_s": round(fit_s, 3)})
-                log.info("implicit ALS grid point %d/%d (%s): validation NDCG@10 %.4f (%.1f s)", i, len(points),
-                         name, ndcg, fit_s)
-                if best is None or ndcg > best[0]:
-                    best = (ndcg, model, point)
+            with contextlib.ExitStack() as stack:
+                for rung_no, rung in enumerate(rungs):
+                    scores = {}
+                    for i in alive:
+                        point = points[i]
+                        iters = rung_iters(point, rung["fraction"])
+                        name = (f"implicit als rank={point['rank']} reg={point['reg_param']:g} "
+                                f"alpha={point['alpha']:g} iters={point['max_iter']}")
+                        if i not in records:
+                            records[i] = stack.enter_context(tracking.child_run(parent, ctx, name, split.summary))
+                            records[i](point, {})
+                        t0 = time.perf_counter()
+                        model = fit_point(frame, split.train, {**point, "max_iter": iters}, p.seed, num_blocks)
+                        model.meta["params"] = point
+                        fit_s = time.perf_counter() - t0
+                        ndcg = scores[i] = evaluate_ranking(model, split)["val_ndcg_at_10"] or 0.0
+                        full = rung["fraction"] >= 1.0
+                        records[i]({}, {"val_ndcg_at_10" if full else f"rung{rung_no}_val_ndcg_at_10": ndcg,
+                                        "fit_s": fit_s})
+                        results[i] = {**point, "val_ndcg_at_10": ndcg if full else None, "fit_s": round(fit_s, 3),
+                                      **({"rung_iters": iters, "rung": rung_no} if len(rungs) > 1 else {})}
+                        log.info("implicit ALS %s point %d/%d (%s, %d iterations): validation NDCG@10 %.4f (%.1f s)",
+                                 f"rung {rung_no + 1}/{len(rungs)}" if len(rungs) > 1 else "grid",
+                                 len(scores), len(alive), name, iters, ndcg, fit_s)
+                        if full and (best is None or ndcg > best[0]):
+                            best = (ndcg, model, point)
+                    alive = sorted(alive, key=lambda j: (-scores[j], j))[:rung["keep"]]
         finally:
             spark.conf.set("spark.sql.shuffle.partitions", previous)
             frame.unpersist()
