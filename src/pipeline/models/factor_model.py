@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline import storage
 from pipeline.models.baseline import BiasBaseline, fill_cold
 from pipeline.models.metrics import RATING_MAX, RATING_MIN
 
@@ -143,7 +144,7 @@ class FactorModel:
         for key in ("baseline", "fallback"):
             meta[key] = baseline_arrays(getattr(self, key), key, arrays)
         np.savez(folder / "factors.npz", **arrays)
-        (folder / "model.json").write_text(json.dumps(meta, indent=2, default=float))
+        (folder / "model.json").write_text(storage.strict_json(meta, indent=2, default=float))
         return folder
 
     @classmethod

@@ -9,10 +9,9 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 
+from pipeline import storage
 from pipeline.models.baseline import GlobalMean, fit_best_damping
 from pipeline.models.factor_model import FactorModel
 from pipeline.models.metrics import rating_metrics
@@ -42,7 +41,7 @@ def run_baseline(ctx) -> dict:
         baseline, damping_grid = fit_best_damping(split.train, split.validation)
         global_mean = GlobalMean().fit(split.train)
         gm = rating_metrics(split.test, global_mean.predict, baseline, split.train)
-        (folder / "damping_grid.json").write_text(json.dumps({"damping_grid": damping_grid}, indent=2))
+        (folder / "damping_grid.json").write_text(storage.strict_json({"damping_grid": damping_grid}, indent=2))
         chosen = {"damping_user": baseline.damping_user, "damping_item": baseline.damping_item}
         popularity = popularity_metrics(split, folder / "popularity_test_lists.parquet")
         popularity["test_lists"] = str(ctx.stage_dir("baseline") / "popularity_test_lists.parquet")
