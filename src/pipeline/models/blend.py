@@ -26,7 +26,6 @@ blend, so the registered pyfunc scores without Spark or TensorFlow.
 from __future__ import annotations
 
 import itertools
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -238,10 +237,9 @@ class Blend:
         return self.members[ranked[0]].item_embeddings()
 
     def save(self, folder: Path) -> Path:
-        from pipeline.models.factor_model import baseline_arrays
+        from pipeline.models.factor_model import baseline_arrays, write_model_files
 
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
         for name, model in self.members.items():
             model.save(folder / "members" / name)
         arrays: dict = {}
@@ -250,19 +248,16 @@ class Blend:
         meta = {"kind": "blend", "name": self.name, "members": list(self.members), "weights": self.weights,
                 "intercept": self.intercept, "fallback": baseline_arrays(self.fallback, "fallback", arrays),
                 "support": self.support is not None, "meta": self.meta}
-        np.savez(folder / "blend.npz", **arrays)
-        (folder / "model.json").write_text(json.dumps(meta, indent=2, default=float))
-        return folder
+        return write_model_files(folder, "blend.npz", arrays, meta)
 
     @classmethod
     def load(cls, folder: Path, load_member) -> Blend:
         """``load_member(folder)``: the loader of any saved model (``pipeline.models.saved.load_model``)."""
-        from pipeline.models.factor_model import baseline_from_stored
+        from pipeline.models.factor_model import baseline_from_stored, read_model_files
 
         folder = Path(folder)
-        meta = json.loads((folder / "model.json").read_text())
+        meta, arrays = read_model_files(folder, "blend.npz")
         members = {name: load_member(folder / "members" / name) for name in meta["members"]}
-        arrays = np.load(folder / "blend.npz")
         support = pd.Series(arrays["support"], index=pd.Index(arrays["support_movie_ids"])) if meta["support"] else None
         return cls(meta["name"], members, {k: float(v) for k, v in meta["weights"].items()}, float(meta["intercept"]),
                    support=support, fallback=baseline_from_stored(meta.get("fallback"), "fallback", arrays),

@@ -135,23 +135,17 @@ class FactorModel:
     # --- persistence (the MLflow pyfunc wrapper stores exactly these files) ------------------------------
 
     def save(self, folder: Path) -> Path:
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
         arrays = dict(user_ids=self.user_ids, movie_ids=self.movie_ids, user_factors=self.user_factors,
                       item_factors=self.item_factors, user_bias=self.user_bias, item_bias=self.item_bias)
         meta = {"name": self.name, "offset": self.offset, "min_rating": self.min_rating,
                 "max_rating": self.max_rating, "meta": self.meta}
         for key in ("baseline", "fallback"):
             meta[key] = baseline_arrays(getattr(self, key), key, arrays)
-        np.savez(folder / "factors.npz", **arrays)
-        (folder / "model.json").write_text(storage.strict_json(meta, indent=2, default=float))
-        return folder
+        return write_model_files(folder, "factors.npz", arrays, meta)
 
     @classmethod
     def load(cls, folder: Path) -> FactorModel:
-        folder = Path(folder)
-        meta = json.loads((folder / "model.json").read_text())
-        z = np.load(folder / "factors.npz")
+        meta, z = read_model_files(folder, "factors.npz")
         stored = {key: baseline_from_stored(meta.get(key), key, z, meta["min_rating"], meta["max_rating"])
                   for key in ("baseline", "fallback")}
         return cls(name=meta["name"], user_ids=z["user_ids"], movie_ids=z["movie_ids"],
@@ -159,6 +153,22 @@ class FactorModel:
                    item_bias=z["item_bias"], offset=meta["offset"], baseline=stored["baseline"],
                    fallback=stored["fallback"],
                    min_rating=meta["min_rating"], max_rating=meta["max_rating"], meta=meta.get("meta", {}))
+
+
+def write_model_files(folder: Path, npz_name: str, arrays: dict, meta: dict) -> Path:
+    """The one saved-model layout of every kind: its arrays in ``npz_name``, its metadata in ``model.json``
+    (strict JSON: NaN and Infinity as null)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    np.savez(folder / npz_name, **arrays)
+    (folder / "model.json").write_text(storage.strict_json(meta, indent=2, default=float))
+    return folder
+
+
+def read_model_files(folder: Path, npz_name: str) -> tuple[dict, np.lib.npyio.NpzFile]:
+    """(metadata, arrays) as ``write_model_files`` left them."""
+    folder = Path(folder)
+    return json.loads((folder / "model.json").read_text()), np.load(folder / npz_name)
 
 
 def baseline_arrays(b: BiasBaseline | None, key: str, arrays: dict) -> dict | None:

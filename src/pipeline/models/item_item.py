@@ -3,7 +3,6 @@ their history, of one learnt weight per (history movie, movie) pair. Plain numpy
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,16 +102,15 @@ class ItemItemModel:
         return self.movie_ids, (u * np.sqrt(np.maximum(s, 0.0))).astype(np.float32)
 
     def save(self, folder: Path) -> Path:
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        np.savez(folder / "weights.npz", movie_ids=self.movie_ids, weights=self.weights.astype(np.float16))
-        (folder / "model.json").write_text(json.dumps({"kind": "item_item", "name": self.name, "meta": self.meta},
-                                                      indent=2))
-        return folder
+        from pipeline.models.factor_model import write_model_files
+
+        return write_model_files(folder, "weights.npz",
+                                 {"movie_ids": self.movie_ids, "weights": self.weights.astype(np.float16)},
+                                 {"kind": "item_item", "name": self.name, "meta": self.meta})
 
     @classmethod
     def load(cls, folder: Path) -> ItemItemModel:
-        folder = Path(folder)
-        meta = json.loads((folder / "model.json").read_text())
-        z = np.load(folder / "weights.npz")
+        from pipeline.models.factor_model import read_model_files
+
+        meta, z = read_model_files(folder, "weights.npz")
         return cls(meta["name"], z["movie_ids"], z["weights"], meta.get("meta", {}))

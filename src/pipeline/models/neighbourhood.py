@@ -18,7 +18,6 @@ Predictions are plain numpy/scipy (no Spark): the registered pyfunc scores pairs
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -188,10 +187,8 @@ class ItemKNN:
     # --- persistence ------------------------------------------------------------------------------------
 
     def save(self, folder: Path) -> Path:
-        from pipeline.models.factor_model import baseline_arrays
+        from pipeline.models.factor_model import baseline_arrays, write_model_files
 
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
         z = self.residuals.tocsr()
         arrays = dict(user_ids=self.user_ids, movie_ids=self.movie_ids, neighbours=self.neighbours, sims=self.sims,
                       z_indptr=z.indptr, z_indices=z.indices, z_data=z.data)
@@ -199,17 +196,13 @@ class ItemKNN:
                 "max_rating": self.max_rating, "meta": self.meta}
         for key in ("baseline", "fallback"):
             meta[key] = baseline_arrays(getattr(self, key), key, arrays)
-        np.savez(folder / "knn.npz", **arrays)
-        (folder / "model.json").write_text(json.dumps(meta, indent=2, default=float))
-        return folder
+        return write_model_files(folder, "knn.npz", arrays, meta)
 
     @classmethod
     def load(cls, folder: Path) -> ItemKNN:
-        from pipeline.models.factor_model import baseline_from_stored
+        from pipeline.models.factor_model import baseline_from_stored, read_model_files
 
-        folder = Path(folder)
-        meta = json.loads((folder / "model.json").read_text())
-        a = np.load(folder / "knn.npz")
+        meta, a = read_model_files(folder, "knn.npz")
         z = sp.csr_matrix((a["z_data"], a["z_indices"], a["z_indptr"]), shape=(len(a["user_ids"]), len(a["movie_ids"])))
         stored = {key: baseline_from_stored(meta[key], key, a, meta["min_rating"], meta["max_rating"])
                   for key in ("baseline", "fallback")}
