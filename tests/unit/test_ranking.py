@@ -51,7 +51,7 @@ def test_test_lists_leave_out_train_and_validation_movies_and_validation_lists_o
     seen_train, seen_known = histories(split.train), histories(split.train, split.validation)
     test_users = pd.unique(split.test.user_id)
     test_lists = ranked_lists(Everything(), test_users, 10, seen_known, seen_train, split.train)
-    assert all(not set(test_lists[u]) & seen_known.get(u, set()) for u in test_users)
+    assert all(not set(test_lists[u]) & set(seen_known.get(u, ())) for u in test_users)
     val_users = pd.unique(split.validation.user_id)
     val_lists = ranked_lists(Everything(), val_users, 10, seen_train, seen_train, split.train)
     assert any(set(val_lists[u]) & set(split.validation[split.validation.user_id == u].movie_id) for u in val_users)
@@ -173,3 +173,43 @@ def test_item_item_embeddings_are_a_deterministic_low_rank_view_of_the_weights(s
     cluster = (ids - 101) // 15
     nearest = np.argmax(sims, axis=1)
     assert np.mean(cluster[nearest] == cluster) > 0.8
+
+
+def test_best_k_equals_a_full_sort_by_score_raw_and_id_with_ties_exclusions_and_few_finite_scores():
+    from pipeline.models.ranking import Seen, best_k, exclusion_pairs
+
+    rng = np.random.default_rng(3)
+    movie_ids = rng.permutation(np.arange(1000, 1040))
+    shown = rng.integers(0, 6, size=(50, 40)).astype(np.float64)  # many ties at every cut
+    raw = shown + rng.integers(0, 3, size=shown.shape) * 0.1
+    shown[3, 5:] = -np.inf  # fewer than k finite scores
+    shown[4, :] = np.nan
+    seen = pd.DataFrame({"user_id": rng.integers(0, 50, 300), "movie_id": rng.choice(movie_ids, 300)})
+    seen = seen.drop_duplicates()
+    as_dict = {u: set(g.movie_id) for u, g in seen.groupby("user_id")}
+    users = list(range(50))
+    pairs = exclusion_pairs(Seen(seen), users)
+    assert sorted(zip(*pairs)) == sorted(zip(*exclusion_pairs(as_dict, users)))
+    got = best_k(shown.copy(), movie_ids, 10, pairs, raw=raw)
+    for u in users:
+        expected = sorted((m for j, m in enumerate(movie_ids) if np.isfinite(shown[u, j]) and m not in as_dict.get(u, ())),
+                          key=lambda m: (-shown[u, list(movie_ids).index(m)], -raw[u, list(movie_ids).index(m)], m))
+        assert got[u] == expected[:10]
+    assert got[4] == [] and len(got[3]) <= 5
+
+
+def test_the_ranking_sample_is_seeded_relevant_users_only_and_the_same_for_every_model(split):
+    from dataclasses import replace
+
+    from pipeline.models.ranking import measured_users
+
+    relevant = split.test.loc[split.test.rating >= 4, "user_id"].nunique()
+    users, rows = measured_users(split.test, relevant, seed=1)  # room for all: every user, every row
+    assert len(users) == split.test.user_id.nunique() and len(rows) == len(split.test)
+    users, rows = measured_users(split.test, 20, seed=1)
+    again, _ = measured_users(split.test, 20, seed=1)
+    assert len(users) == 20 and list(users) == list(again) and set(rows.user_id) == set(users)
+    assert rows.groupby("user_id").rating.max().min() >= 4.0  # each sampled user counts in the means
+    sampled = replace(split, ranking_sample=(20, 1))
+    out = evaluate_ranking(PopularityRanker(split.train), sampled)
+    assert out["users"] == 20 and out["val_users"] == 20

@@ -107,25 +107,18 @@ class FactorModel:
         Ranked by the predicted rating that predict() returns, so the list is the k best of what is shown;
         ties (several movies clipped to the top of the scale) by the score before clipping, then by movie_id.
         """
-        exclude = exclude or {}
+        from pipeline.models.ranking import best_k, exclusion_pairs
+
         user_ids = [int(u) for u in user_ids]
         rows = self._users.get_indexer(np.asarray(user_ids, dtype=np.int64))
         out = {}
         known = [(u, r) for u, r in zip(user_ids, rows) if r >= 0]
-        n = len(self.movie_ids)
         for start in range(0, len(known), batch):
             chunk = known[start:start + batch]
+            users = [u for u, _ in chunk]
             shown, raw = self._scores(np.array([r for _, r in chunk], dtype=np.int64))
-            for (user, _), shown_row, raw_row in zip(chunk, shown, raw):
-                seen = exclude.get(user)
-                if seen:
-                    cols = self._movies.get_indexer(np.fromiter(seen, dtype=np.int64))
-                    shown_row[cols[cols >= 0]] = -np.inf
-                kk = min(k, n)
-                cut = np.partition(shown_row, n - kk)[n - kk]  # the kk-th best shown score
-                cand = np.flatnonzero((shown_row >= cut) & np.isfinite(shown_row))
-                order = np.lexsort((self.movie_ids[cand], -raw_row[cand], -shown_row[cand]))[:kk]
-                out[user] = self.movie_ids[cand[order]].tolist()
+            out.update(zip(users, best_k(shown, self.movie_ids, k, exclusion_pairs(exclude, users), raw=raw,
+                                         index=self._movies)))
         return out
 
     def item_embeddings(self) -> tuple[np.ndarray, np.ndarray]:

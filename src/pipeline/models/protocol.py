@@ -43,12 +43,16 @@ class Split:
     validation: pd.DataFrame
     test: pd.DataFrame
     summary: dict
+    # (most users, seed) of the ranking measurement: a seeded sample of the users with a relevant held-out
+    # rating, the same for every model of the run (Params ranking_max_users); None: every user
+    ranking_sample: tuple[int, int] | None = None
 
 
 def load_split(ctx, needed_by: str) -> Split:
     manifest = storage.read_manifest(ctx.stage_dir("etl"), needed_by)
     frames = {name: pd.read_parquet(manifest["tables"][name]["path"]) for name in SPLITS}
-    return Split(**frames, summary=manifest["split"])
+    return Split(**frames, summary=manifest["split"],
+                 ranking_sample=(ctx.params.ranking_max_users, ctx.params.seed))
 
 
 def load_baseline(ctx, needed_by: str):

@@ -15,6 +15,7 @@ A ranker is anything with ``top_k(user_ids, k, exclude, history)`` -> {user_id: 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -22,17 +23,104 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.models.metrics import ranking_metrics
+from pipeline.models.metrics import RELEVANCE_THRESHOLD, ranking_metrics
 from pipeline.models.popularity import top_k_popular
 
 RANKING_K = 10
 LISTS_SCHEMA = pa.schema([("user_id", pa.int64()), ("rank", pa.int32()), ("movie_id", pa.int64())])
 
 
-def histories(*frames: pd.DataFrame) -> dict[int, set]:
-    """{user_id: the set of movies they rated} over ``frames``."""
-    rows = pd.concat([f[["user_id", "movie_id"]] for f in frames], ignore_index=True)
-    return {int(u): set(m) for u, m in rows.groupby("user_id")["movie_id"]}
+class Seen(Mapping):
+    """{user_id: the movie ids they rated (a numpy array)} over rating frames, held as one array sorted by user
+    (CSR-like): built once per split and shared by every evaluation; ``pairs`` gives a batch of users' movies at
+    once, so the top-k exclusions are one fancy-index assignment per batch instead of a loop over users."""
+
+    def __init__(self, *frames: pd.DataFrame):
+        users = np.concatenate([f["user_id"].to_numpy(np.int64) for f in frames]) if frames else np.zeros(0, np.int64)
+        movies = np.concatenate([f["movie_id"].to_numpy(np.int64) for f in frames]) if frames else users
+        order = np.lexsort((movies, users))
+        users, self._movies = users[order], movies[order]
+        ids, starts = np.unique(users, return_index=True)
+        self._ids = pd.Index(ids)
+        self._bounds = np.append(starts, len(users))
+
+    def __getitem__(self, user) -> np.ndarray:
+        i = self._ids.get_loc(int(user))
+        return self._movies[self._bounds[i]:self._bounds[i + 1]]
+
+    def __iter__(self):
+        return iter(self._ids.tolist())
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __contains__(self, user) -> bool:
+        return int(user) in self._ids
+
+    def pairs(self, user_ids) -> tuple[np.ndarray, np.ndarray]:
+        """(row, movie_id) for every movie of every user of ``user_ids``; row: the user's position in it."""
+        pos = self._ids.get_indexer(np.asarray(user_ids, dtype=np.int64))
+        start = np.where(pos >= 0, self._bounds[np.maximum(pos, 0)], 0)
+        lens = np.where(pos >= 0, self._bounds[np.maximum(pos, 0) + 1], 0) - start
+        rows = np.repeat(np.arange(len(pos)), lens)
+        offsets = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens - start, lens)
+        return rows, self._movies[offsets]
+
+
+def histories(*frames: pd.DataFrame) -> Seen:
+    """{user_id: the movies they rated} over ``frames`` (a ``Seen``)."""
+    return Seen(*frames)
+
+
+def exclusion_pairs(exclude: Mapping | None, user_ids) -> tuple[np.ndarray, np.ndarray]:
+    """(row, movie_id) pairs of ``exclude[user]`` for the users of ``user_ids`` (row: position in it)."""
+    if exclude is None:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    if isinstance(exclude, Seen):
+        return exclude.pairs(user_ids)
+    rows, movies = [], []
+    for r, user in enumerate(user_ids):
+        seen = exclude.get(user)
+        if seen is not None and len(seen):
+            movies.append(np.fromiter(seen, dtype=np.int64, count=len(seen)))
+            rows.append(np.full(len(seen), r, dtype=np.int64))
+    if not rows:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(rows), np.concatenate(movies)
+
+
+def best_k(shown: np.ndarray, movie_ids: np.ndarray, k: int, excluded: tuple | None = None,
+           raw: np.ndarray | None = None, index: pd.Index | None = None) -> list[list[int]]:
+    """Row by row, the ids (of ``movie_ids``, the columns) of the ``k`` highest finite ``shown`` scores, best
+    first; ties by ``raw`` (higher first, when given), then by movie id. ``excluded``: (row, movie_id) pairs
+    scored -inf first (movies outside ``movie_ids`` ignored). ``shown`` is overwritten.
+
+    One argpartition over the batch; only rows with a tie at the k-th score (or fewer than k finite scores)
+    are finished one by one, so every row gets exactly what a full sort by (score, raw, id) gives.
+    """
+    m, n = shown.shape
+    movie_ids = np.asarray(movie_ids, dtype=np.int64)
+    kk = min(k, n)
+    if m == 0 or kk <= 0:
+        return [[] for _ in range(m)]
+    shown[np.isnan(shown)] = -np.inf
+    if excluded is not None and len(excluded[0]):
+        cols = (index if index is not None else pd.Index(movie_ids)).get_indexer(excluded[1])
+        keep = cols >= 0
+        shown[excluded[0][keep], cols[keep]] = -np.inf
+    top = np.argpartition(shown, n - kk, axis=1)[:, n - kk:]
+    values = np.take_along_axis(shown, top, 1)
+    cut = values.min(axis=1)
+    slow = ~np.isfinite(cut) | ((shown >= cut[:, None]).sum(axis=1) > kk)
+    keys = [movie_ids[top].ravel()] + ([-np.take_along_axis(raw, top, 1).ravel()] if raw is not None else [])
+    order = np.lexsort(keys + [-values.ravel(), np.repeat(np.arange(m), kk)])
+    out = movie_ids[top.ravel()[order]].reshape(m, kk).tolist()
+    for r in np.flatnonzero(slow):
+        row = shown[r]
+        cand = np.flatnonzero((row >= cut[r]) & np.isfinite(row))
+        keys = [movie_ids[cand]] + ([-raw[r, cand]] if raw is not None else [])
+        out[r] = movie_ids[cand[np.lexsort(keys + [-row[cand]])[:kk]]].tolist()
+    return out
 
 
 def ranked_lists(model, user_ids, k: int, exclude: dict, history: dict, train: pd.DataFrame) -> dict:
@@ -41,33 +129,22 @@ def ranked_lists(model, user_ids, k: int, exclude: dict, history: dict, train: p
     top = model.top_k(user_ids, k, exclude=exclude, history=history)
     missing = [u for u in user_ids if not top.get(u)]
     if missing:
-        seen = pd.DataFrame([(u, m) for u in missing for m in exclude.get(u, ())], columns=["user_id", "movie_id"],
-                            dtype=np.int64)
+        rows, movies = exclusion_pairs(exclude, missing)
+        seen = pd.DataFrame({"user_id": np.asarray(missing, dtype=np.int64)[rows], "movie_id": movies})
         top.update(top_k_popular(train, missing, k, seen=seen))
     return {u: top[u] for u in user_ids}
 
 
-def top_k_by_score(scores, user_ids: list, movie_ids: np.ndarray, k: int, exclude: dict | None = None,
+def top_k_by_score(scores, user_ids: list, movie_ids: np.ndarray, k: int, exclude: Mapping | None = None,
                    batch: int = 256) -> dict:
     """{user: the k movies of ``movie_ids`` with the highest score}, skipping ``exclude[user]``; ties by
     movie_id. ``scores(user_ids)`` gives a users x movies matrix (the rating models that score densely)."""
-    exclude = exclude or {}
     index = pd.Index(np.asarray(movie_ids, dtype=np.int64))
-    n = len(index)
-    kk = min(k, n)
     out: dict = {}
     for start in range(0, len(user_ids), batch):
         chunk = user_ids[start:start + batch]
         matrix = np.array(scores(chunk), dtype=np.float64)
-        for user, row in zip(chunk, matrix):
-            seen = exclude.get(user)
-            if seen:
-                cols = index.get_indexer(np.fromiter(seen, dtype=np.int64, count=len(seen)))
-                row[cols[cols >= 0]] = -np.inf
-            cut = np.partition(row, n - kk)[n - kk]
-            cand = np.flatnonzero((row >= cut) & np.isfinite(row))
-            order = np.lexsort((index.to_numpy()[cand], -row[cand]))[:kk]
-            out[user] = index.to_numpy()[cand[order]].tolist()
+        out.update(zip(chunk, best_k(matrix, index.to_numpy(), k, exclusion_pairs(exclude, chunk), index=index)))
     return out
 
 
@@ -85,18 +162,47 @@ def write_lists(top: dict, path: Path) -> Path:
     return path
 
 
+def measured_users(held_out: pd.DataFrame, max_users: int | None, seed: int) -> tuple[np.ndarray, pd.DataFrame]:
+    """(users whose lists are measured, their held-out rows): every user of ``held_out``, or, when more than
+    ``max_users`` have a relevant held-out rating, a seeded sample of ``max_users`` of those (only they count
+    in the means). Deterministic, so every model of a run is measured on the same users."""
+    users = pd.unique(held_out["user_id"])
+    if max_users is None:
+        return users, held_out
+    relevant = np.sort(pd.unique(held_out.loc[held_out["rating"] >= RELEVANCE_THRESHOLD, "user_id"]))
+    if len(relevant) <= max_users:
+        return users, held_out
+    chosen = np.sort(np.random.default_rng(seed).choice(relevant, max_users, replace=False))
+    return chosen, held_out[held_out["user_id"].isin(chosen)]
+
+
+def split_histories(split) -> tuple[Seen, Seen]:
+    """(training movies, training + validation movies) per user of ``split``: computed once per split object
+    (the grid searches evaluate many points on one split)."""
+    cached = getattr(split, "_histories", None)
+    if cached is None or cached[0] is not split.train:
+        cached = (split.train, histories(split.train), histories(split.train, split.validation))
+        try:
+            object.__setattr__(split, "_histories", cached)
+        except AttributeError:  # a split-like object without attributes: no cache
+            pass
+    return cached[1], cached[2]
+
+
 def evaluate_ranking(model, split, lists_path: Path | None = None, k: int = RANKING_K) -> dict:
     """Validation and test ranking metrics of ``model`` by the protocol above (``split``: protocol.Split).
 
     Keys: val_{precision,recall,ndcg,map}_at_k, val_users, test_{...}_at_k, users (test users averaged
     over), and test_lists (the path written, when ``lists_path`` is given).
     """
-    seen_train = histories(split.train)
-    seen_known = histories(split.train, split.validation)
-    val_top = ranked_lists(model, pd.unique(split.validation["user_id"]), k, seen_train, seen_train, split.train)
-    test_top = ranked_lists(model, pd.unique(split.test["user_id"]), k, seen_known, seen_train, split.train)
-    val = ranking_metrics(val_top, split.validation, k=k)
-    test = ranking_metrics(test_top, split.test, k=k)
+    seen_train, seen_known = split_histories(split)
+    sample = getattr(split, "ranking_sample", None)
+    val_users, val_rows = measured_users(split.validation, *(sample or (None, 0)))
+    test_users, test_rows = measured_users(split.test, *(sample or (None, 0)))
+    val_top = ranked_lists(model, val_users, k, seen_train, seen_train, split.train)
+    test_top = ranked_lists(model, test_users, k, seen_known, seen_train, split.train)
+    val = ranking_metrics(val_top, val_rows, k=k)
+    test = ranking_metrics(test_top, test_rows, k=k)
     out = {f"val_{name}": value for name, value in val.items() if name != "users"}
     out["val_users"] = val["users"]
     out.update({f"test_{name}": value for name, value in test.items() if name != "users"})
