@@ -75,7 +75,7 @@ class Params:
         "all its iterations).",
         enum=("halving", "full"))
     als_halving_eta: int = _param(
-        3, "integer", "ALS", "Successive halving: each rung keeps the best 1/eta of its points and gives them eta "
+        5, "integer", "ALS", "Successive halving: each rung keeps the best 1/eta of its points and gives them eta "
         "times more iterations.", minimum=2, maximum=10)
     autorec_enabled: bool = _param(True, "boolean", "AutoRec", "Train the AutoRec autoencoder (TensorFlow).")
     autorec_hidden_units: int = _param(100, "integer", "AutoRec",

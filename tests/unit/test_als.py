@@ -36,6 +36,10 @@ def test_halving_plan_screens_every_point_with_fewer_iterations_then_refits_the_
     plan = halving_rungs(15, 30, eta=3, min_iters=3)
     assert [(round(r["fraction"] * 30), r["points"], r["keep"]) for r in plan] == [(3, 15, 5), (10, 5, 2), (30, 2, 1)]
     assert halving_rungs(15, 5, eta=3, min_iters=3) == [{"fraction": 1.0, "points": 15, "keep": 1}]  # no room
+    plan = halving_rungs(15, 15, eta=5, min_iters=3)  # the default: a fifth of the points go on to all iterations
+    assert [(round(r["fraction"] * 15), r["points"], r["keep"]) for r in plan] == [(3, 15, 3), (15, 3, 1)]
+    plan = halving_rungs(4, 10, eta=5, min_iters=3)  # implicit ALS: no room for a 5x step, one screen at 3
+    assert [(round(r["fraction"] * 10), r["points"], r["keep"]) for r in plan] == [(3, 4, 1), (10, 1, 1)]
 
 
 def test_halving_refits_the_best_point_with_all_its_iterations(spark, planted):

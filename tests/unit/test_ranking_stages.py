@@ -65,7 +65,7 @@ def test_implicit_als_grid_halves_over_iterations_on_large_data(spark, tmp_path,
     settings = load_settings({"RECSYS_HOME": str(tmp_path / "home")})
     run_dir = tmp_path / "halving"
     write_split(run_dir / "etl", clustered_choices())
-    params = {**SMALL, "ials_ranks": [2, 8], "ials_reg_params": [0.1, 1.0], "ials_max_iters": [9]}
+    params = {**SMALL, "ials_ranks": [2, 8], "ials_reg_params": [0.1, 1.0], "ials_max_iters": [9], "als_halving_eta": 3}
     ctx = stages.make_context(run_id="halving", work_dir=run_dir, settings=settings, params=params)
     for stage in ("baseline", "implicit_als"):
         stages.run_stage(stage, ctx)

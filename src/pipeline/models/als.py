@@ -84,7 +84,9 @@ def halving_rungs(n_points: int, max_iter: int, eta: int = 3, min_iters: int = H
     """Successive halving's plan over ALS iterations: per rung, the share of each point's ``max_iter`` its fits
     run (``fraction``), how many points it fits and how many of them go on (``keep``).
 
-    Rung budgets grow ``eta``-fold up to all the iterations, the first one at least ``min_iters``; the first
+    Rung budgets grow ``eta``-fold up to all the iterations, the first one at least ``min_iters`` (when
+    ``max_iter`` leaves no room for a full ``eta`` step but is at least twice ``min_iters``, one screening rung
+    at ``min_iters``: implicit ALS's 10 iterations at eta 5 are screened at 3); the first
     rung fits every point, each later one the best ``1/eta`` of the previous rung; the last rung fits its
     points with all their iterations, and the best of those is the model. Every rung fits on all the training
     data: ranking on a sample of users was tried first and chose a regParam too high (a smaller sample favours
@@ -93,9 +95,12 @@ def halving_rungs(n_points: int, max_iter: int, eta: int = 3, min_iters: int = H
     rungs = 1
     while max_iter / eta ** rungs >= min_iters:
         rungs += 1
+    if rungs == 1 and max_iter >= 2 * min_iters:  # no room for a full eta step: screen at min_iters instead
+        rungs = 2
     plan, points = [], n_points
     for i in range(rungs):
-        plan.append({"fraction": 1.0 / eta ** (rungs - 1 - i), "points": points, "keep": 1})
+        fraction = 1.0 if i == rungs - 1 else max(1.0 / eta ** (rungs - 1 - i), min_iters / max_iter)
+        plan.append({"fraction": fraction, "points": points, "keep": 1})
         if points == 1:
             plan[-1]["fraction"] = 1.0
             break
