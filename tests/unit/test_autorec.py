@@ -171,3 +171,17 @@ def test_the_learning_rate_schedule_shrinks_later_steps_only(planted):
     constant, _ = train_autorec(train, validation, **three)
     decayed, _ = train_autorec(train, validation, **three, lr_decay=0.5)
     assert decayed.meta["lr_decay"] == 0.5 and not np.allclose(constant.item_factors, decayed.item_factors)
+
+
+def test_the_training_curve_uses_a_sample_on_large_data_and_leaves_the_model_unchanged(planted, monkeypatch):
+    from pipeline.models import autorec
+
+    train, validation, _ = planted
+    settings = {**FAST, "epochs": 2}
+    full_model, full = train_autorec(train, validation, **settings)
+    monkeypatch.setattr(autorec, "TRAIN_RMSE_SAMPLE", len(train) // 4)
+    sampled_model, sampled = train_autorec(train, validation, **settings)
+    assert [r["val_rmse"] for r in sampled] == [r["val_rmse"] for r in full]  # training and selection as before
+    np.testing.assert_array_equal(sampled_model.item_factors, full_model.item_factors)
+    assert all(abs(s["train_rmse"] - f["train_rmse"]) < 0.05 and s["train_rmse"] != f["train_rmse"]
+               for s, f in zip(sampled, full))  # an estimate of the same figure
