@@ -2,11 +2,14 @@
 
 For every test user with more training ratings than ``cold_start_known_ratings`` (n) and a relevant test
 rating (a seeded sample of ``cold_start_max_users`` of them on large data), the user's first n training
-ratings (by time) are all the cold-start path knows: their list comes from
-``recommend.recommend_from_ratings`` (the function ``recsys recommend --ratings`` runs), fed with one
-similar-movie table, and is scored against their test ratings (>= 4.0) like every other list. Their other
-training and validation movies are left out of the lists, as in the main protocol (they are neither input
-nor target). Popularity, given the same n ratings to leave out, is the bar.
+ratings (by time) are all the cold-start path knows: their list is what ``recommend.recommend_from_ratings``
+(the function ``recsys recommend --ratings`` runs) returns for them, fed with one similar-movie table, and is
+scored against their test ratings (>= 4.0) like every other list. The stage computes all users' lists in one
+batch, ``recommend.recommend_from_ratings_many`` (one join and groupby instead of a pandas query per user and
+source: 2 splits x up to 1000 users x 4 sources), which the unit tests (tests/unit/test_cold_start.py) hold
+equal to ``recommend_from_ratings`` user by user: the same movies, scores and order. Their other training and
+validation movies are left out of the lists, as in the main protocol (they are neither input nor target).
+Popularity, given the same n ratings to leave out, is the bar.
 
 Each source of similar movies that exists is measured, so that the one serving uses is chosen by this
 figure (the Param ``similarity_source``): the served table (by default the ranking champion's vectors), the
@@ -26,7 +29,7 @@ from pipeline import registry, storage
 from pipeline.models.metrics import ranking_metrics
 from pipeline.models.popularity import popular_movies
 from pipeline.models.protocol import load_model, load_split
-from pipeline.serving.recommend import recommend_from_ratings
+from pipeline.serving.recommend import pairs_in, recommend_from_ratings_many
 
 log = logging.getLogger(__name__)
 
@@ -72,19 +75,50 @@ def weight_table(model, k: int) -> pd.DataFrame:
     return frame[frame["score"] > 0]
 
 
+def hidden_movies(users: dict, frames) -> dict[int, set[int]]:
+    """{user: the movies of ``frames`` (training, validation) they rated that are not among their known ratings}:
+    left out of their lists, neither input nor target. Vectorised (one isin of (user, movie) pairs)."""
+    ids = np.fromiter(users, dtype=np.int64, count=len(users))
+    rows = pd.concat([frame.loc[frame["user_id"].isin(ids), ["user_id", "movie_id"]] for frame in frames])
+    user, movie = rows["user_id"].to_numpy(np.int64), rows["movie_id"].to_numpy(np.int64)
+    counts = np.fromiter((len(r) for r in users.values()), dtype=np.int64, count=len(users))
+    known = pairs_in(user, movie, np.repeat(ids, counts),
+                     np.fromiter((int(m) for r in users.values() for m in r), dtype=np.int64, count=int(counts.sum())))
+    user, movie = user[~known], movie[~known]
+    order = np.argsort(user, kind="stable")
+    user, movie = user[order], movie[order]
+    bounds = np.searchsorted(user, ids, "left"), np.searchsorted(user, ids, "right")
+    return {int(u): set(movie[a:b].tolist()) for u, a, b in zip(ids, *bounds)}
+
+
 def cold_start_lists(users: dict, similar: pd.DataFrame | None, popular: pd.DataFrame, hidden: dict) -> dict:
-    """{user: top-K} from the cold-start path (``similar`` None: popularity alone), leaving out ``hidden``."""
+    """{user: top-K} from the cold-start path (``similar`` None: popularity alone), leaving out ``hidden``.
+
+    Each user's list is ``recommend_from_ratings``' top K + |hidden| with the hidden movies then left out,
+    computed for all users in one batch (``recommend_from_ratings_many``, tested equal user by user)."""
     out = {}
-    for user, rated in users.items():
-        drop = hidden.get(user, set())
-        depth = K + len(drop)
-        if similar is None:
+    if similar is None:
+        for user, rated in users.items():
+            drop = hidden.get(user, set())
             ids = popular["movie_id"].to_numpy()
-            ids = ids[~np.isin(ids, list(rated))][:depth]
-        else:
-            ids = recommend_from_ratings(rated, similar, popular, depth, metric="cosine")["movie_id"].to_numpy()
-        out[user] = [int(m) for m in ids if m not in drop][:K]
-    return out
+            ids = ids[~np.isin(ids, list(rated))][:K + len(drop)]
+            out[user] = [int(m) for m in ids if m not in drop][:K]
+        return out
+    if not users:
+        return out
+    depth = {user: K + len(hidden.get(user, ())) for user in users}
+    recs = recommend_from_ratings_many(users, similar, popular, depth, metric="cosine")
+    drops = [(user, hidden.get(user, ())) for user in users]
+    sizes = np.fromiter((len(d) for _, d in drops), dtype=np.int64, count=len(drops))
+    hidden_user = np.repeat(np.fromiter((int(u) for u in users), dtype=np.int64, count=len(users)), sizes)
+    hidden_movie = np.fromiter((int(m) for _, d in drops for m in d), dtype=np.int64, count=int(sizes.sum()))
+    recs = recs[~pairs_in(recs["user_id"].to_numpy(np.int64), recs["movie_id"].to_numpy(np.int64),
+                          hidden_user, hidden_movie)]
+    recs = recs[recs.groupby("user_id", sort=False).cumcount().to_numpy() < K]
+    user, movie = recs["user_id"].to_numpy(np.int64), recs["movie_id"].to_numpy(np.int64)
+    starts = np.flatnonzero(np.r_[True, user[1:] != user[:-1]]) if len(user) else np.empty(0, dtype=np.int64)
+    lists = dict(zip(user[starts].tolist(), (m.tolist() for m in np.split(movie, starts[1:])))) if len(user) else {}
+    return {user: lists.get(int(user), []) for user in users}
 
 
 def run_cold_start(ctx) -> dict:
@@ -111,12 +145,7 @@ def run_cold_start(ctx) -> dict:
     for split_name, held_out, hidden_frames in (("val", split.validation, (split.train,)),
                                                 ("test", split.test, (split.train, split.validation))):
         users = cold_users(split.train, held_out, known, ctx.params.cold_start_max_users, ctx.params.seed)
-        hidden = {u: set() for u in users}
-        for frame in hidden_frames:
-            rows = frame[frame["user_id"].isin(list(users))]
-            for u, m in zip(rows["user_id"].astype(int), rows["movie_id"].astype(int)):
-                if m not in users[u]:
-                    hidden[u].add(m)
+        hidden = hidden_movies(users, hidden_frames)
         rows = held_out[held_out["user_id"].isin(list(users))]
         popularity = ranking_metrics(cold_start_lists(users, None, popular, hidden), rows, k=K)
         result[f"{split_name}_users"] = popularity["users"]

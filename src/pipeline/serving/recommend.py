@@ -21,6 +21,8 @@ Formulas (the constants below are the defaults):
                     beat it (0.12 with the EASE champion's table; weight 1 chosen on validation).
 
 No Spark here: plain pandas/numpy, so the query command line can call the same functions.
+``recommend_from_ratings_many`` is ``recommend_from_ratings`` for many users in one pass (the cold_start
+stage's measurement), tested equal to it user by user.
 """
 
 from __future__ import annotations
@@ -244,6 +246,111 @@ def recommend_from_ratings(rated: Mapping[int, float], similar: pd.DataFrame, po
     reasons = [f"similar to {titles.get(int(best[m]), f'movie {int(best[m])}')}" if v > 0 else _popular_reason(chosen)
                for m, v in zip(ranked["movie_id"], ranked["vote"])]
     return _frame(ranked["movie_id"].tolist(), ranked["score"].tolist(), reasons)
+
+
+def pairs_in(users, movies, ref_users, ref_movies) -> np.ndarray:
+    """Whether each (users[i], movies[i]) is one of the pairs (ref_users[j], ref_movies[j]): one isin on int keys."""
+    users, movies = np.asarray(users, dtype=np.int64), np.asarray(movies, dtype=np.int64)
+    n = len(users)
+    if not n or not len(ref_users):
+        return np.zeros(n, dtype=bool)
+    user_codes, _ = pd.factorize(np.concatenate([users, np.asarray(ref_users, dtype=np.int64)]))
+    movie_codes, distinct = pd.factorize(np.concatenate([movies, np.asarray(ref_movies, dtype=np.int64)]))
+    keys = user_codes.astype(np.int64) * len(distinct) + movie_codes
+    return np.isin(keys[:n], keys[n:])
+
+
+def recommend_from_ratings_many(users: Mapping[int, Mapping[int, float]], similar: pd.DataFrame,
+                                popular: pd.DataFrame, k: int | Mapping[int, int], metric: str = "cosine",
+                                popularity_weight: float = POPULARITY_WEIGHT) -> pd.DataFrame:
+    """``recommend_from_ratings`` for many new users at once (no genres): the same movies, scores and order.
+
+    ``users`` maps user_id -> {movie_id: rating}; ``k`` is one list length or {user_id: its length}. Returns
+    the columns user_id, rank, movie_id, score, ordered by ``users``' order and rank. One pass over all users
+    (their liked movies joined to the similar table, one groupby of (user, movie)) instead of a pandas query per
+    user; the unit tests hold it equal to ``recommend_from_ratings`` user by user, which stays the serving
+    function (``recsys recommend --ratings``). Floating point is kept identical: each user's weights and their
+    sum come from ``liked_movies`` as there, and a (user, movie)'s parts are summed by the same pandas groupby
+    sum in the similar table's row order.
+    """
+    check_metric(metric)
+    ids = np.fromiter((int(u) for u in users), dtype=np.int64, count=len(users))
+    depth = np.fromiter((check_k(k[u] if isinstance(k, Mapping) else k)
+                         for u in users), dtype=np.int64, count=len(users))
+    rated = [{int(m): float(r) for m, r in given.items()} for given in users.values()]
+    n_rated = np.fromiter((len(r) for r in rated), dtype=np.int64, count=len(rated))
+    popular_ids = popular["movie_id"].to_numpy(np.int64)
+    prior_of = popularity_prior(popular)
+    prior_index = pd.Index(prior_of.index)
+    prior_values = prior_of.to_numpy(np.float64)
+
+    def prior(movies: np.ndarray) -> np.ndarray:
+        at = prior_index.get_indexer(movies)
+        return np.where(at >= 0, prior_values[np.maximum(at, 0)], 0.0)
+
+    # liked movies, one row per (user, liked movie); the weights' sum per user as recommend_from_ratings takes it
+    liked = [liked_movies(r) for r in rated]
+    n_liked = np.fromiter((len(w) for w in liked), dtype=np.int64, count=len(liked))
+    liked_user = np.repeat(np.arange(len(ids)), n_liked)
+    liked_movie = np.fromiter((m for w in liked for m in w), dtype=np.int64, count=int(n_liked.sum()))
+    liked_weight = np.fromiter((x for w in liked for x in w.values()), dtype=np.float64, count=int(n_liked.sum()))
+    total = np.array([sum(w.values()) if w else 1.0 for w in liked], dtype=np.float64)
+
+    # each liked movie's rows of the similar table (the table's order kept within a movie)
+    table = similar[similar["metric"] == metric]
+    source = table["movie_id"].to_numpy(np.int64)
+    target = table["similar_movie_id"].to_numpy(np.int64)
+    sim = similarity_of(table, metric)
+    by_source = np.argsort(source, kind="stable")
+    lo = np.searchsorted(source[by_source], liked_movie, "left")
+    count = np.searchsorted(source[by_source], liked_movie, "right") - lo
+    pair = np.repeat(np.arange(len(liked_movie)), count)
+    row = by_source[np.repeat(lo, count) + np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count, count)]
+    contrib = pd.DataFrame({"user": liked_user[pair], "movie_id": target[row], "row": row,
+                            "part": liked_weight[pair] * sim[row]})
+    contrib = contrib.sort_values(["user", "movie_id", "row"], kind="stable")
+    votes = contrib.groupby(["user", "movie_id"], sort=False)["part"].sum()
+    vote_user = votes.index.get_level_values(0).to_numpy(np.int64)
+    vote_movie = votes.index.get_level_values(1).to_numpy(np.int64)
+    vote = votes.to_numpy(np.float64) / total[vote_user]
+    keep = vote > 0
+    vote_user, vote_movie, vote = vote_user[keep], vote_movie[keep], vote[keep]
+
+    # the pool: each user's k + |rated| most popular movies and their voted movies, less the movies they rated
+    warm = n_rated > 0
+    n_head = np.where(warm, np.minimum(depth + n_rated, len(popular_ids)), 0)
+    head_user = np.repeat(np.arange(len(ids)), n_head)
+    head_movie = popular_ids[np.arange(int(n_head.sum())) - np.repeat(np.cumsum(n_head) - n_head, n_head)]
+    user = np.concatenate([vote_user, head_user])
+    movie = np.concatenate([vote_movie, head_movie])
+    score_vote = np.concatenate([vote, np.zeros(len(head_user))])
+    _, first = np.unique(np.stack([user, movie]), axis=1, return_index=True)  # a voted movie keeps its vote
+    first = np.sort(first)
+    user, movie, score_vote = user[first], movie[first], score_vote[first]
+    rated_user = np.repeat(np.arange(len(ids)), n_rated)
+    rated_movie = np.fromiter((m for r in rated for m in r), dtype=np.int64, count=int(n_rated.sum()))
+    free = ~pairs_in(user, movie, rated_user, rated_movie)
+    user, movie, score_vote = user[free], movie[free], score_vote[free]
+    movie_prior = prior(movie)
+    score = score_vote + float(popularity_weight) * movie_prior
+    order = np.lexsort((movie, -movie_prior, -score, user))
+    user, movie, score = user[order], movie[order], score[order]
+    starts = np.searchsorted(user, np.arange(len(ids)))
+    rank = np.arange(len(user)) - starts[user]
+    top = rank < depth[user]
+    user, movie, score, rank = user[top], movie[top], score[top], rank[top]
+
+    # users with no ratings: the most popular movies (``recommend_cold_user``)
+    n_cold = np.where(warm, 0, np.minimum(depth, len(popular_ids)))
+    cold_user = np.repeat(np.arange(len(ids)), n_cold)
+    cold_rank = np.arange(int(n_cold.sum())) - np.repeat(np.cumsum(n_cold) - n_cold, n_cold)
+    user = np.concatenate([user, cold_user])
+    movie = np.concatenate([movie, popular_ids[cold_rank]])
+    score = np.concatenate([score, popular["score"].to_numpy(np.float64)[cold_rank]])
+    rank = np.concatenate([rank, cold_rank])
+    order = np.lexsort((rank, user))
+    return pd.DataFrame({"user_id": ids[user[order]], "rank": (rank[order] + 1).astype(np.int32),
+                         "movie_id": movie[order], "score": score[order]})[RECOMMENDATION_COLUMNS]
 
 
 # --- the stage ---------------------------------------------------------------------------------------------
