@@ -78,7 +78,7 @@ def _scorer(spec: GateSpec, ctx, split):
     if spec.kind == "rating":
         fallback = protocol.load_baseline(ctx, spec.gate_section)
         return lambda model: rating_metrics(split.test, model.predict, fallback, split.train)["test_rmse"]
-    return lambda model: evaluate_ranking(model, split)["test_ndcg_at_10"]
+    return lambda model: evaluate_ranking(model, split, splits=("test",))["test_ndcg_at_10"]
 
 
 def _baseline_score(spec: GateSpec, ctx, candidates: dict) -> float:

@@ -192,8 +192,9 @@ def test_best_k_equals_a_full_sort_by_score_raw_and_id_with_ties_exclusions_and_
     assert sorted(zip(*pairs)) == sorted(zip(*exclusion_pairs(as_dict, users)))
     got = best_k(shown.copy(), movie_ids, 10, pairs, raw=raw)
     for u in users:
-        expected = sorted((m for j, m in enumerate(movie_ids) if np.isfinite(shown[u, j]) and m not in as_dict.get(u, ())),
-                          key=lambda m: (-shown[u, list(movie_ids).index(m)], -raw[u, list(movie_ids).index(m)], m))
+        col = {m: j for j, m in enumerate(movie_ids)}
+        allowed = [m for m in movie_ids if np.isfinite(shown[u, col[m]]) and m not in as_dict.get(u, ())]
+        expected = sorted(allowed, key=lambda m: (-shown[u, col[m]], -raw[u, col[m]], m))
         assert got[u] == expected[:10]
     assert got[4] == [] and len(got[3]) <= 5
 
@@ -213,3 +214,11 @@ def test_the_ranking_sample_is_seeded_relevant_users_only_and_the_same_for_every
     sampled = replace(split, ranking_sample=(20, 1))
     out = evaluate_ranking(PopularityRanker(split.train), sampled)
     assert out["users"] == 20 and out["val_users"] == 20
+
+
+def test_a_validation_only_measurement_gives_the_same_validation_figures_and_no_test_lists(split):
+    ranker = PopularityRanker(split.train)
+    both = evaluate_ranking(ranker, split)
+    val_only = evaluate_ranking(ranker, split, splits=("val",))
+    assert val_only == {k: v for k, v in both.items() if k.startswith("val_")}
+    assert evaluate_ranking(ranker, split, splits=("test",))["test_ndcg_at_10"] == both["test_ndcg_at_10"]

@@ -92,7 +92,7 @@ def run_ease(ctx) -> dict:
                 t0 = time.perf_counter()
                 model = fit_ease(split.train, lam, p.ease_min_ratings, gram=gram, movie_ids=movie_ids)
                 fit_s = time.perf_counter() - t0
-                val = evaluate_ranking(model, split)
+                val = evaluate_ranking(model, split, splits=("val",))
                 result = {"lambda": lam, "val_ndcg_at_10": val["val_ndcg_at_10"], "fit_s": round(fit_s, 3)}
                 record({"lambda": lam}, {"val_ndcg_at_10": val["val_ndcg_at_10"] or 0.0, "fit_s": fit_s})
             results.append(result)

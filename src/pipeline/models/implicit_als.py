@@ -86,7 +86,7 @@ def run_implicit_als(ctx) -> dict:
                         model = fit_point(frame, split.train, {**point, "max_iter": iters}, p.seed, num_blocks)
                         model.meta["params"] = point
                         fit_s = time.perf_counter() - t0
-                        ndcg = scores[i] = evaluate_ranking(model, split)["val_ndcg_at_10"] or 0.0
+                        ndcg = scores[i] = evaluate_ranking(model, split, splits=("val",))["val_ndcg_at_10"] or 0.0
                         full = rung["fraction"] >= 1.0
                         records[i]({}, {"val_ndcg_at_10" if full else f"rung{rung_no}_val_ndcg_at_10": ndcg,
                                         "fit_s": fit_s})

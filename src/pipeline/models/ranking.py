@@ -189,24 +189,28 @@ def split_histories(split) -> tuple[Seen, Seen]:
     return cached[1], cached[2]
 
 
-def evaluate_ranking(model, split, lists_path: Path | None = None, k: int = RANKING_K) -> dict:
+def evaluate_ranking(model, split, lists_path: Path | None = None, k: int = RANKING_K,
+                     splits: tuple[str, ...] = ("val", "test")) -> dict:
     """Validation and test ranking metrics of ``model`` by the protocol above (``split``: protocol.Split).
 
     Keys: val_{precision,recall,ndcg,map}_at_k, val_users, test_{...}_at_k, users (test users averaged
-    over), and test_lists (the path written, when ``lists_path`` is given).
+    over), and test_lists (the path written, when ``lists_path`` is given). ``splits``: which of "val" and
+    "test" to measure (a grid search choosing on validation needs no test lists for every point).
     """
     seen_train, seen_known = split_histories(split)
-    sample = getattr(split, "ranking_sample", None)
-    val_users, val_rows = measured_users(split.validation, *(sample or (None, 0)))
-    test_users, test_rows = measured_users(split.test, *(sample or (None, 0)))
-    val_top = ranked_lists(model, val_users, k, seen_train, seen_train, split.train)
-    test_top = ranked_lists(model, test_users, k, seen_known, seen_train, split.train)
-    val = ranking_metrics(val_top, val_rows, k=k)
-    test = ranking_metrics(test_top, test_rows, k=k)
-    out = {f"val_{name}": value for name, value in val.items() if name != "users"}
-    out["val_users"] = val["users"]
-    out.update({f"test_{name}": value for name, value in test.items() if name != "users"})
-    out["users"] = test["users"]
-    if lists_path is not None:
-        out["test_lists"] = str(write_lists(test_top, lists_path))
+    sample = getattr(split, "ranking_sample", None) or (None, 0)
+    out: dict = {}
+    if "val" in splits:
+        val_users, val_rows = measured_users(split.validation, *sample)
+        val = ranking_metrics(ranked_lists(model, val_users, k, seen_train, seen_train, split.train), val_rows, k=k)
+        out.update({f"val_{name}": value for name, value in val.items() if name != "users"})
+        out["val_users"] = val["users"]
+    if "test" in splits:
+        test_users, test_rows = measured_users(split.test, *sample)
+        test_top = ranked_lists(model, test_users, k, seen_known, seen_train, split.train)
+        test = ranking_metrics(test_top, test_rows, k=k)
+        out.update({f"test_{name}": value for name, value in test.items() if name != "users"})
+        out["users"] = test["users"]
+        if lists_path is not None:
+            out["test_lists"] = str(write_lists(test_top, lists_path))
     return out
