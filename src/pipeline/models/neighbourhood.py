@@ -129,16 +129,28 @@ class ItemKNN:
 
     def predict(self, user_ids, movie_ids) -> np.ndarray:
         """Predicted ratings, clipped; NaN where the user or movie is unknown to the model."""
+        return self.predict_from(self.parts(user_ids, movie_ids))
+
+    def parts(self, user_ids, movie_ids) -> tuple:
+        """What ``predict`` combines, before the damping: (known pairs, baseline part, numerator, denominator).
+        The same for every damping of one neighbour table, so a grid over dampings computes it once."""
         user_ids = np.asarray(user_ids, dtype=np.int64)
         movie_ids = np.asarray(movie_ids, dtype=np.int64)
         u, m = self._users.get_indexer(user_ids), self._movies.get_indexer(movie_ids)
-        out = np.full(len(u), np.nan)
         known = np.flatnonzero((u >= 0) & (m >= 0))
+        num, den = np.zeros(len(known)), np.zeros(len(known))
         for start in range(0, len(known), _PAIR_CHUNK):
             at = known[start:start + _PAIR_CHUNK]
-            num = np.asarray(self._s[m[at]].multiply(self.residuals[u[at]]).sum(axis=1)).ravel()
-            den = np.asarray(self._abs_s[m[at]].multiply(self._rated[u[at]]).sum(axis=1)).ravel()
-            out[at] = self._combine(self._baseline_part(user_ids[at], movie_ids[at]), num, den)
+            num[start:start + len(at)] = np.asarray(self._s[m[at]].multiply(self.residuals[u[at]]).sum(axis=1)).ravel()
+            den[start:start + len(at)] = np.asarray(
+                self._abs_s[m[at]].multiply(self._rated[u[at]]).sum(axis=1)).ravel()
+        return len(u), known, self._baseline_part(user_ids[known], movie_ids[known]), num, den
+
+    def predict_from(self, parts: tuple) -> np.ndarray:
+        """``predict`` from ``parts`` (this model's damping)."""
+        n, known, base, num, den = parts
+        out = np.full(n, np.nan)
+        out[known] = self._combine(base, num, den)
         return out
 
     def _combine(self, base, num, den):

@@ -41,11 +41,20 @@ def run_knn(ctx) -> dict:
         started = time.perf_counter()
         points = fit_knn_grid(split.train, baseline, p.knn_neighbours, p.knn_shrinkages, p.knn_dampings)
         similarity_s = time.perf_counter() - started
-        results, best = [], None
+        results, best, shared = [], None, {}
+
+        def predict(model, table):  # the dampings of one neighbour table share its (numerator, denominator)
+            def scored(user_ids, movie_ids):
+                if shared.get("table") != table:
+                    shared.update(table=table, parts=model.parts(user_ids, movie_ids))
+                return model.predict_from(shared["parts"])
+            return scored
+
         for point, model in points:
             name = f"knn k={point['k']} shrinkage={point['shrinkage']:g} damping={point['damping']:g}"
             with tracking.child_run(parent, ctx, name, split.summary) as record:
-                scores = rating_metrics(split.validation, model.predict, baseline, split.train, split="val")
+                scores = rating_metrics(split.validation, predict(model, (point["k"], point["shrinkage"])), baseline,
+                                        split.train, split="val")
                 record(point, {"val_rmse": scores["val_rmse"], "val_mae": scores["val_mae"]})
             results.append({**point, "val_rmse": scores["val_rmse"]})
             if best is None or scores["val_rmse"] < best[0]["val_rmse"]:
