@@ -60,12 +60,18 @@ def _als(point: dict, seed: int, num_blocks: int | None = None):
                itemCol="movie_idx", ratingCol="residual", seed=seed, coldStartStrategy="nan", **kwargs)
 
 
+def id_maps(train: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
+    """(user_idx -> user_id, movie_idx -> movie_id) of the training rows (computed once per grid: at 10 M
+    ratings each costs a second)."""
+    return (train.drop_duplicates("user_idx").set_index("user_idx")["user_id"],
+            train.drop_duplicates("movie_idx").set_index("movie_idx")["movie_id"])
+
+
 def factor_model(als_model, train: pd.DataFrame, baseline, name: str = "als", meta: dict | None = None,
-                 **bounds) -> FactorModel:
+                 maps: tuple[pd.Series, pd.Series] | None = None, **bounds) -> FactorModel:
     """Collect an ALSModel's factors into a FactorModel keyed by the original ids (``bounds``: the
-    FactorModel's min_rating / max_rating, for factors whose scores are not ratings)."""
-    users = train.drop_duplicates("user_idx").set_index("user_idx")["user_id"]
-    movies = train.drop_duplicates("movie_idx").set_index("movie_idx")["movie_id"]
+    FactorModel's min_rating / max_rating, for factors whose scores are not ratings; ``maps``: ``id_maps``)."""
+    users, movies = maps if maps is not None else id_maps(train)
     uf = als_model.userFactors.toPandas()
     itf = als_model.itemFactors.toPandas()
     return FactorModel(
@@ -134,6 +140,7 @@ def search_grid(spark, train: pd.DataFrame, validation: pd.DataFrame, baseline, 
     halving = len(rungs) > 1
     frame = spark.createDataFrame(residual_frame(train, baseline)).repartition(num_blocks).cache()
     frame.count()
+    maps = id_maps(train)
     lock = threading.Lock()
     results = [{**p, "val_rmse": None, "val_mae": None, "fit_s": 0.0} for p in points]
     records: dict = {}
@@ -149,7 +156,7 @@ def search_grid(spark, train: pd.DataFrame, validation: pd.DataFrame, baseline, 
         iters = rung_iters(point, rung["fraction"])
         started = time.perf_counter()
         model = _als({**point, "max_iter": iters}, seed, num_blocks).fit(frame)
-        fm = factor_model(model, train, baseline, meta={"params": point})
+        fm = factor_model(model, train, baseline, meta={"params": point}, maps=maps)
         fit_s = time.perf_counter() - started
         scores = rating_metrics(validation, fm.predict, baseline, train, split="val")  # the protocol's
         with lock:

@@ -22,7 +22,7 @@ import time
 import pandas as pd
 
 from pipeline import tracking
-from pipeline.models.als import HALVING_MIN_ROWS, factor_model, halving_rungs, rung_iters
+from pipeline.models.als import HALVING_MIN_ROWS, factor_model, halving_rungs, id_maps, rung_iters
 from pipeline.models.factor_model import FactorModel
 from pipeline.models.protocol import Fitted, run_candidate
 from pipeline.models.ranking import evaluate_ranking
@@ -37,14 +37,15 @@ def grid_points(ranks, reg_params, alphas, max_iters) -> list[dict]:
             for r, g, a, i in itertools.product(ranks, reg_params, alphas, max_iters)]
 
 
-def fit_point(spark_frame, train: pd.DataFrame, point: dict, seed: int, num_blocks: int) -> FactorModel:
+def fit_point(spark_frame, train: pd.DataFrame, point: dict, seed: int, num_blocks: int,
+              maps: tuple | None = None) -> FactorModel:
     from pyspark.ml.recommendation import ALS
 
     als = ALS(rank=point["rank"], regParam=point["reg_param"], alpha=point["alpha"], maxIter=point["max_iter"],
               implicitPrefs=True, userCol="user_idx", itemCol="movie_idx", ratingCol="rating", seed=seed,
               numUserBlocks=num_blocks, numItemBlocks=num_blocks, intermediateStorageLevel="MEMORY_ONLY",
               finalStorageLevel="MEMORY_ONLY")
-    return factor_model(als.fit(spark_frame), train, None, name="implicit_als",
+    return factor_model(als.fit(spark_frame), train, None, name="implicit_als", maps=maps,
                         meta={"params": point, "scores": "preference"}, min_rating=-UNBOUNDED, max_rating=UNBOUNDED)
 
 
@@ -69,7 +70,7 @@ def run_implicit_als(ctx) -> dict:
         rungs = halving_rungs(len(points), max(q["max_iter"] for q in points), p.als_halving_eta) \
             if p.als_search == "halving" and len(split.train) >= HALVING_MIN_ROWS else \
             [{"fraction": 1.0, "points": len(points), "keep": 1}]
-        alive, records = list(range(len(points))), {}
+        alive, records, maps = list(range(len(points))), {}, id_maps(split.train)
         try:
             with contextlib.ExitStack() as stack:
                 for rung_no, rung in enumerate(rungs):
@@ -83,7 +84,8 @@ def run_implicit_als(ctx) -> dict:
                             records[i] = stack.enter_context(tracking.child_run(parent, ctx, name, split.summary))
                             records[i](point, {})
                         t0 = time.perf_counter()
-                        model = fit_point(frame, split.train, {**point, "max_iter": iters}, p.seed, num_blocks)
+                        model = fit_point(frame, split.train, {**point, "max_iter": iters}, p.seed, num_blocks,
+                                          maps)
                         model.meta["params"] = point
                         fit_s = time.perf_counter() - t0
                         ndcg = scores[i] = evaluate_ranking(model, split, splits=("val",))["val_ndcg_at_10"] or 0.0
