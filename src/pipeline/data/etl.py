@@ -66,13 +66,18 @@ def assign_split(ratings, strategy: str, seed: int, validation_fraction: float, 
 
 def rows_fingerprint(df) -> str:
     """Order-independent fingerprint of (user_id, movie_id, rating, ts) rows: same rows, same value."""
+    return count_and_fingerprint(df)[1]
+
+
+def count_and_fingerprint(df) -> tuple[int, str]:
+    """(rows, ``rows_fingerprint``) of ``df`` in one pass."""
     from pyspark.sql import functions as F
 
     row = df.agg(
         F.count(F.lit(1)).alias("n"),
         F.sum(F.xxhash64("user_id", "movie_id", "rating", "ts").cast("decimal(38,0)")).alias("h"),
     ).first()
-    return hashlib.sha256(f"{row['n']}:{row['h']}".encode()).hexdigest()[:16]
+    return int(row["n"]), hashlib.sha256(f"{row['n']}:{row['h']}".encode()).hexdigest()[:16]
 
 
 def split_ratings(spark, validate_dir: Path, out_dir: Path, strategy: str = "random", seed: int = 42,
@@ -95,13 +100,13 @@ def split_ratings(spark, validate_dir: Path, out_dir: Path, strategy: str = "ran
             part.write.parquet(str(tmp / f"{name}.parquet"))
             paths[name] = str(out_dir / f"{name}.parquet")
         for name in SPLITS:  # counts and fingerprints from what was written, not from the plan
-            written = spark.read.parquet(str(tmp / f"{name}.parquet"))
-            counts[name] = written.count()
+            counts[name], fingerprint = count_and_fingerprint(spark.read.parquet(str(tmp / f"{name}.parquet")))
             tables[name] = {"rows": counts[name], "path": paths[name], "columns": SPLIT_COLUMNS,
-                            "fingerprint": rows_fingerprint(written)}
+                            "fingerprint": fingerprint}
         for name, mapping in (("user_index", users), ("movie_index", movies)):
-            mapping.coalesce(1).write.parquet(str(tmp / f"{name}.parquet"))
-            tables[name] = {"rows": mapping.count(), "path": str(out_dir / f"{name}.parquet")}
+            mapping.coalesce(1).write.parquet(str(tmp / f"{name}.parquet"))  # counted from the file just written
+            rows = spark.read.parquet(str(tmp / f"{name}.parquet")).count()
+            tables[name] = {"rows": rows, "path": str(out_dir / f"{name}.parquet")}
         summary = {
             "strategy": strategy,
             "seed": seed,
