@@ -9,6 +9,8 @@ function of a ``RunContext`` returning the report sections it adds (small, JSON-
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import logging
 import time
 from collections.abc import Callable
@@ -215,8 +217,20 @@ def run_stage(name: str, ctx: RunContext, fn: Callable[[RunContext], dict] | Non
         summary = {**sections, "timings_s": {name: seconds}}
         report.write_summary(ctx.run_dir, name, summary)
         report.write_report(ctx, ORDER)
+    release_memory()
     log.info("stage %s: done in %.1f s", name, seconds)
     return summary
+
+
+def release_memory() -> None:
+    """Hand the memory a stage freed back to the OS. glibc keeps freed heap pages (and raises its mmap threshold
+    after large frees, so later large arrays land on the heap too): without this the process's resident size
+    carries every earlier stage's peak into the next one (``recsys run`` runs all stages in one process)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
+        pass
 
 
 def _prepare(name: str, ctx: RunContext) -> dict:

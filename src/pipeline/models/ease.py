@@ -57,8 +57,10 @@ def ease_weights(gram: np.ndarray, lam: float) -> np.ndarray:
     g = gram.copy()
     g[np.diag_indices_from(g)] += np.float32(lam)
     factor = sl.cho_factor(g, lower=True, overwrite_a=True, check_finite=False)
-    p = sl.cho_solve(factor, np.eye(len(g), dtype=np.float32), overwrite_b=True, check_finite=False)
-    b = -p / np.diag(p)[None, :]
+    del g
+    b = sl.cho_solve(factor, np.eye(len(gram), dtype=np.float32), overwrite_b=True, check_finite=False)
+    del factor
+    b /= -np.diag(b).copy()[None, :]  # in place: one items x items matrix less at the peak (400 MB at 10,000)
     np.fill_diagonal(b, 0.0)
     return b.astype(np.float32, copy=False)
 
