@@ -7,6 +7,9 @@ import os
 from pipeline.spark_logging import java_options, jvm_stderr_filter
 
 
+JVM_MEMORY_OPTIONS = "-XX:G1PeriodicGCInterval=3000 -XX:MinHeapFreeRatio=10 -XX:MaxHeapFreeRatio=30"
+
+
 def get_spark(settings, app_name: str = "movielens-recsys"):
     """Return the process's SparkSession, creating it from the settings on first use."""
     from pyspark.sql import SparkSession
@@ -25,9 +28,12 @@ def get_spark(settings, app_name: str = "movielens-recsys"):
         .config("spark.sql.adaptive.enabled", "true")
         .config("spark.sql.warehouse.dir", str(settings.home / "spark-warehouse"))
         # ALS's long lineage is serialized recursively: a bigger thread stack avoids StackOverflowError,
-        # most of all on the py4j threads that run concurrent grid fits; the JVM's logging: spark_logging
+        # most of all on the py4j threads that run concurrent grid fits; the JVM's logging: spark_logging.
+        # G1 gives its free heap back to the OS: a collection every few seconds while the JVM idles (the Python
+        # stages: AutoRec, kNN, EASE, ...) and a heap kept at most 30 % free; at 1 M ratings the idle driver
+        # JVM drops from ~1.5 GB to ~0.75 GB resident, next to the Python stages' own peaks.
         .config("spark.driver.extraJavaOptions", f"-Xss32m -Dderby.system.home={settings.home / 'derby'} "
-                f"{java_options(settings.home, settings.spark_log_level)}")
+                f"{JVM_MEMORY_OPTIONS} {java_options(settings.home, settings.spark_log_level)}")
     )
     if settings.spark_master.startswith("local"):
         os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
