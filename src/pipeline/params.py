@@ -161,8 +161,8 @@ class Params:
         "at 10 M ratings).", minimum=100, maximum=100_000_000)
     cold_start_max_users: int = _param(
         1000, "integer", "ranking",
-        "Cold-start measurement: at most this many users per split (a seeded sample of the eligible ones; each "
-        "costs a cold-start query per similarity source, so all 70,000 users of ml-10m would take hours).",
+        "Cold-start measurement: at most this many users per split (a seeded sample of the eligible ones; the "
+        "lists are built in one batch per similarity source, ~0.15 s per 1,000 users at 1 M ratings).",
         minimum=1, maximum=10_000_000)
     promotion_margin: float = _param(
         0.0, "number", "gate",
