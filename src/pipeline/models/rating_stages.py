@@ -41,6 +41,8 @@ def run_knn(ctx) -> dict:
         started = time.perf_counter()
         points = fit_knn_grid(split.train, baseline, p.knn_neighbours, p.knn_shrinkages, p.knn_dampings)
         similarity_s = time.perf_counter() - started
+        total = len(p.knn_neighbours) * len(p.knn_shrinkages) * len(p.knn_dampings)
+        log.info("knn: neighbour tables in %.1f s; %d grid points to score on validation", similarity_s, total)
         results, best, shared = [], None, {}
 
         def predict(model, table):  # the dampings of one neighbour table share its (numerator, denominator)
@@ -57,6 +59,8 @@ def run_knn(ctx) -> dict:
                                         split.train, split="val")
                 record(point, {"val_rmse": scores["val_rmse"], "val_mae": scores["val_mae"]})
             results.append({**point, "val_rmse": scores["val_rmse"]})
+            log.info("knn grid point %d/%d (k=%d shrinkage=%g damping=%g): validation RMSE %.4f", len(results),
+                     total, point["k"], point["shrinkage"], point["damping"], scores["val_rmse"])
             if best is None or scores["val_rmse"] < best[0]["val_rmse"]:
                 best = (results[-1], model)
         (folder / "grid.json").write_text(storage.strict_json(results, indent=2))
