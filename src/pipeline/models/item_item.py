@@ -53,16 +53,15 @@ class ItemItemModel:
 
         history = exclude if history is None else history
         user_ids = [int(u) for u in user_ids]
-        rows, movies = exclusion_pairs(history, user_ids)
-        cols = self._movies.get_indexer(movies)
-        has = np.bincount(rows[cols >= 0], minlength=len(user_ids)) > 0
-        users = [u for u, ok in zip(user_ids, has) if ok]
         out: dict = {}
-        for start in range(0, len(users), batch):
-            chunk = users[start:start + batch]
-            scores = self._history_scores(exclusion_pairs(history, chunk), len(chunk))
-            out.update(zip(chunk, best_k(scores, self.movie_ids, k, exclusion_pairs(exclude, chunk),
-                                         index=self._movies)))
+        for start in range(0, len(user_ids), batch):
+            chunk = user_ids[start:start + batch]
+            pairs = exclusion_pairs(history, chunk)
+            known = self._movies.get_indexer(pairs[1]) >= 0
+            has = np.bincount(pairs[0][known], minlength=len(chunk)) > 0  # rated something in the catalogue
+            excluded = pairs if exclude is history else exclusion_pairs(exclude, chunk)
+            lists = best_k(self._history_scores(pairs, len(chunk)), self.movie_ids, k, excluded, index=self._movies)
+            out.update((user, top) for user, top, ok in zip(chunk, lists, has) if ok)
         return out
 
     def pair_scores(self, user_ids, movie_ids, history: dict, batch: int = 512) -> np.ndarray:
