@@ -42,6 +42,7 @@ from pipeline.models.baseline import BiasBaseline, fit_best_damping
 from pipeline.errors import ConfigError, DataValidationError
 from pipeline.models.metrics import RATING_MAX, RATING_MIN
 from pipeline.models.factor_model import FactorModel
+from pipeline.models.ranking import concat_ranges
 
 log = logging.getLogger(__name__)
 
@@ -154,9 +155,7 @@ class ItemRows:
         starts, ends = self.indptr[items], self.indptr[items + 1]
         lengths = ends - starts
         rows = np.repeat(np.arange(len(items), dtype=np.int64), lengths)
-        # Position of each entry: its movie's start plus its rank inside the movie.
-        first = np.cumsum(lengths) - lengths
-        pos = np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(first - starts, lengths)
+        pos = concat_ranges(starts, lengths)  # each entry's movie start plus its rank inside the movie
         return rows, self.users[pos], self.values[pos]
 
 

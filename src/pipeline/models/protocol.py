@@ -17,6 +17,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import pandas as pd
@@ -25,7 +26,7 @@ from pipeline import storage
 from pipeline.models.item_item import ItemItemModel
 from pipeline.models.factor_model import FactorModel
 from pipeline.models.metrics import rating_metrics
-from pipeline.models.ranking import RANKING_K, evaluate_ranking
+from pipeline.models.ranking import RANKING_K, Seen, evaluate_ranking, histories
 from pipeline.models.saved import load_model
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,12 @@ class Split:
     # (most users, seed) of the ranking measurement: a seeded sample of the users with a relevant held-out
     # rating, the same for every model of the run (Params ranking_max_users); None: every user
     ranking_sample: tuple[int, int] | None = None
+
+    @cached_property
+    def seen(self) -> tuple[Seen, Seen]:
+        """(training movies, training + validation movies) per user: built once per split, shared by every
+        ranking measurement on it (the grid searches measure many points)."""
+        return histories(self.train), histories(self.train, self.validation)
 
 
 def load_split(ctx, needed_by: str) -> Split:

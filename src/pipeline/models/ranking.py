@@ -30,6 +30,13 @@ RANKING_K = 10
 LISTS_SCHEMA = pa.schema([("user_id", pa.int64()), ("rank", pa.int32()), ("movie_id", pa.int64())])
 
 
+def concat_ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The positions ``starts[i] .. starts[i] + lengths[i] - 1`` of every i, concatenated (a ragged gather's
+    index: CSR rows, the first n of a ranked list per user)."""
+    starts, lengths = np.asarray(starts, dtype=np.int64), np.asarray(lengths, dtype=np.int64)
+    return np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths - starts, lengths)
+
+
 class Seen(Mapping):
     """{user_id: the movie ids they rated (a numpy array)} over rating frames, held as one array sorted by user
     (CSR-like): built once per split and shared by every evaluation; ``pairs`` gives a batch of users' movies at
@@ -62,9 +69,7 @@ class Seen(Mapping):
         pos = self._ids.get_indexer(np.asarray(user_ids, dtype=np.int64))
         start = np.where(pos >= 0, self._bounds[np.maximum(pos, 0)], 0)
         lens = np.where(pos >= 0, self._bounds[np.maximum(pos, 0) + 1], 0) - start
-        rows = np.repeat(np.arange(len(pos)), lens)
-        offsets = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens - start, lens)
-        return rows, self._movies[offsets]
+        return np.repeat(np.arange(len(pos)), lens), self._movies[concat_ranges(start, lens)]
 
 
 def histories(*frames: pd.DataFrame) -> Seen:
@@ -176,19 +181,6 @@ def measured_users(held_out: pd.DataFrame, max_users: int | None, seed: int) -> 
     return chosen, held_out[held_out["user_id"].isin(chosen)]
 
 
-def split_histories(split) -> tuple[Seen, Seen]:
-    """(training movies, training + validation movies) per user of ``split``: computed once per split object
-    (the grid searches evaluate many points on one split)."""
-    cached = getattr(split, "_histories", None)
-    if cached is None or cached[0] is not split.train:
-        cached = (split.train, histories(split.train), histories(split.train, split.validation))
-        try:
-            object.__setattr__(split, "_histories", cached)
-        except AttributeError:  # a split-like object without attributes: no cache
-            pass
-    return cached[1], cached[2]
-
-
 def evaluate_ranking(model, split, lists_path: Path | None = None, k: int = RANKING_K,
                      splits: tuple[str, ...] = ("val", "test")) -> dict:
     """Validation and test ranking metrics of ``model`` by the protocol above (``split``: protocol.Split).
@@ -197,8 +189,8 @@ def evaluate_ranking(model, split, lists_path: Path | None = None, k: int = RANK
     over), and test_lists (the path written, when ``lists_path`` is given). ``splits``: which of "val" and
     "test" to measure (a grid search choosing on validation needs no test lists for every point).
     """
-    seen_train, seen_known = split_histories(split)
-    sample = getattr(split, "ranking_sample", None) or (None, 0)
+    seen_train, seen_known = split.seen
+    sample = split.ranking_sample or (None, 0)
     out: dict = {}
     if "val" in splits:
         val_users, val_rows = measured_users(split.validation, *sample)

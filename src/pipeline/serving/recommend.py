@@ -38,6 +38,7 @@ import pandas as pd
 from pipeline.params import check_k
 from pipeline.errors import ConfigError
 from pipeline.models.popularity import popular_movies
+from pipeline.models.ranking import concat_ranges
 from pipeline.similarity import METRICS
 
 if TYPE_CHECKING:
@@ -305,7 +306,7 @@ def recommend_from_ratings_many(users: Mapping[int, Mapping[int, float]], simila
     lo = np.searchsorted(source[by_source], liked_movie, "left")
     count = np.searchsorted(source[by_source], liked_movie, "right") - lo
     pair = np.repeat(np.arange(len(liked_movie)), count)
-    row = by_source[np.repeat(lo, count) + np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count, count)]
+    row = by_source[concat_ranges(lo, count)]
     contrib = pd.DataFrame({"user": liked_user[pair], "movie_id": target[row], "row": row,
                             "part": liked_weight[pair] * sim[row]})
     contrib = contrib.sort_values(["user", "movie_id", "row"], kind="stable")
@@ -320,7 +321,7 @@ def recommend_from_ratings_many(users: Mapping[int, Mapping[int, float]], simila
     warm = n_rated > 0
     n_head = np.where(warm, np.minimum(depth + n_rated, len(popular_ids)), 0)
     head_user = np.repeat(np.arange(len(ids)), n_head)
-    head_movie = popular_ids[np.arange(int(n_head.sum())) - np.repeat(np.cumsum(n_head) - n_head, n_head)]
+    head_movie = popular_ids[concat_ranges(np.zeros(len(n_head)), n_head)]
     user = np.concatenate([vote_user, head_user])
     movie = np.concatenate([vote_movie, head_movie])
     score_vote = np.concatenate([vote, np.zeros(len(head_user))])
@@ -343,7 +344,7 @@ def recommend_from_ratings_many(users: Mapping[int, Mapping[int, float]], simila
     # users with no ratings: the most popular movies (``recommend_cold_user``)
     n_cold = np.where(warm, 0, np.minimum(depth, len(popular_ids)))
     cold_user = np.repeat(np.arange(len(ids)), n_cold)
-    cold_rank = np.arange(int(n_cold.sum())) - np.repeat(np.cumsum(n_cold) - n_cold, n_cold)
+    cold_rank = concat_ranges(np.zeros(len(n_cold)), n_cold)
     user = np.concatenate([user, cold_user])
     movie = np.concatenate([movie, popular_ids[cold_rank]])
     score = np.concatenate([score, popular["score"].to_numpy(np.float64)[cold_rank]])
