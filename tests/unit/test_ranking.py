@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.models.ease import catalogue, fit_ease, gram_matrix
+from pipeline.models.ease import _upper_to_symmetric, catalogue, ease_weights, fit_ease, gram_matrix
 from pipeline.models.item_item import ItemItemModel
 from pipeline.models.metrics import ranking_metrics
 from pipeline.models.popularity import PopularityRanker
@@ -98,6 +98,24 @@ def test_ease_closed_form_has_a_zero_diagonal_and_solves_its_objective():
     residual = (g + lam * np.eye(len(g))) @ b - g
     off = residual - np.diag(np.diag(residual))
     assert np.abs(off).max() < 1e-3 * np.abs(g).max()
+
+
+def test_ease_weights_equal_the_textbook_inverse_and_reject_an_indefinite_gram():
+    rng = np.random.default_rng(5)
+    x = (rng.random((400, 37)) < 0.2).astype(np.float32)
+    gram = x.T @ x
+    p = np.linalg.inv(gram.astype(np.float64) + 20.0 * np.eye(37))
+    expected = -p / np.diag(p)[None, :]
+    np.fill_diagonal(expected, 0.0)
+    before = gram.copy()
+    b = ease_weights(gram, 20.0)
+    assert b.dtype == np.float32 and b.flags["C_CONTIGUOUS"]
+    assert np.abs(b - expected).max() < 1e-5 and np.array_equal(gram, before)  # the Gram matrix is untouched
+    m = rng.random((10, 10))
+    _upper_to_symmetric(m, block=3)  # blocks that do not divide the size
+    assert np.array_equal(m, m.T)
+    with pytest.raises(np.linalg.LinAlgError, match="not positive definite"):
+        ease_weights(-np.eye(4, dtype=np.float32), 0.5)
 
 
 def test_item_item_model_ranks_from_a_history_skips_exclusions_and_round_trips(tmp_path):
