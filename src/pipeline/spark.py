@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 
+from pipeline.config import restored_environment
 from pipeline.spark_logging import java_options, jvm_stderr_filter
 
 
@@ -47,27 +47,14 @@ def get_spark(settings, app_name: str = "movielens-recsys"):
         # loopback only: a laptop or CI box needs no externally reachable driver
         builder = builder.config("spark.driver.host", "127.0.0.1").config("spark.driver.bindAddress", "127.0.0.1")
         builder = builder.config("spark.ui.enabled", "true" if settings.spark_ui else "false")
-    with jvm_stderr_filter(), _environment(JVM_ENV):  # the JVM starts here (once per process)
+    import numpy  # noqa: F401  (loaded, with its BLAS thread count, before JVM_ENV is set)
+
+    # the local driver JVM inherits JVM_ENV; this process's own BLAS (numpy's, loaded already) keeps its threads
+    with jvm_stderr_filter(), restored_environment(JVM_ENV):  # the JVM starts here (once per process)
+        os.environ.update(JVM_ENV)
         spark = builder.getOrCreate()
     # lets ALS checkpoint (and cut) its lineage every checkpointInterval iterations
     spark.sparkContext.setCheckpointDir(settings.spark_checkpoint_dir or str(settings.home / "spark-checkpoints"))
     spark.sparkContext.setLogLevel(settings.spark_log_level)
     return spark
 
-
-@contextlib.contextmanager
-def _environment(values: dict):
-    """Set environment variables for a child process started inside the block (the local driver JVM inherits
-    them), then restore them: this process's own BLAS (numpy's, loaded already) keeps its threads."""
-    import numpy  # noqa: F401  (loaded, with its thread count, before the variables change)
-
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline.config import restored_environment
+
 log = logging.getLogger(__name__)
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -45,16 +47,9 @@ def configure(settings) -> str:
     # set_tracking_uri/set_registry_uri also export MLFLOW_TRACKING_URI/MLFLOW_REGISTRY_URI, which load_settings
     # reads: a long-lived worker would then give every later configuration the first one's store. MLflow keeps
     # the URIs in its own globals, so the environment is put back as the operator set it.
-    exported = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    try:
+    with restored_environment(("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")):
         mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
         mlflow.set_registry_uri(settings.mlflow_tracking_uri)
-    finally:
-        for name, value in exported.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
     experiment = mlflow.get_experiment_by_name(settings.mlflow_experiment)
     if experiment is None:
         artifact_location = None
