@@ -1,6 +1,7 @@
 """ALS on a planted low-rank structure, and the MLflow record of the grid (parent + one child per point)."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -96,3 +97,40 @@ def test_grid_is_logged_as_a_parent_with_one_nested_run_per_point(spark, tmp_pat
     assert {"als_val_rmse_heatmap.png", "grid.json", "item_factors"} <= artifacts
     grid = json.loads((tmp_path / "run" / "als" / "grid.json").read_text())
     assert len(grid) == 4
+
+
+def test_the_grid_imports_spark_ml_before_its_worker_threads_start(tmp_path):
+    """Regression: ``recsys run --stages als`` in a fresh process (an Airflow task) crashed with "cannot access
+    submodule 'ml' of module 'pyspark'": one worker thread was importing pyspark.ml.recommendation while the
+    other logged its point to MLflow, whose Param checks ``pyspark.ml.param`` once ``pyspark.ml`` is in
+    sys.modules. The grid must import it before any thread starts; checked in a fresh interpreter, where
+    nothing imported it earlier."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import contextlib, sys
+        sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+        from stage_inputs import planted_ratings
+        from pipeline.config import load_settings
+        from pipeline.spark import get_spark
+        from pipeline.models.als import grid_points, search_grid
+        from pipeline.models.baseline import BiasBaseline
+        assert "pyspark.ml.recommendation" not in sys.modules
+        seen = []
+
+        @contextlib.contextmanager
+        def track(point):
+            seen.append("pyspark.ml.recommendation" in sys.modules)
+            yield lambda params, metrics: None
+
+        ratings = planted_ratings(n_users=30, n_movies=20)
+        base = BiasBaseline().fit(ratings)
+        spark = get_spark(load_settings({{"RECSYS_HOME": {str(tmp_path)!r}}}))
+        search_grid(spark, ratings, ratings, base, grid_points([1, 2], [0.1], [2]), workers=2, track=track)
+        print("imported before every track:", all(seen), len(seen))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "imported before every track: True 2" in done.stdout, done.stdout

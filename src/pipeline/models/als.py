@@ -132,6 +132,9 @@ def search_grid(spark, train: pd.DataFrame, validation: pd.DataFrame, baseline, 
     every validation row. ``track(point)``, if given, is a context manager yielding ``log(params, metrics)``:
     the stage opens one MLflow child run per point with it, kept open across rungs.
     """
+    import pyspark.ml.recommendation  # noqa: F401  before the worker threads: a first import racing in two of
+    # them leaves a half-initialised ``pyspark.ml`` that MLflow's Param check then trips over (AttributeError)
+
     parallelism = spark.sparkContext.defaultParallelism
     num_blocks = num_blocks or max(1, min(parallelism, 4))
     halving = strategy == "halving" and len(train) >= min_rows
