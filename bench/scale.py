@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -34,6 +35,7 @@ SIZES = {  # ratings, users, movies
     "25m": (25_000_000, 160_000, 60_000),
 }
 PAGE = os.sysconf("SC_PAGE_SIZE")
+TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def _children() -> dict[int, list[int]]:
@@ -49,34 +51,39 @@ def _children() -> dict[int, list[int]]:
     return tree
 
 
-def _rss_mb(pid: int) -> tuple[float, bool]:
-    """(resident MB, is a JVM) of one process; (0, False) once it is gone."""
+def _rss_mb(pid: int) -> tuple[float, bool, float]:
+    """(resident MB, is a JVM, CPU seconds used so far) of one process; (0, False, 0) once it is gone."""
     try:
         with open(f"/proc/{pid}/statm") as f:
             rss = int(f.read().split()[1]) * PAGE / 2**20
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        cpu = (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             exe = f.read().split(b"\0")[0]
-        return rss, exe.endswith(b"java")
+        return rss, exe.endswith(b"java"), cpu
     except (OSError, IndexError, ValueError):
-        return 0.0, False
+        return 0.0, False, 0.0
 
 
 class Sampler(threading.Thread):
-    """Samples (time, driver MB, JVM MB) of ``root`` and its descendants every ``period`` seconds."""
+    """Samples (time, driver MB, JVM MB, CPU seconds) of ``root`` and its descendants every ``period`` seconds."""
 
     def __init__(self, root: int, period: float = 0.5):
         super().__init__(daemon=True)
         self.root, self.period, self.samples, self.stop = root, period, [], threading.Event()
+        self.cpu: dict[int, float] = {}  # pid -> CPU seconds last seen (kept once the process is gone)
 
     def run(self):
         while not self.stop.is_set():
             tree, todo, driver, jvm = _children(), [self.root], 0.0, 0.0
             while todo:
                 pid = todo.pop()
-                rss, is_jvm = _rss_mb(pid)
+                rss, is_jvm, used = _rss_mb(pid)
                 jvm, driver = (jvm + rss, driver) if is_jvm else (jvm, driver + rss)
+                self.cpu[pid] = max(self.cpu.get(pid, 0.0), used)
                 todo.extend(tree.get(pid, []))
-            self.samples.append((time.time(), driver, jvm))
+            self.samples.append((time.time(), driver, jvm, sum(self.cpu.values())))
             self.stop.wait(self.period)
 
 
@@ -97,6 +104,25 @@ def _stage_spans(log_path: Path) -> dict[str, tuple[float, float]]:
         elif (rest.startswith("done") or rest.startswith("skipped")) and name in starts:
             spans[name] = (starts[name], stamp)
     return spans
+
+
+def _stage_starts(log_path: Path) -> dict[str, float]:
+    starts = {}
+    for line in log_path.read_text(errors="replace").splitlines():
+        if " stage " in line and ": starting" in line:
+            try:
+                starts[line.split(" stage ", 1)[1].split(": ", 1)[0]] = datetime.strptime(
+                    line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            except ValueError:
+                continue
+    return starts
+
+
+def _unfinished_stage(log_path: Path) -> str | None:
+    """The stage that had started but not ended when the run was stopped."""
+    ended = _stage_spans(log_path)
+    started = [name for name in _stage_starts(log_path) if name not in ended]
+    return started[-1] if started else None
 
 
 def source_for(size: str, data_dir: Path) -> tuple[str, dict]:
@@ -128,10 +154,26 @@ def measure(size: str, args) -> dict:
     print(f"bench: {size}: {' '.join(cmd)} (log {log_path})", file=sys.stderr)
     started = time.time()
     with open(log_path, "w") as log_file:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_file, env=env, text=True)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_file, env=env, text=True,
+                                start_new_session=True)
         sampler = Sampler(proc.pid)
         sampler.start()
-        out, _ = proc.communicate()
+        try:
+            out, _ = proc.communicate(timeout=args.timeout)
+        except subprocess.TimeoutExpired:  # stop the whole run (the JVM too) and keep what it measured
+            os.killpg(proc.pid, signal.SIGTERM)
+            out, _ = proc.communicate()
+            for _ in range(60):  # the JVM takes a moment to go; then it is killed
+                try:
+                    os.killpg(proc.pid, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.5)
+            else:
+                os.killpg(proc.pid, signal.SIGKILL)
+            out, stopped = "", True
+        else:
+            stopped = False
         sampler.stop.set()
         sampler.join()
     wall = time.time() - started
@@ -140,6 +182,9 @@ def measure(size: str, args) -> dict:
     except json.JSONDecodeError:
         timings = {}
     spans = _stage_spans(log_path)
+    unfinished = _unfinished_stage(log_path) if stopped else None
+    if unfinished:  # the stage the time limit cut short counts up to the stop, marked as such
+        spans[unfinished] = (_stage_starts(log_path)[unfinished], time.time())
     samples = sampler.samples
 
     def peaks(lo: float, hi: float) -> dict:
@@ -147,14 +192,23 @@ def measure(size: str, args) -> dict:
         return {"driver_mb": round(max(s[1] for s in inside)), "jvm_mb": round(max(s[2] for s in inside)),
                 "total_mb": round(max(s[1] + s[2] for s in inside))}
 
-    stages = {name: {"seconds": round(timings.get(name, hi - lo), 1), **peaks(lo, hi)}
+    def busy(lo: float, hi: float) -> float | None:
+        """Mean cores busy over [lo, hi] (CPU seconds of the tree / wall seconds; 2.0 = both of 2 cores)."""
+        inside = [s for s in samples if lo <= s[0] <= hi]
+        if len(inside) < 2 or inside[-1][0] - inside[0][0] < 1.0:
+            return None
+        return round((inside[-1][3] - inside[0][3]) / (inside[-1][0] - inside[0][0]), 2)
+
+    stages = {name: {"seconds": round(timings.get(name, hi - lo), 1), **peaks(lo, hi), "cores_busy": busy(lo, hi),
+                     **({"stopped": True} if name == unfinished else {})}
               for name, (lo, hi) in spans.items()}
     report = root / "run" / "report.json"
     dataset = json.loads(report.read_text()).get("dataset", {}) if report.exists() else {}
     return {"size": size, "source": source, "ratings": dataset.get("ratings") or data.get("ratings"),
             "users": dataset.get("users") or data.get("users"), "movies": dataset.get("movies") or data.get("movies"),
             "variant": data["variant"], "params": args.param, "rc": proc.returncode, "wall_s": round(wall, 1),
-            "peak": peaks(started, time.time()), "stages": stages, "log": str(log_path),
+            "stopped": {"after_s": args.timeout, "in_stage": unfinished} if stopped else None,
+            "peak": peaks(started, time.time()), "cores_busy": busy(started, time.time()), "stages": stages, "log": str(log_path),
             "measured_at": datetime.utcnow().strftime("%Y-%m-%d %H:%M UTC"), "cpus": os.cpu_count()}
 
 
@@ -168,14 +222,18 @@ def table(runs: list[dict]) -> str:
         cells = []
         for r in runs:
             s = r["stages"].get(n)
-            cells.append(f"{s['seconds']:.1f} s / {s['total_mb'] / 1024:.1f} GiB" if s else "-")
+            cells.append("-" if not s else f"{s['seconds']:.1f} s / {s['total_mb'] / 1024:.1f} GiB"
+                         + (" (stopped)" if s.get("stopped") else ""))
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     lines.append("| **whole run** | " + " | ".join(
         f"**{r['wall_s']:.0f} s / {r['peak']['total_mb'] / 1024:.1f} GiB**"
-        + ("" if r["rc"] == 0 else f" (exit {r['rc']})")
+        + ("" if r["rc"] == 0 else f" (stopped after {r['stopped']['after_s']:.0f} s in {r['stopped']['in_stage']})"
+           if r.get("stopped") else f" (exit {r['rc']})")
         for r in runs) + " |")
     lines.append("| peak driver / JVM | " + " | ".join(
         f"{r['peak']['driver_mb'] / 1024:.1f} / {r['peak']['jvm_mb'] / 1024:.1f} GiB" for r in runs) + " |")
+    lines.append("| cores busy (mean) | " + " | ".join(
+        f"{r['cores_busy']:.2f} of {r['cpus']}" if r.get("cores_busy") is not None else "-" for r in runs) + " |")
     return "\n".join(lines)
 
 
@@ -220,6 +278,9 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=REPO / "docs" / "scale.json")
     parser.add_argument("--plot", type=Path, default=REPO / "docs" / "scale.png")
     parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
+    parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                        help="stop a size's run after this long; the stages it finished are kept, the one it was "
+                             "in is marked")
     args = parser.parse_args()
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     unknown = [s for s in sizes if s != "small" and s not in SIZES]
