@@ -77,13 +77,19 @@ def java_options(home: Path, level: str) -> str:
 
 
 def _loadable(library: str) -> bool:
+    """Whether ``library`` loads. It is loaded into this process to find out, with one BLAS thread: an OpenBLAS
+    starts its thread pool when loaded, and this process never calls it."""
     import ctypes
 
-    try:
-        ctypes.CDLL(library)
-        return True
-    except OSError:
-        return False
+    from pipeline.config import restored_environment
+
+    with restored_environment(["OPENBLAS_NUM_THREADS"]):
+        os.environ["OPENBLAS_NUM_THREADS"] = "1"
+        try:
+            ctypes.CDLL(library)
+            return True
+        except OSError:
+            return False
 
 
 @contextlib.contextmanager

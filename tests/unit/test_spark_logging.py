@@ -66,3 +66,17 @@ def test_native_blas_runs_one_thread_in_the_jvm_only(session_run):
     # Spark runs a task per core; OpenBLAS threads on top of them made implicit ALS fits 2.3x slower
     assert "jvm OPENBLAS_NUM_THREADS=1" in session_run.stdout
     assert "python OPENBLAS_NUM_THREADS=None" in session_run.stdout  # the driver's own environment is restored
+
+
+def test_the_native_blas_probe_starts_no_blas_threads_in_python():
+    """The driver learns whether the JVM can load the system BLAS by loading it itself (``_loadable``): with
+    OpenBLAS's default that started a thread pool in the Python process, which never calls it."""
+    probe = ("import os; from pipeline.spark_logging import _loadable; "
+             "print(_loadable('libblas.so.3'), os.environ.get('OPENBLAS_NUM_THREADS'), "
+             "len(os.listdir(f'/proc/{os.getpid()}/task')))")
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True).stdout
+    loaded, variable, threads = out.split()
+    if loaded != "True" and not os.environ.get("CI"):
+        pytest.skip("no system BLAS here (make install adds it)")
+    assert (loaded, variable, threads) == ("True", "None", "1")
