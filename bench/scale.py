@@ -270,6 +270,51 @@ def plot(runs: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+# the issue's targets on 2 cores / 24 GiB (issue 14): whole run seconds, peak GiB, and a stage limit where one is set
+TARGETS = {
+    "small": {"wall_s": 300, "peak_gib": None, "stages": {}},  # "the whole DAG stays under 5 minutes"
+    "1m": {"wall_s": 150, "peak_gib": 4, "stages": {}},
+    "10m": {"wall_s": 900, "peak_gib": 8, "stages": {"als": 240}},
+    "25m": {"wall_s": 2400, "peak_gib": 24, "stages": {}},
+}
+
+
+def targets(runs: list[dict]) -> str:
+    """One line per size: each target, the measured figure, met or missed."""
+    lines = []
+    for r in runs:
+        goal = TARGETS.get(r["size"])
+        if not goal:
+            continue
+        checks = [("whole run", r["wall_s"], goal["wall_s"], "s")]
+        if goal["peak_gib"]:
+            checks.append(("peak RSS", r["peak"]["total_mb"] / 1024, goal["peak_gib"], "GiB"))
+        checks += [(f"stage {name}", r["stages"][name]["seconds"], limit, "s")
+                   for name, limit in goal["stages"].items() if name in r["stages"]]
+        done = r["rc"] == 0
+        lines.append(f"targets {r['size']}: " + "; ".join(
+            f"{what} {value:.1f} {unit} (target {limit} {unit}: "
+            f"{'met' if value <= limit and (done or what != 'whole run') else 'MISSED'})"
+            for what, value, limit, unit in checks) + ("" if done else " -- the run did not finish"))
+    return "\n".join(lines)
+
+
+def reference_seconds() -> float:
+    """Seconds of a fixed single-threaded CPU workload (a Python loop, numpy sorts): the machine's speed at the
+    time of the run, so that runs measured on different days can be compared (the same code ran 2.4x slower on
+    one day than on another here)."""
+    import numpy as np
+
+    started = time.perf_counter()
+    total = 0
+    for i in range(3_000_000):
+        total += i
+    values = np.random.default_rng(0).random(2_000_000)
+    for _ in range(3):
+        np.sort(values)
+    return round(time.perf_counter() - started, 3)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", default="small,1m")
@@ -289,13 +334,16 @@ def main() -> int:
     previous = json.loads(args.json.read_text())["runs"] if args.json.exists() else []
     runs = {r["size"]: r for r in previous}
     for size in sizes:
+        reference = reference_seconds()
         runs[size] = measure(size, args)
+        runs[size]["reference_s"] = [reference, reference_seconds()]  # before and after the run
         print(json.dumps(runs[size], indent=2))
     ordered = sorted(runs.values(), key=lambda r: r["ratings"] or 0)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"runs": ordered}, indent=2) + "\n")
     plot(ordered, args.plot)
     print(table(ordered))
+    print(targets(ordered))
     return max(r["rc"] for r in ordered)
 
 
