@@ -77,6 +77,11 @@ class Params:
     als_halving_eta: int = _param(
         5, "integer", "ALS", "Successive halving: each rung keeps the best 1/eta of its points and gives them eta "
         "times more iterations.", minimum=2, maximum=10)
+    als_line_search: bool = _param(
+        True, "boolean", "ALS",
+        "Successive halving's first rung (both ALS grids) fits each rank's regParams in ascending order and stops "
+        "at the first one that scores worse than the one before it (validation error is U-shaped in the "
+        "regularisation); off: every point is screened.")
     autorec_enabled: bool = _param(True, "boolean", "AutoRec", "Train the AutoRec autoencoder (TensorFlow).")
     autorec_hidden_units: int = _param(100, "integer", "AutoRec",
                                        "AutoRec code size (encoding_dim): each movie's embedding length.",

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.models.als import best_point, grid_points, halving_rungs, search_grid
+from pipeline.models.als import best_point, grid_points, halving_rungs, reg_chains, search_grid, walk_chain
 from pipeline.models.baseline import BiasBaseline
 from pipeline.models.metrics import rating_metrics
 from stage_inputs import planted_ratings, write_split
@@ -97,6 +97,34 @@ def test_grid_is_logged_as_a_parent_with_one_nested_run_per_point(spark, tmp_pat
     assert {"als_val_rmse_heatmap.png", "grid.json", "item_factors"} <= artifacts
     grid = json.loads((tmp_path / "run" / "als" / "grid.json").read_text())
     assert len(grid) == 4
+
+
+def test_line_search_walks_each_ranks_regparams_upwards_and_stops_at_the_first_worse_one():
+    points = grid_points([10, 50], [0.2, 0.05, 0.1], [15])
+    chains = reg_chains(points)
+    assert [[(points[i]["rank"], points[i]["reg_param"]) for i in chain] for chain in chains] == [
+        [(10, 0.05), (10, 0.1), (10, 0.2)], [(50, 0.05), (50, 0.1), (50, 0.2)]]
+    rmse = {0.05: 0.70, 0.1: 0.68, 0.2: 0.69}  # U-shaped: the minimum inside the chain
+    walked = walk_chain(chains[0], lambda i: rmse[points[i]["reg_param"]], lambda new, old: new < old)
+    assert sorted(points[i]["reg_param"] for i in walked) == [0.05, 0.1, 0.2]  # the worse 0.2 ends it
+    rmse = {0.05: 0.66, 0.1: 0.72, 0.2: 0.78}  # the edge: one step past it, the rest never fitted
+    walked = walk_chain(chains[1], lambda i: rmse[points[i]["reg_param"]], lambda new, old: new < old)
+    assert sorted(points[i]["reg_param"] for i in walked) == [0.05, 0.1]
+    nan = float("nan")  # a diverged fit counts as worse
+    assert len(walk_chain([0, 1, 2], lambda i: [0.7, nan, 0.6][i], lambda new, old: new < old)) == 2
+
+
+def test_halving_with_the_line_search_skips_regparams_past_the_first_worse_one(spark, planted):
+    _, frames = planted
+    base = BiasBaseline().fit(frames["train"])
+    points = grid_points([1, 3], [0.05, 1.0, 5.0], [12])
+    results, model = search_grid(spark, frames["train"], frames["validation"], base, points, strategy="halving",
+                                 eta=2, min_rows=200, line_search=True)
+    screened = [(r["rank"], r["reg_param"]) for r in results if r.get("rung_val_rmse")]
+    assert screened == [(1, 0.05), (1, 1.0), (3, 0.05), (3, 1.0)]  # 1.0 is worse than 0.05: 5.0 never fitted
+    assert all(r["skipped"].startswith("line search") for r in results if r["reg_param"] == 5.0)
+    assert model.meta["search"]["line_search"] and model.meta["search"]["rungs"][0]["points"] == [0, 1, 3, 4]
+    assert best_point(results) == {"rank": 3, "reg_param": 0.05, "max_iter": 12}
 
 
 def test_the_grid_imports_spark_ml_before_its_worker_threads_start(tmp_path):

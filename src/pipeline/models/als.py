@@ -19,6 +19,7 @@ measures both on the same grid and split):
 from __future__ import annotations
 
 import contextlib
+import importlib
 import itertools
 import logging
 import threading
@@ -115,25 +116,50 @@ def halving_rungs(n_points: int, max_iter: int, eta: int = 3, min_iters: int = H
     return plan
 
 
+def reg_chains(points: list[dict]) -> list[list[int]]:
+    """The grid as line searches over regParam: indices of the points that differ only in ``reg_param``, each
+    chain in ascending regParam, the chains in the grid's order."""
+    chains: dict[tuple, list[int]] = {}
+    for i, point in enumerate(points):
+        chains.setdefault(tuple(sorted((k, v) for k, v in point.items() if k != "reg_param")), []).append(i)
+    return [sorted(chain, key=lambda i: (points[i]["reg_param"], i)) for chain in chains.values()]
+
+
+def walk_chain(chain: list[int], score, better) -> dict[int, float]:
+    """Score ``chain``'s points in order and stop after the first one that is not ``better`` than the one
+    before it (a diverged NaN score counts as worse); {index: score} of the points scored."""
+    scores: dict[int, float] = {}
+    previous = None
+    for i in chain:
+        scores[i] = value = score(i)
+        if previous is not None and not better(value, previous):
+            break
+        previous = value
+    return scores
+
+
 def rung_iters(point: dict, fraction: float) -> int:
     return point["max_iter"] if fraction >= 1.0 else max(1, min(point["max_iter"], round(point["max_iter"] * fraction)))
 
 
 def search_grid(spark, train: pd.DataFrame, validation: pd.DataFrame, baseline, points: list[dict], seed: int = 42,
                 workers: int = 2, num_blocks: int | None = None, track=None, strategy: str = "full", eta: int = 3,
-                min_rows: int = HALVING_MIN_ROWS) -> tuple[list[dict], FactorModel]:
+                min_rows: int = HALVING_MIN_ROWS, line_search: bool = False) -> tuple[list[dict], FactorModel]:
     """Search the grid; (results in grid order, the chosen FactorModel; its ``meta["search"]`` holds the plan:
     per rung the share of iterations, seconds and the points fitted).
 
     ``strategy``: "full" fits every point with all its iterations; "halving" is successive halving over
     iterations (``halving_rungs``), the full grid under ``min_rows`` training rows. Each result holds the point,
     ``val_rmse`` of its full fit (None for a point only fitted with fewer iterations), and under halving
-    ``rung_val_rmse`` (one value per rung it reached). Every fit uses all the training data and is scored on
+    ``rung_val_rmse`` (one value per rung it reached). ``line_search`` (halving only): the first rung walks
+    each rank's regParams upwards (``reg_chains``) and stops at the first point worse than the one before; the
+    points it skips are never fitted (no ``rung_val_rmse``). Every fit uses all the training data and is scored on
     every validation row. ``track(point)``, if given, is a context manager yielding ``log(params, metrics)``:
     the stage opens one MLflow child run per point with it, kept open across rungs.
     """
-    import pyspark.ml.recommendation  # noqa: F401  before the worker threads: a first import racing in two of
-    # them leaves a half-initialised ``pyspark.ml`` that MLflow's Param check then trips over (AttributeError)
+    # imported before the worker threads: a first import racing in two of them leaves a half-initialised
+    # ``pyspark.ml`` that MLflow's Param check then trips over (AttributeError)
+    importlib.import_module("pyspark.ml.recommendation")
 
     parallelism = spark.sparkContext.defaultParallelism
     num_blocks = num_blocks or max(1, min(parallelism, 4))
@@ -141,6 +167,7 @@ def search_grid(spark, train: pd.DataFrame, validation: pd.DataFrame, baseline, 
     rungs = halving_rungs(len(points), max(p["max_iter"] for p in points), eta) if halving else \
         [{"fraction": 1.0, "points": len(points), "keep": 1}]
     halving = len(rungs) > 1
+    line_search = line_search and halving
     frame = spark.createDataFrame(residual_frame(train, baseline)).repartition(num_blocks).cache()
     frame.count()
     maps = id_maps(train)
@@ -176,9 +203,10 @@ def search_grid(spark, train: pd.DataFrame, validation: pd.DataFrame, baseline, 
                 {f"rung{rung_no}_val_rmse": scores["val_rmse"]}
             records[i]({}, {**metrics, "fit_s": result["fit_s"]})
             rung["done"] += 1
-            log.info("ALS %s point %d/%d (rank=%d reg=%.3g iters=%d): validation RMSE %.4f (%.1f s)",
+            log.info("ALS %s point %d/%d%s (rank=%d reg=%.3g iters=%d): validation RMSE %.4f (%.1f s)",
                      f"halving rung {rung_no + 1}/{len(rungs)}" if halving else "grid", rung["done"],
-                     len(rung["fit"]), point["rank"], point["reg_param"], iters, scores["val_rmse"], fit_s)
+                     len(rung["fit"]), " at most" if rung.get("line_search") else "", point["rank"],
+                     point["reg_param"], iters, scores["val_rmse"], fit_s)
         return scores["val_rmse"]
 
     previous = spark.conf.get("spark.sql.shuffle.partitions")
@@ -188,11 +216,20 @@ def search_grid(spark, train: pd.DataFrame, validation: pd.DataFrame, baseline, 
         with contextlib.ExitStack() as stack, ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             for rung_no, rung in enumerate(rungs):
                 started = time.perf_counter()
-                rung.update(fit=list(alive), done=0)
+                rung.update(fit=list(alive), done=0, line_search=line_search and rung_no == 0)
                 if halving:
-                    log.info("ALS halving rung %d/%d: %d points at %.0f %% of their iterations, %d training rows",
-                             rung_no + 1, len(rungs), len(alive), 100 * rung["fraction"], len(train))
-                scores = list(pool.map(lambda i: fit(rung_no, rung, i), alive))
+                    log.info("ALS halving rung %d/%d: %s%d points at %.0f %% of their iterations, %d training rows",
+                             rung_no + 1, len(rungs), "line search over regParam, at most " if rung["line_search"]
+                             else "", len(alive), 100 * rung["fraction"], len(train))
+                if rung["line_search"]:  # one chain per rank, the chains on the workers
+                    walked: dict[int, float] = {}
+                    for part in pool.map(lambda chain: walk_chain(chain, lambda i: fit(rung_no, rung, i),
+                                                                  lambda new, old: new < old), reg_chains(points)):
+                        walked.update(part)
+                    alive = rung["fit"] = sorted(walked)
+                    scores = [walked[i] for i in alive]
+                else:
+                    scores = list(pool.map(lambda i: fit(rung_no, rung, i), alive))
                 # lowest RMSE first, the earlier grid point on a tie, a diverged point (NaN) last
                 order = sorted(range(len(alive)), key=lambda j: (scores[j] != scores[j],
                                                                   scores[j] if scores[j] == scores[j] else 0, alive[j]))
@@ -201,8 +238,12 @@ def search_grid(spark, train: pd.DataFrame, validation: pd.DataFrame, baseline, 
     finally:
         spark.conf.set("spark.sql.shuffle.partitions", previous)
         frame.unpersist()
+    for result in results:
+        if line_search and "rung_val_rmse" not in result:
+            result["skipped"] = "line search: a lower regParam of the same rank scored better"
     model = best["model"]
     model.meta["search"] = {"strategy": "halving" if halving else "full", "eta": eta if halving else None,
+                            "line_search": line_search,
                             "rungs": [{"fraction": r["fraction"], "seconds": r["seconds"], "points": r["fit"]}
                                       for r in rungs]}
     return results, model
@@ -263,12 +304,12 @@ def run_als(ctx) -> dict:
         started = time.perf_counter()
         results, model = search_grid(get_spark(ctx.settings), split.train, split.validation, baseline, points,
                                      seed=p.seed, workers=p.als_parallel_fits, track=track, strategy=p.als_search,
-                                     eta=p.als_halving_eta)
+                                     eta=p.als_halving_eta, line_search=p.als_line_search)
         grid_s = time.perf_counter() - started
         (folder / "grid.json").write_text(storage.strict_json(results, indent=2))  # a diverged point: null
         best, search = model.meta["params"], model.meta["search"]
-        if "rung_val_rmse" in results[0]:  # halving: the first rung scored every point, with fewer iterations
-            heat = [{**r, "val_rmse": r["rung_val_rmse"][0]} for r in results]
+        if search["strategy"] == "halving":  # the first rung scored the points, with fewer iterations
+            heat = [{**r, "val_rmse": r["rung_val_rmse"][0] if r.get("rung_val_rmse") else None} for r in results]
             share = 100 * search["rungs"][0]["fraction"]
             title = f"ALS validation RMSE, first rung ({share:.0f} % of the iterations)"
         else:

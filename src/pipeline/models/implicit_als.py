@@ -22,7 +22,8 @@ import time
 import pandas as pd
 
 from pipeline import tracking
-from pipeline.models.als import HALVING_MIN_ROWS, factor_model, halving_rungs, id_maps, rung_iters
+from pipeline.models.als import (HALVING_MIN_ROWS, factor_model, halving_rungs, id_maps, reg_chains, rung_iters,
+                                 walk_chain)
 from pipeline.models.factor_model import FactorModel
 from pipeline.models.protocol import Fitted, run_candidate
 from pipeline.models.ranking import evaluate_ranking
@@ -71,11 +72,14 @@ def run_implicit_als(ctx) -> dict:
             if p.als_search == "halving" and len(split.train) >= HALVING_MIN_ROWS else \
             [{"fraction": 1.0, "points": len(points), "keep": 1}]
         alive, records, maps = list(range(len(points))), {}, id_maps(split.train)
+        line_search = p.als_line_search and len(rungs) > 1  # Param als_line_search, as the explicit grid
         try:
             with contextlib.ExitStack() as stack:
                 for rung_no, rung in enumerate(rungs):
                     scores = {}
-                    for i in alive:
+
+                    def score(i):
+                        nonlocal best
                         point = points[i]
                         iters = rung_iters(point, rung["fraction"])
                         name = (f"implicit als rank={point['rank']} reg={point['reg_param']:g} "
@@ -99,10 +103,20 @@ def run_implicit_als(ctx) -> dict:
                                  len(scores), len(alive), name, iters, ndcg, fit_s)
                         if full and (best is None or ndcg > best[0]):
                             best = (ndcg, model, point)
-                    alive = sorted(alive, key=lambda j: (-scores[j], j))[:rung["keep"]]
+                        return ndcg
+
+                    if line_search and rung_no == 0:  # each rank's regParams upwards, up to the first worse one
+                        for chain in reg_chains([points[i] for i in alive]):
+                            walk_chain([alive[j] for j in chain], score, lambda new, old: new > old)
+                    else:
+                        for i in alive:
+                            score(i)
+                    alive = sorted(scores, key=lambda j: (-scores[j], j))[:rung["keep"]]
         finally:
             spark.conf.set("spark.sql.shuffle.partitions", previous)
             frame.unpersist()
+        results = [r or {**q, "skipped": "line search: a lower regParam of the same rank scored better"}
+                   for r, q in zip(results, points)]
         (folder / "grid.json").write_text(json.dumps(results, indent=2))
         _, model, point = best
         return Fitted(model, params={f"best_{k}": v for k, v in point.items()} | {"grid_points": len(points)},

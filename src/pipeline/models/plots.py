@@ -22,7 +22,8 @@ def als_heatmap(results: list[dict], path: Path, title: str = "ALS validation RM
     ax.set_yticks(range(len(table.index)), [str(r) for r in table.index])
     ax.set(xlabel="regParam", ylabel="rank", title=title)
     for (i, j), value in np.ndenumerate(table.to_numpy()):
-        ax.text(j, i, f"{value:.4f}", ha="center", va="center", color="white", fontsize=8)
+        ax.text(j, i, f"{value:.4f}" if np.isfinite(value) else "not fitted", ha="center", va="center",
+                color="white" if np.isfinite(value) else "black", fontsize=8)
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
