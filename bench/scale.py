@@ -250,15 +250,17 @@ def plot(runs: list[dict], path: Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
     x = [r["ratings"] for r in runs]
     labels = [f"{r['size']}\n{r['ratings'] / 1e6:.2f} M" for r in runs]
-    bottom = [0.0] * len(runs)
+    bottom, other = [0.0] * len(runs), [0.0] * len(runs)
     for n in names:
         heights = [r["stages"].get(n, {}).get("seconds", 0) for r in runs]
         if max(heights) < 0.02 * max(r["wall_s"] for r in runs):
+            other = [o + h for o, h in zip(other, heights)]
             continue
         left.bar(labels, heights, bottom=bottom, label=n)
         bottom = [b + h for b, h in zip(bottom, heights)]
+    left.bar(labels, other, bottom=bottom, label="other stages", color="lightgrey")
     left.plot(labels, [r["wall_s"] for r in runs], "k_", markersize=30, label="whole run (wall)")
-    left.set(ylabel="seconds", title="Wall time by stage (stages under 2 % of the largest run not shown)")
+    left.set(ylabel="seconds", title="Wall time by stage (stages under 2 % of the largest run: other)")
     left.legend(fontsize=7)
     for key, style in (("total_mb", "o-"), ("driver_mb", "s--"), ("jvm_mb", "^--")):
         right.plot(x, [r["peak"][key] / 1024 for r in runs], style, label=key.replace("_mb", ""))
