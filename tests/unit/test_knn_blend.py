@@ -62,11 +62,15 @@ def test_knn_keeps_at_most_k_positive_neighbours_and_predicts_by_its_formula(pla
     np.testing.assert_allclose(row[[i]], knn.predict([user], [movie]), atol=1e-5)
 
 
-def test_knn_memory_is_bounded_by_the_block_size_not_the_catalogue(planted):
+def test_knn_memory_is_bounded_by_the_block_size_not_the_catalogue(planted, caplog):
     frames, base, knn = planted
-    (_, blocked), = fit_knn_grid(frames["train"], base, [30], [10.0], [0.5], block_entries=61)  # one movie a block
+    with caplog.at_level("INFO", logger="pipeline.models.neighbourhood"):
+        (_, blocked), = fit_knn_grid(frames["train"], base, [30], [10.0], [0.5], block_entries=61)  # 1 movie a block
     np.testing.assert_array_equal(blocked.neighbours, knn.neighbours)
     np.testing.assert_allclose(blocked.sims, knn.sims, rtol=1e-6)
+    # a long table build logs its progress, about every tenth of the catalogue
+    progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("knn neighbour tables:")]
+    assert len(progress) == 9 and progress[0].startswith("knn neighbour tables: 6 of 60 movies (10 %"), progress
 
 
 def test_an_out_of_fold_prediction_never_saw_its_own_row():

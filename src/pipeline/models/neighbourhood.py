@@ -19,6 +19,7 @@ Predictions are plain numpy/scipy (no Spark): the registered pyfunc scores pairs
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,8 +66,13 @@ def neighbour_tables(z: sp.csr_matrix, shrinkages, k: int, block_entries: int = 
     k = max(1, min(int(k), max(n - 1, 1)))
     out = {float(s): (np.full((n, k), -1, np.int32), np.zeros((n, k), np.float32)) for s in shrinkages}
     block = max(1, int(block_entries) // max(n, 1))
+    started, next_report = time.perf_counter(), 0.1
     for start in range(0, n, block):
         stop = min(start + block, n)
+        if start / n >= next_report:  # the log shows a long table build move
+            log.info("knn neighbour tables: %d of %d movies (%.0f %%, %.0f s)", start, n, 100 * start / n,
+                     time.perf_counter() - started)
+            next_report = start / n + 0.1
         zb, ob, sb = zc[:, start:stop].T.tocsr(), ones[:, start:stop].T.tocsr(), sq[:, start:stop].T.tocsr()
         num = (zb @ zc).toarray()
         count = (ob @ ones).toarray()
