@@ -87,8 +87,9 @@ class Sampler(threading.Thread):
             self.stop.wait(self.period)
 
 
-def _stage_spans(log_path: Path) -> dict[str, tuple[float, float]]:
-    """{stage: (start, end)} epoch seconds from the run's 'stage X: starting' / 'done|skipped' log lines."""
+def _stage_spans(log_path: Path) -> tuple[dict[str, tuple[float, float]], dict[str, float]]:
+    """({stage: (start, end)}, {stage: start}) epoch seconds from the run's 'stage X: starting' / 'done|skipped'
+    log lines; a stage in the second but not the first had started and not ended."""
     spans, starts = {}, {}
     for line in log_path.read_text(errors="replace").splitlines():
         if " stage " not in line or ": " not in line:
@@ -103,26 +104,7 @@ def _stage_spans(log_path: Path) -> dict[str, tuple[float, float]]:
             starts[name] = stamp
         elif (rest.startswith("done") or rest.startswith("skipped")) and name in starts:
             spans[name] = (starts[name], stamp)
-    return spans
-
-
-def _stage_starts(log_path: Path) -> dict[str, float]:
-    starts = {}
-    for line in log_path.read_text(errors="replace").splitlines():
-        if " stage " in line and ": starting" in line:
-            try:
-                starts[line.split(" stage ", 1)[1].split(": ", 1)[0]] = datetime.strptime(
-                    line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
-            except ValueError:
-                continue
-    return starts
-
-
-def _unfinished_stage(log_path: Path) -> str | None:
-    """The stage that had started but not ended when the run was stopped."""
-    ended = _stage_spans(log_path)
-    started = [name for name in _stage_starts(log_path) if name not in ended]
-    return started[-1] if started else None
+    return spans, starts
 
 
 def source_for(size: str, data_dir: Path) -> tuple[str, dict]:
@@ -181,10 +163,10 @@ def measure(size: str, args) -> dict:
         timings = json.loads(out).get("timings_s", {})
     except json.JSONDecodeError:
         timings = {}
-    spans = _stage_spans(log_path)
-    unfinished = _unfinished_stage(log_path) if stopped else None
+    spans, starts = _stage_spans(log_path)
+    unfinished = ([name for name in starts if name not in spans] or [None])[-1] if stopped else None
     if unfinished:  # the stage the time limit cut short counts up to the stop, marked as such
-        spans[unfinished] = (_stage_starts(log_path)[unfinished], time.time())
+        spans[unfinished] = (starts[unfinished], time.time())
     samples = sampler.samples
 
     def peaks(lo: float, hi: float) -> dict:
