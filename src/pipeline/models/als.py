@@ -116,6 +116,9 @@ def halving_rungs(n_points: int, max_iter: int, eta: int = 3, min_iters: int = H
     return plan
 
 
+SKIPPED_BY_LINE_SEARCH = "line search: a lower regParam of the same rank scored better"  # grid.json's "skipped"
+
+
 def reg_chains(points: list[dict]) -> list[list[int]]:
     """The grid as line searches over regParam: indices of the points that differ only in ``reg_param``, each
     chain in ascending regParam, the chains in the grid's order."""
@@ -240,7 +243,7 @@ def search_grid(spark, train: pd.DataFrame, validation: pd.DataFrame, baseline, 
         frame.unpersist()
     for result in results:
         if line_search and "rung_val_rmse" not in result:
-            result["skipped"] = "line search: a lower regParam of the same rank scored better"
+            result["skipped"] = SKIPPED_BY_LINE_SEARCH
     model = best["model"]
     model.meta["search"] = {"strategy": "halving" if halving else "full", "eta": eta if halving else None,
                             "line_search": line_search,

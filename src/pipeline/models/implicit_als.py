@@ -22,8 +22,8 @@ import time
 import pandas as pd
 
 from pipeline import tracking
-from pipeline.models.als import (HALVING_MIN_ROWS, factor_model, halving_rungs, id_maps, reg_chains, rung_iters,
-                                 walk_chain)
+from pipeline.models.als import (HALVING_MIN_ROWS, SKIPPED_BY_LINE_SEARCH, factor_model, halving_rungs, id_maps,
+                                 reg_chains, rung_iters, walk_chain)
 from pipeline.models.factor_model import FactorModel
 from pipeline.models.protocol import Fitted, run_candidate
 from pipeline.models.ranking import evaluate_ranking
@@ -115,7 +115,7 @@ def run_implicit_als(ctx) -> dict:
         finally:
             spark.conf.set("spark.sql.shuffle.partitions", previous)
             frame.unpersist()
-        results = [r or {**q, "skipped": "line search: a lower regParam of the same rank scored better"}
+        results = [r or {**q, "skipped": SKIPPED_BY_LINE_SEARCH}
                    for r, q in zip(results, points)]
         (folder / "grid.json").write_text(json.dumps(results, indent=2))
         _, model, point = best
