@@ -16,7 +16,8 @@ from pipeline import stages, tracking
 from pipeline.models.baseline import fit_best_damping
 from pipeline.models.blend import Blend, fit_blend, out_of_fold
 from pipeline.models.metrics import rating_metrics
-from pipeline.models.neighbourhood import ItemKNN, fit_knn_grid
+from pipeline.models.neighbourhood import ItemKNN, fit_knn_grid, neighbour_tables, residual_matrix
+from pipeline.models.ranking import top_k_by_score
 from pipeline.models.saved import load_model
 from pipeline.registry import CHAMPION, load_registered
 from stage_inputs import planted_ratings, write_split
@@ -71,6 +72,23 @@ def test_knn_memory_is_bounded_by_the_block_size_not_the_catalogue(planted, capl
     # a long table build logs its progress, about every tenth of the catalogue
     progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("knn neighbour tables:")]
     assert len(progress) == 9 and progress[0].startswith("knn neighbour tables: 6 of 60 movies (10 %"), progress
+
+
+def test_the_scoring_threads_change_nothing(planted):
+    """The neighbour tables (one thread per block of movies) and the top-N lists (one per batch of users) are
+    the same with one thread as with several."""
+    frames, base, knn = planted
+    z = residual_matrix(frames["train"], base, knn.user_ids, knn.movie_ids)
+    one = neighbour_tables(z, [0.0, 10.0], 30, block_entries=300, workers=1)  # 5 movies a block
+    three = neighbour_tables(z, [0.0, 10.0], 30, block_entries=300, workers=3)
+    for shrink in (0.0, 10.0):
+        np.testing.assert_array_equal(one[shrink][0], three[shrink][0])
+        np.testing.assert_array_equal(one[shrink][1], three[shrink][1])
+    np.testing.assert_array_equal(three[10.0][0], knn.neighbours)
+    users = list(knn.user_ids)
+    lists = {w: top_k_by_score(knn.user_scores, users, knn.movie_ids, 10, batch=7, workers=w) for w in (1, 3)}
+    assert list(lists[1]) == list(lists[3]) == users and lists[1] == lists[3]
+    assert lists[1] == knn.top_k(users, 10)
 
 
 def test_an_out_of_fold_prediction_never_saw_its_own_row():

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +31,7 @@ import scipy.sparse as sp
 
 from pipeline.models.baseline import BiasBaseline, fill_cold
 from pipeline.models.metrics import RATING_MAX, RATING_MIN
-from pipeline.models.ranking import top_k_by_score
+from pipeline.models.ranking import scoring_threads, top_k_by_score
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +55,12 @@ def residual_matrix(train: pd.DataFrame, baseline: BiasBaseline, user_ids: np.nd
 
 
 def neighbour_tables(z: sp.csr_matrix, shrinkages, k: int, block_entries: int = BLOCK_ENTRIES,
-                     min_support: int = 2) -> dict:
+                     min_support: int = 2, workers: int | None = None) -> dict:
     """{shrinkage: (neighbours int32 movies x k, sims float32 movies x k)}: each movie's k most similar movies
     (positive shrunk Pearson-baseline similarity, best first; -1 / 0 where fewer exist). The co-rating sums are
-    computed once for every shrinkage."""
+    computed once for every shrinkage, one block of movies at a time, ``workers`` blocks at once (threads: the
+    sparse products and numpy release the GIL; default ``scoring_threads()``, each holding one block's four
+    float64 arrays). Each block fills its own rows, so the tables do not depend on ``workers``."""
     n = z.shape[1]
     zc = z.tocsc().astype(np.float64)
     ones = zc.copy()
@@ -66,13 +69,9 @@ def neighbour_tables(z: sp.csr_matrix, shrinkages, k: int, block_entries: int = 
     k = max(1, min(int(k), max(n - 1, 1)))
     out = {float(s): (np.full((n, k), -1, np.int32), np.zeros((n, k), np.float32)) for s in shrinkages}
     block = max(1, int(block_entries) // max(n, 1))
-    started, next_report = time.perf_counter(), 0.1
-    for start in range(0, n, block):
+
+    def fill(start: int) -> int:
         stop = min(start + block, n)
-        if start / n >= next_report:  # the log shows a long table build move
-            log.info("knn neighbour tables: %d of %d movies (%.0f %%, %.0f s)", start, n, 100 * start / n,
-                     time.perf_counter() - started)
-            next_report = start / n + 0.1
         zb, ob, sb = zc[:, start:stop].T.tocsr(), ones[:, start:stop].T.tocsr(), sq[:, start:stop].T.tocsr()
         num = (zb @ zc).toarray()
         count = (ob @ ones).toarray()
@@ -91,6 +90,17 @@ def neighbour_tables(z: sp.csr_matrix, shrinkages, k: int, block_entries: int = 
             keep = vals > 0
             nbr[start:stop] = np.where(keep, top, -1)
             sim[start:stop] = np.where(keep, vals, 0.0)
+        return stop - start
+
+    workers = max(1, int(workers or scoring_threads()))
+    started, done, next_report = time.perf_counter(), 0, 0.1
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for filled in pool.map(fill, range(0, n, block)):
+            done += filled
+            if done / n >= next_report and done < n:  # the log shows a long table build move
+                log.info("knn neighbour tables: %d of %d movies (%.0f %%, %.0f s)", done, n, 100 * done / n,
+                         time.perf_counter() - started)
+                next_report = done / n + 0.1
     return out
 
 
@@ -145,11 +155,15 @@ class ItemKNN:
         u, m = self._users.get_indexer(user_ids), self._movies.get_indexer(movie_ids)
         known = np.flatnonzero((u >= 0) & (m >= 0))
         num, den = np.zeros(len(known)), np.zeros(len(known))
-        for start in range(0, len(known), _PAIR_CHUNK):
+
+        def chunk(start: int) -> None:  # threads fill disjoint slices (scipy's products release the GIL)
             at = known[start:start + _PAIR_CHUNK]
             num[start:start + len(at)] = np.asarray(self._s[m[at]].multiply(self.residuals[u[at]]).sum(axis=1)).ravel()
             den[start:start + len(at)] = np.asarray(
                 self._abs_s[m[at]].multiply(self._rated[u[at]]).sum(axis=1)).ravel()
+
+        with ThreadPoolExecutor(max_workers=scoring_threads()) as pool:
+            list(pool.map(chunk, range(0, len(known), _PAIR_CHUNK)))
         return len(u), known, self._baseline_part(user_ids[known], movie_ids[known]), num, den
 
     def predict_from(self, parts: tuple) -> np.ndarray:

@@ -15,7 +15,9 @@ A ranker is anything with ``top_k(user_ids, k, exclude, history)`` -> {user_id: 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -140,16 +142,31 @@ def ranked_lists(model, user_ids, k: int, exclude: dict, history: dict, train: p
     return {u: top[u] for u in user_ids}
 
 
+def scoring_threads(limit: int = 4) -> int:
+    """Threads for the numpy/scipy scoring loops that release the GIL: the cores, at most ``limit`` (each
+    thread holds its own batch in memory)."""
+    return max(1, min(os.cpu_count() or 1, limit))
+
+
 def top_k_by_score(scores, user_ids: list, movie_ids: np.ndarray, k: int, exclude: Mapping | None = None,
-                   batch: int = 256) -> dict:
+                   batch: int = 256, workers: int | None = None) -> dict:
     """{user: the k movies of ``movie_ids`` with the highest score}, skipping ``exclude[user]``; ties by
-    movie_id. ``scores(user_ids)`` gives a users x movies matrix (the rating models that score densely)."""
+    movie_id. ``scores(user_ids)`` gives a users x movies matrix (the rating models that score densely); it
+    is called from ``workers`` threads at once (default ``scoring_threads()``), one batch of users each, so it
+    must only read its model. The lists do not depend on ``workers``."""
     index = pd.Index(np.asarray(movie_ids, dtype=np.int64))
-    out: dict = {}
-    for start in range(0, len(user_ids), batch):
+    ids = index.to_numpy()
+    index.get_indexer(ids[:1])  # builds the index's hash table before the threads share it
+
+    def one(start: int) -> tuple[list, list]:
         chunk = user_ids[start:start + batch]
         matrix = np.array(scores(chunk), dtype=np.float64)
-        out.update(zip(chunk, best_k(matrix, index.to_numpy(), k, exclusion_pairs(exclude, chunk), index=index)))
+        return chunk, best_k(matrix, ids, k, exclusion_pairs(exclude, chunk), index=index)
+
+    out: dict = {}
+    with ThreadPoolExecutor(max_workers=workers or scoring_threads()) as pool:
+        for chunk, lists in pool.map(one, range(0, len(user_ids), batch)):
+            out.update(zip(chunk, lists))
     return out
 
 
