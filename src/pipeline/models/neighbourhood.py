@@ -59,8 +59,8 @@ def neighbour_tables(z: sp.csr_matrix, shrinkages, k: int, block_entries: int = 
     """{shrinkage: (neighbours int32 movies x k, sims float32 movies x k)}: each movie's k most similar movies
     (positive shrunk Pearson-baseline similarity, best first; -1 / 0 where fewer exist). The co-rating sums are
     computed once for every shrinkage, one block of movies at a time, ``workers`` blocks at once (threads: the
-    sparse products and numpy release the GIL; default ``scoring_threads()``, each holding one block's four
-    float64 arrays). Each block fills its own rows, so the tables do not depend on ``workers``."""
+    sparse products and numpy release the GIL; default ``scoring_threads()``); the blocks in flight hold
+    ``block_entries`` (movie, movie) cells in all, whatever ``workers`` is. Each block fills its own rows, so the tables do not depend on ``workers``."""
     n = z.shape[1]
     zc = z.tocsc().astype(np.float64)
     ones = zc.copy()
@@ -68,7 +68,8 @@ def neighbour_tables(z: sp.csr_matrix, shrinkages, k: int, block_entries: int = 
     sq = zc.multiply(zc).tocsc()
     k = max(1, min(int(k), max(n - 1, 1)))
     out = {float(s): (np.full((n, k), -1, np.int32), np.zeros((n, k), np.float32)) for s in shrinkages}
-    block = max(1, int(block_entries) // max(n, 1))
+    workers = max(1, int(workers or scoring_threads()))
+    block = max(1, int(block_entries) // (max(n, 1) * workers))  # the blocks in flight hold block_entries in all
 
     def fill(start: int) -> int:
         stop = min(start + block, n)
@@ -92,7 +93,6 @@ def neighbour_tables(z: sp.csr_matrix, shrinkages, k: int, block_entries: int = 
             sim[start:stop] = np.where(keep, vals, 0.0)
         return stop - start
 
-    workers = max(1, int(workers or scoring_threads()))
     started, done, next_report = time.perf_counter(), 0, 0.1
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for filled in pool.map(fill, range(0, n, block)):
@@ -155,15 +155,17 @@ class ItemKNN:
         u, m = self._users.get_indexer(user_ids), self._movies.get_indexer(movie_ids)
         known = np.flatnonzero((u >= 0) & (m >= 0))
         num, den = np.zeros(len(known)), np.zeros(len(known))
+        workers = scoring_threads()
+        size = max(1, _PAIR_CHUNK // workers)  # the chunks in flight hold _PAIR_CHUNK pairs' rows in all
 
         def chunk(start: int) -> None:  # threads fill disjoint slices (scipy's products release the GIL)
-            at = known[start:start + _PAIR_CHUNK]
+            at = known[start:start + size]
             num[start:start + len(at)] = np.asarray(self._s[m[at]].multiply(self.residuals[u[at]]).sum(axis=1)).ravel()
             den[start:start + len(at)] = np.asarray(
                 self._abs_s[m[at]].multiply(self._rated[u[at]]).sum(axis=1)).ravel()
 
-        with ThreadPoolExecutor(max_workers=scoring_threads()) as pool:
-            list(pool.map(chunk, range(0, len(known), _PAIR_CHUNK)))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(chunk, range(0, len(known), size)))
         return len(u), known, self._baseline_part(user_ids[known], movie_ids[known]), num, den
 
     def predict_from(self, parts: tuple) -> np.ndarray:
