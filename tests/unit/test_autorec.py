@@ -13,6 +13,8 @@ from pipeline.models.autorec import (  # noqa: E402
     ItemRows,
     configure_threads,
     fit_autorec,
+    pad_batch,
+    padded_size,
     train_autorec,
 )
 from pipeline.models.baseline import BiasBaseline  # noqa: E402
@@ -77,6 +79,30 @@ def test_item_rows_batch_gathers_each_movies_ratings():
     assert batch_rows.tolist() == [0, 0, 2, 2]  # movie 3 has no ratings
     assert batch_users.tolist() == [0, 5, 1, 4]
     assert batch_values == pytest.approx([0.3, 0.1, 0.2, 0.5])
+
+
+def test_padding_a_batch_for_xla_changes_neither_the_loss_nor_a_gradient():
+    sizes = [padded_size(n) for n in (1, 1024, 1025, 5000, 400_000)]
+    assert sizes[0] == sizes[1] == 1024 and 1025 <= sizes[2] <= 1.2 * 1025
+    assert 5000 <= sizes[3] <= 1.2 * 5000 and 400_000 <= sizes[4] <= 1.2 * 400_000
+    assert len({padded_size(n) for n in range(300_000, 600_001, 1000)}) <= 5  # a handful of shapes to compile
+    network = ItemAutoRec(n_users=6, hidden_units=3, seed=1)
+    rows, cols = np.array([0, 0, 1, 1, 2], np.int64), np.array([0, 2, 2, 3, 5], np.int64)
+    values = np.array([1.0, -0.5, 0.8, -1.2, 0.3], np.float32)
+    variables = [network.w_enc, network.b_enc, network.w_dec, network.b_dec]
+
+    def loss_and_grads(*batch, n_rows, **kwargs):
+        with tf.GradientTape() as tape:
+            loss = network.squared_error(*batch, n_rows, **kwargs)
+        return float(loss), [tf.convert_to_tensor(g).numpy() for g in tape.gradient(loss, variables)]
+
+    plain = loss_and_grads(rows, cols, values, n_rows=3)
+    p_rows, p_cols, p_values, weights = pad_batch(rows, cols, values, dummy_row=3)
+    assert len(p_values) == 1024 and weights.sum() == 5 and (p_rows[5:] == 3).all() and (p_values[5:] == 0).all()
+    padded = loss_and_grads(p_rows, p_cols, p_values, n_rows=4, weights=weights)
+    assert padded[0] == pytest.approx(plain[0], rel=1e-6)
+    for mine, theirs in zip(padded[1], plain[1]):
+        np.testing.assert_allclose(mine, theirs, rtol=1e-5, atol=1e-7)
 
 
 def test_autorec_learns_a_planted_low_rank_structure_far_better_than_the_bias_baseline(planted, fitted):
