@@ -79,9 +79,11 @@ class Params:
         "times more iterations.", minimum=2, maximum=10)
     als_line_search: bool = _param(
         True, "boolean", "ALS",
-        "Successive halving's first rung (both ALS grids) fits each rank's regParams in ascending order and stops "
-        "at the first one that scores worse than the one before it (validation error is U-shaped in the "
-        "regularisation); off: every point is screened.")
+        "Line searches inside successive halving (both ALS grids): the first rung fits each rank's regParams in "
+        "ascending order and stops at the first one that scores worse than the one before it (validation error is "
+        "U-shaped in the regularisation); the last rung fits its finalists rank by rank, lowest first, and stops "
+        "after the first rank whose best scores worse than the lower rank's. Off: every point is screened and "
+        "every finalist fitted.")
     autorec_enabled: bool = _param(True, "boolean", "AutoRec", "Train the AutoRec autoencoder (TensorFlow).")
     autorec_hidden_units: int = _param(100, "integer", "AutoRec",
                                        "AutoRec code size (encoding_dim): each movie's embedding length.",

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.models.als import best_point, grid_points, halving_rungs, reg_chains, search_grid, walk_chain
+from pipeline.models.als import (SKIPPED_BY_RANK_WALK, best_point, grid_points, halving_rungs, rank_groups, reg_chains,
+                                 search_grid, walk_chain, walk_ranks)
 from pipeline.models.baseline import BiasBaseline
 from pipeline.models.metrics import rating_metrics
 from stage_inputs import planted_ratings, write_split
@@ -125,6 +126,46 @@ def test_halving_with_the_line_search_skips_regparams_past_the_first_worse_one(s
     assert all(r["skipped"].startswith("line search") for r in results if r["reg_param"] == 5.0)
     assert model.meta["search"]["line_search"] and model.meta["search"]["rungs"][0]["points"] == [0, 1, 3, 4]
     assert best_point(results) == {"rank": 3, "reg_param": 0.05, "max_iter": 12}
+
+
+def test_the_finalists_are_walked_rank_by_rank_up_to_the_first_rank_that_scores_worse():
+    points = grid_points([50, 10, 25], [0.05, 0.1], [15])
+    groups = rank_groups(points, [0, 1, 2, 3, 5])
+    assert [[(points[i]["rank"], points[i]["reg_param"]) for i in g] for g in groups] == [
+        [(10, 0.05), (10, 0.1)], [(25, 0.1)], [(50, 0.05), (50, 0.1)]]
+    rmse = {(10, 0.05): 0.69, (10, 0.1): 0.68, (25, 0.1): 0.685, (50, 0.05): 0.60, (50, 0.1): 0.61}
+    seen = []
+
+    def score_group(group):
+        seen.append(group)
+        return [rmse[points[i]["rank"], points[i]["reg_param"]] for i in group]
+
+    lower = lambda new, old: new < old  # noqa: E731
+    # rank 10's best (0.68) beats rank 25's (0.685): rank 50 is never fitted, although it would have won
+    assert walk_ranks(groups, score_group, lower) == [2, 3, 5] and seen == groups[:2]
+    rmse[25, 0.1] = 0.67  # improving ranks: every finalist is fitted
+    assert walk_ranks(groups, score_group, lower) == [2, 3, 5, 0, 1]
+    nan = float("nan")  # a rank whose fits all diverged counts as worse; NaN is never a rank's best
+    assert walk_ranks([[0], [1], [2]], lambda g: [[0.7], [nan], [0.6]][g[0]], lower) == [0, 1]
+    assert walk_ranks([[0, 1], [2]], lambda g: {0: [nan, 0.7], 2: [0.75]}[g[0]], lower) == [0, 1, 2]
+    higher = lambda new, old: new > old  # noqa: E731  (implicit ALS: NDCG, higher is better)
+    assert walk_ranks([[0], [1], [2]], lambda g: [[0.10], [0.12], [0.11]][g[0]], higher) == [0, 1, 2]
+    assert walk_ranks([[0], [1], [2]], lambda g: [[0.12], [0.10], [0.13]][g[0]], higher) == [0, 1]
+
+
+def test_halving_with_the_line_search_stops_the_finalists_at_the_first_rank_that_scores_worse(spark, planted):
+    _, frames = planted
+    base = BiasBaseline().fit(frames["train"])
+    points = grid_points([1, 2, 3, 10, 20, 40], [0.05], [9])  # eta 2: three finalists
+    results, model = search_grid(spark, frames["train"], frames["validation"], base, points, strategy="halving",
+                                 eta=2, min_rows=200, line_search=True)
+    finalists = [r["rank"] for r in results if len(r.get("rung_iters", [])) == 2 or r.get("skipped")]
+    assert finalists == [10, 20, 40]  # the screen's best three
+    full = {r["rank"]: r["val_rmse"] for r in results if r["val_rmse"] is not None}
+    assert sorted(full) == [10, 20] and full[20] > full[10]  # rank 20 scored worse: rank 40 never refitted
+    assert [r["rank"] for r in results if r.get("skipped") == SKIPPED_BY_RANK_WALK] == [40]
+    assert model.meta["search"]["rungs"][-1]["points"] == [3, 4]
+    assert best_point(results) == {"rank": 10, "reg_param": 0.05, "max_iter": 9}
 
 
 def test_the_grid_imports_spark_ml_before_its_worker_threads_start(tmp_path):

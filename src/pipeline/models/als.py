@@ -19,6 +19,7 @@ measures both on the same grid and split):
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import itertools
 import logging
@@ -117,6 +118,7 @@ def halving_rungs(n_points: int, max_iter: int, eta: int = 3, min_iters: int = H
 
 
 SKIPPED_BY_LINE_SEARCH = "line search: a lower regParam of the same rank scored better"  # grid.json's "skipped"
+SKIPPED_BY_RANK_WALK = "line search: a finalist of a lower rank scored better with all its iterations"
 
 
 def reg_chains(points: list[dict]) -> list[list[int]]:
@@ -141,6 +143,31 @@ def walk_chain(chain: list[int], score, better) -> dict[int, float]:
     return scores
 
 
+def rank_groups(points: list[dict], indices: list[int]) -> list[list[int]]:
+    """``indices`` grouped by the points' rank, lowest rank first (each group in the given order): the order
+    in which the last rung's line search fits the finalists."""
+    groups: dict[int, list[int]] = {}
+    for i in indices:
+        groups.setdefault(points[i]["rank"], []).append(i)
+    return [groups[rank] for rank in sorted(groups)]
+
+
+def walk_ranks(groups: list[list[int]], score_group, better) -> list[int]:
+    """Fit the finalists rank by rank (``score_group(group)`` -> their scores) and stop after the first rank
+    whose best is not ``better`` than the lower rank's best (validation error is U-shaped in the rank at a
+    tuned regParam: past the rank the data supports, more factors overfit); the indices fitted."""
+    fitted: list[int] = []
+
+    def score(g: int) -> float:
+        values = score_group(groups[g])
+        fitted.extend(groups[g])
+        finite = [v for v in values if v == v]  # a diverged fit (NaN) is no rank's best
+        return functools.reduce(lambda a, b: b if better(b, a) else a, finite) if finite else float("nan")
+
+    walk_chain(list(range(len(groups))), score, better)
+    return fitted
+
+
 def rung_iters(point: dict, fraction: float) -> int:
     return point["max_iter"] if fraction >= 1.0 else max(1, min(point["max_iter"], round(point["max_iter"] * fraction)))
 
@@ -156,7 +183,9 @@ def search_grid(spark, train: pd.DataFrame, validation: pd.DataFrame, baseline, 
     ``val_rmse`` of its full fit (None for a point only fitted with fewer iterations), and under halving
     ``rung_val_rmse`` (one value per rung it reached). ``line_search`` (halving only): the first rung walks
     each rank's regParams upwards (``reg_chains``) and stops at the first point worse than the one before; the
-    points it skips are never fitted (no ``rung_val_rmse``). Every fit uses all the training data and is scored on
+    points it skips are never fitted (no ``rung_val_rmse``). The last rung then fits its finalists rank by rank,
+    lowest first (``walk_ranks``), and stops after the first rank whose best is worse than the lower rank's
+    (the finalists left are marked ``SKIPPED_BY_RANK_WALK``). Every fit uses all the training data and is scored on
     every validation row. ``track(point)``, if given, is a context manager yielding ``log(params, metrics)``:
     the stage opens one MLflow child run per point with it, kept open across rungs.
     """
@@ -208,7 +237,8 @@ def search_grid(spark, train: pd.DataFrame, validation: pd.DataFrame, baseline, 
             rung["done"] += 1
             log.info("ALS %s point %d/%d%s (rank=%d reg=%.3g iters=%d): validation RMSE %.4f (%.1f s)",
                      f"halving rung {rung_no + 1}/{len(rungs)}" if halving else "grid", rung["done"],
-                     len(rung["fit"]), " at most" if rung.get("line_search") else "", point["rank"],
+                     len(rung["fit"]), " at most" if rung.get("line_search") or rung.get("rank_walk") else "",
+                     point["rank"],
                      point["reg_param"], iters, scores["val_rmse"], fit_s)
         return scores["val_rmse"]
 
@@ -219,11 +249,14 @@ def search_grid(spark, train: pd.DataFrame, validation: pd.DataFrame, baseline, 
         with contextlib.ExitStack() as stack, ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             for rung_no, rung in enumerate(rungs):
                 started = time.perf_counter()
-                rung.update(fit=list(alive), done=0, line_search=line_search and rung_no == 0)
+                last = rung_no == len(rungs) - 1
+                rung.update(fit=list(alive), done=0, line_search=line_search and rung_no == 0,
+                            rank_walk=line_search and last and len(rank_groups(points, alive)) > 1)
                 if halving:
                     log.info("ALS halving rung %d/%d: %s%d points at %.0f %% of their iterations, %d training rows",
                              rung_no + 1, len(rungs), "line search over regParam, at most " if rung["line_search"]
-                             else "", len(alive), 100 * rung["fraction"], len(train))
+                             else "line search over rank, at most " if rung["rank_walk"] else "", len(alive),
+                             100 * rung["fraction"], len(train))
                 if rung["line_search"]:  # one chain per rank, the chains on the workers
                     walked: dict[int, float] = {}
                     for part in pool.map(lambda chain: walk_chain(chain, lambda i: fit(rung_no, rung, i),
@@ -231,6 +264,19 @@ def search_grid(spark, train: pd.DataFrame, validation: pd.DataFrame, baseline, 
                         walked.update(part)
                     alive = rung["fit"] = sorted(walked)
                     scores = [walked[i] for i in alive]
+                elif rung["rank_walk"]:  # the finalists rank by rank, each rank's side by side
+                    finalists, done = list(alive), {}
+
+                    def score_group(group: list[int]) -> list[float]:
+                        values = list(pool.map(lambda i: fit(rung_no, rung, i), group))
+                        done.update(zip(group, values))
+                        return values
+
+                    walk_ranks(rank_groups(points, alive), score_group, lambda new, old: new < old)
+                    alive = rung["fit"] = sorted(done)
+                    scores = [done[i] for i in alive]
+                    for i in set(finalists) - set(done):
+                        results[i]["skipped"] = SKIPPED_BY_RANK_WALK
                 else:
                     scores = list(pool.map(lambda i: fit(rung_no, rung, i), alive))
                 # lowest RMSE first, the earlier grid point on a tie, a diverged point (NaN) last

@@ -22,8 +22,8 @@ import time
 import pandas as pd
 
 from pipeline import tracking
-from pipeline.models.als import (HALVING_MIN_ROWS, SKIPPED_BY_LINE_SEARCH, factor_model, halving_rungs, id_maps,
-                                 reg_chains, rung_iters, walk_chain)
+from pipeline.models.als import (HALVING_MIN_ROWS, SKIPPED_BY_LINE_SEARCH, SKIPPED_BY_RANK_WALK, factor_model,
+                                 halving_rungs, id_maps, rank_groups, reg_chains, rung_iters, walk_chain, walk_ranks)
 from pipeline.models.factor_model import FactorModel
 from pipeline.models.protocol import Fitted, run_candidate
 from pipeline.models.ranking import evaluate_ranking
@@ -105,9 +105,14 @@ def run_implicit_als(ctx) -> dict:
                             best = (ndcg, model, point)
                         return ndcg
 
+                    groups = rank_groups(points, alive)
                     if line_search and rung_no == 0:  # each rank's regParams upwards, up to the first worse one
                         for chain in reg_chains([points[i] for i in alive]):
                             walk_chain([alive[j] for j in chain], score, lambda new, old: new > old)
+                    elif line_search and rung_no == len(rungs) - 1 and len(groups) > 1:  # finalists rank by rank
+                        walk_ranks(groups, lambda group: [score(i) for i in group], lambda new, old: new > old)
+                        for i in set(alive) - set(scores):
+                            results[i]["skipped"] = SKIPPED_BY_RANK_WALK
                     else:
                         for i in alive:
                             score(i)
