@@ -238,8 +238,7 @@ def search_grid(spark, train: pd.DataFrame, validation: pd.DataFrame, baseline, 
             log.info("ALS %s point %d/%d%s (rank=%d reg=%.3g iters=%d): validation RMSE %.4f (%.1f s)",
                      f"halving rung {rung_no + 1}/{len(rungs)}" if halving else "grid", rung["done"],
                      len(rung["fit"]), " at most" if rung.get("line_search") or rung.get("rank_walk") else "",
-                     point["rank"],
-                     point["reg_param"], iters, scores["val_rmse"], fit_s)
+                     point["rank"], point["reg_param"], iters, scores["val_rmse"], fit_s)
         return scores["val_rmse"]
 
     previous = spark.conf.get("spark.sql.shuffle.partitions")
@@ -265,17 +264,17 @@ def search_grid(spark, train: pd.DataFrame, validation: pd.DataFrame, baseline, 
                     alive = rung["fit"] = sorted(walked)
                     scores = [walked[i] for i in alive]
                 elif rung["rank_walk"]:  # the finalists rank by rank, each rank's side by side
-                    finalists, done = list(alive), {}
+                    finalists, fitted = list(alive), {}
 
                     def score_group(group: list[int]) -> list[float]:
                         values = list(pool.map(lambda i: fit(rung_no, rung, i), group))
-                        done.update(zip(group, values))
+                        fitted.update(zip(group, values))
                         return values
 
                     walk_ranks(rank_groups(points, alive), score_group, lambda new, old: new < old)
-                    alive = rung["fit"] = sorted(done)
-                    scores = [done[i] for i in alive]
-                    for i in set(finalists) - set(done):
+                    alive = rung["fit"] = sorted(fitted)
+                    scores = [fitted[i] for i in alive]
+                    for i in set(finalists) - set(fitted):
                         results[i]["skipped"] = SKIPPED_BY_RANK_WALK
                 else:
                     scores = list(pool.map(lambda i: fit(rung_no, rung, i), alive))
