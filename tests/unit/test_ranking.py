@@ -13,7 +13,7 @@ from pipeline.models.item_item import ItemItemModel
 from pipeline.models.metrics import ranking_metrics
 from pipeline.models.popularity import PopularityRanker
 from pipeline.models.protocol import Split
-from pipeline.models.ranking import evaluate_ranking, histories, lists_frame, ranked_lists
+from pipeline.models.ranking import evaluate_ranking, histories, lists_frame, map_threads, ranked_lists
 from pipeline.serving.cold_start import cold_start_lists, cold_users
 from stage_inputs import write_split
 
@@ -129,6 +129,53 @@ def test_item_item_model_ranks_from_a_history_skips_exclusions_and_round_trips(t
     loaded = ItemItemModel.load(model.save(tmp_path / "m"))
     assert loaded.top_k([1], 2, exclude={1: {10}}) == {1: [20, 30]}
     assert loaded.weights.dtype == np.float16
+
+
+def test_the_gram_matrix_by_blocks_on_threads_is_the_exact_product(monkeypatch):
+    from pipeline.models import ease
+
+    rng = np.random.default_rng(7)
+    frame = pd.DataFrame({"user_id": rng.integers(0, 50, 600), "movie_id": rng.integers(0, 23, 600)})
+    frame = pd.concat([frame, frame.iloc[:5]]).assign(rating=4.0)  # a repeated rating counts once
+    movies = catalogue(frame, 1)
+    x = pd.crosstab(frame.user_id, frame.movie_id).reindex(columns=movies).to_numpy() > 0
+    expected = x.T.astype(np.float32) @ x.astype(np.float32)
+    monkeypatch.setattr(ease, "GRAM_BLOCK_ENTRIES", 23 * 4)  # blocks of 4 columns: 6 blocks, the last short
+    for workers in (1, 3):
+        assert np.array_equal(gram_matrix(frame, movies, workers=workers), expected)
+
+
+def test_item_item_scores_are_the_0_1_history_rows_times_the_weights():
+    rng = np.random.default_rng(8)
+    ids = np.arange(100, 140)
+    model = ItemItemModel("ease", ids, rng.normal(size=(40, 40)).astype(np.float16))
+    hist = [[100, 105, 105, 139], [], [999, 120]]  # a repeat counts once; a movie outside the catalogue none
+    dense = np.zeros((3, 40), np.float32)
+    for r, h in enumerate(hist):
+        for m in h:
+            if m in set(ids):
+                dense[r, m - 100] = 1.0
+    np.testing.assert_allclose(model.scores(hist), dense @ model.weights.astype(np.float32), rtol=1e-5, atol=1e-5)
+    users = list(range(700))
+    history = {u: rng.choice(ids, 5, replace=False).tolist() for u in users}
+    by_batch = model.top_k(users, 5, exclude=history, batch=64)  # 11 batches on threads
+    assert list(by_batch) == users and by_batch == model.top_k(users, 5, exclude=history, batch=1000)
+
+
+def test_map_threads_runs_the_first_item_here_keeps_the_order_and_waits_to_be_iterated():
+    import threading
+
+    here, calls = threading.get_ident(), []
+
+    def fn(x):
+        calls.append((x, threading.get_ident() == here))
+        return x * x
+
+    results = map_threads(fn, range(6), workers=2)
+    assert calls == []  # lazy
+    assert list(results) == [0, 1, 4, 9, 16, 25]
+    assert calls[0] == (0, True) and len(calls) == 6
+    assert list(map_threads(fn, [], workers=2)) == []
 
 
 def test_lists_frame_has_one_row_per_rank():

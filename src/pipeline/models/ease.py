@@ -25,7 +25,7 @@ from pipeline import tracking
 from pipeline.errors import DataValidationError
 from pipeline.models.item_item import ItemItemModel
 from pipeline.models.protocol import Fitted, load_split, run_candidate
-from pipeline.models.ranking import evaluate_ranking
+from pipeline.models.ranking import evaluate_ranking, map_threads
 
 log = logging.getLogger(__name__)
 
@@ -36,18 +36,35 @@ def catalogue(train: pd.DataFrame, min_ratings: int) -> np.ndarray:
     return np.sort(counts.index[counts.to_numpy() >= min_ratings].to_numpy(np.int64))
 
 
-def gram_matrix(train: pd.DataFrame, movie_ids: np.ndarray) -> np.ndarray:
-    """X^T X of the binarised user x movie matrix restricted to ``movie_ids`` (float32, dense)."""
+GRAM_BLOCK_ENTRIES = 4_000_000  # (movie, movie) cells of X^T X computed per block
+
+
+def gram_matrix(train: pd.DataFrame, movie_ids: np.ndarray, workers: int | None = None) -> np.ndarray:
+    """X^T X of the binarised user x movie matrix restricted to ``movie_ids`` (float32, dense; exact: sums of
+    ones). A block of columns at a time, only its rows on and above the diagonal (the matrix is symmetric: half
+    the sparse products; the lower triangle is copied), ``workers`` blocks side by side (default
+    ``map_threads``; scipy's products release the GIL). 10 M ratings, 10,000 movies: 12.2 s in one
+    product before."""
     import scipy.sparse as sp
 
+    n = len(movie_ids)
     cols = pd.Index(movie_ids).get_indexer(train["movie_id"].to_numpy())
     keep = cols >= 0
     users, _ = pd.factorize(train["user_id"].to_numpy()[keep])
-    x = sp.csr_matrix((np.ones(int(keep.sum()), np.float32), (users, cols[keep])),
-                      shape=(int(users.max()) + 1 if len(users) else 0, len(movie_ids)))
+    x = sp.csc_matrix((np.ones(int(keep.sum()), np.float32), (users, cols[keep])),
+                      shape=(int(users.max()) + 1 if len(users) else 0, n))
     x.sum_duplicates()
     x.data[:] = 1.0
-    return (x.T @ x).toarray().astype(np.float32)
+    gram = np.zeros((n, n), dtype=np.float32)
+    width = max(1, GRAM_BLOCK_ENTRIES // max(n, 1))
+
+    def block(start: int) -> None:
+        stop = min(start + width, n)
+        gram[:stop, start:stop] = (x[:, :stop].T @ x[:, start:stop]).toarray()  # rows up to the block's end
+
+    list(map_threads(block, range(0, n, width), workers))
+    _upper_to_symmetric(gram)
+    return gram
 
 
 def _upper_to_symmetric(m: np.ndarray, block: int = 1024) -> None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +30,7 @@ import scipy.sparse as sp
 
 from pipeline.models.baseline import BiasBaseline, fill_cold
 from pipeline.models.metrics import RATING_MAX, RATING_MIN
-from pipeline.models.ranking import scoring_threads, top_k_by_score
+from pipeline.models.ranking import map_threads, scoring_threads, top_k_by_score
 
 log = logging.getLogger(__name__)
 
@@ -94,13 +93,12 @@ def neighbour_tables(z: sp.csr_matrix, shrinkages, k: int, block_entries: int = 
         return stop - start
 
     started, done, next_report = time.perf_counter(), 0, 0.1
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for filled in pool.map(fill, range(0, n, block)):
-            done += filled
-            if done / n >= next_report and done < n:  # the log shows a long table build move
-                log.info("knn neighbour tables: %d of %d movies (%.0f %%, %.0f s)", done, n, 100 * done / n,
-                         time.perf_counter() - started)
-                next_report = done / n + 0.1
+    for filled in map_threads(fill, range(0, n, block), workers):
+        done += filled
+        if done / n >= next_report and done < n:  # the log shows a long table build move
+            log.info("knn neighbour tables: %d of %d movies (%.0f %%, %.0f s)", done, n, 100 * done / n,
+                     time.perf_counter() - started)
+            next_report = done / n + 0.1
     return out
 
 
@@ -164,8 +162,7 @@ class ItemKNN:
             den[start:start + len(at)] = np.asarray(
                 self._abs_s[m[at]].multiply(self._rated[u[at]]).sum(axis=1)).ravel()
 
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            list(pool.map(chunk, range(0, len(known), size)))
+        list(map_threads(chunk, range(0, len(known), size), workers))
         return len(u), known, self._baseline_part(user_ids[known], movie_ids[known]), num, den
 
     def predict_from(self, parts: tuple) -> np.ndarray:

@@ -16,7 +16,7 @@ A ranker is anything with ``top_k(user_ids, k, exclude, history)`` -> {user_id: 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -148,6 +148,20 @@ def scoring_threads(limit: int = 4) -> int:
     return max(1, min(os.cpu_count() or 1, limit))
 
 
+def map_threads(fn, items, workers: int | None = None) -> Iterator:
+    """``fn(item)`` for each of ``items``, yielded in order as they finish, computed on ``workers`` threads
+    (default ``scoring_threads()``); nothing runs until it is iterated. The first call runs on this thread
+    before the others start: it builds whatever ``fn`` initialises lazily, and pandas builds an Index's hash
+    table on first use in a way that is not thread-safe (two threads doing it at once raised "Reindexing only
+    valid with uniquely valued Index objects")."""
+    items = list(items)
+    if not items:
+        return
+    yield fn(items[0])
+    with ThreadPoolExecutor(max_workers=workers or scoring_threads()) as pool:
+        yield from pool.map(fn, items[1:])
+
+
 def top_k_by_score(scores, user_ids: list, movie_ids: np.ndarray, k: int, exclude: Mapping | None = None,
                    batch: int = 256, workers: int | None = None) -> dict:
     """{user: the k movies of ``movie_ids`` with the highest score}, skipping ``exclude[user]``; ties by
@@ -156,7 +170,6 @@ def top_k_by_score(scores, user_ids: list, movie_ids: np.ndarray, k: int, exclud
     must only read its model. The lists do not depend on ``workers``."""
     index = pd.Index(np.asarray(movie_ids, dtype=np.int64))
     ids = index.to_numpy()
-    index.get_indexer(ids[:1])  # builds the index's hash table before the threads share it
 
     def one(start: int) -> tuple[list, list]:
         chunk = user_ids[start:start + batch]
@@ -164,9 +177,8 @@ def top_k_by_score(scores, user_ids: list, movie_ids: np.ndarray, k: int, exclud
         return chunk, best_k(matrix, ids, k, exclusion_pairs(exclude, chunk), index=index)
 
     out: dict = {}
-    with ThreadPoolExecutor(max_workers=workers or scoring_threads()) as pool:
-        for chunk, lists in pool.map(one, range(0, len(user_ids), batch)):
-            out.update(zip(chunk, lists))
+    for chunk, lists in map_threads(one, range(0, len(user_ids), batch), workers):
+        out.update(zip(chunk, lists))
     return out
 
 
