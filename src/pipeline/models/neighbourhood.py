@@ -59,7 +59,8 @@ def neighbour_tables(z: sp.csr_matrix, shrinkages, k: int, block_entries: int = 
     (positive shrunk Pearson-baseline similarity, best first; -1 / 0 where fewer exist). The co-rating sums are
     computed once for every shrinkage, one block of movies at a time, ``workers`` blocks at once (threads: the
     sparse products and numpy release the GIL; default ``scoring_threads()``); the blocks in flight hold
-    ``block_entries`` (movie, movie) cells in all, whatever ``workers`` is. Each block fills its own rows, so the tables do not depend on ``workers``."""
+    ``block_entries`` (movie, movie) cells in all, whatever ``workers`` is. Each block fills its own rows, so
+    the tables do not depend on ``workers``."""
     n = z.shape[1]
     zc = z.tocsc().astype(np.float64)
     ones = zc.copy()
