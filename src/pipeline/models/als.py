@@ -248,9 +248,9 @@ def search_grid(spark, train: pd.DataFrame, validation: pd.DataFrame, baseline, 
         with contextlib.ExitStack() as stack, ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             for rung_no, rung in enumerate(rungs):
                 started = time.perf_counter()
-                last = rung_no == len(rungs) - 1
+                groups = rank_groups(points, alive) if line_search and rung_no == len(rungs) - 1 else []
                 rung.update(fit=list(alive), done=0, line_search=line_search and rung_no == 0,
-                            rank_walk=line_search and last and len(rank_groups(points, alive)) > 1)
+                            rank_walk=len(groups) > 1)
                 if halving:
                     log.info("ALS halving rung %d/%d: %s%d points at %.0f %% of their iterations, %d training rows",
                              rung_no + 1, len(rungs), "line search over regParam, at most " if rung["line_search"]
@@ -264,18 +264,18 @@ def search_grid(spark, train: pd.DataFrame, validation: pd.DataFrame, baseline, 
                     alive = rung["fit"] = sorted(walked)
                     scores = [walked[i] for i in alive]
                 elif rung["rank_walk"]:  # the finalists rank by rank, each rank's side by side
-                    finalists, fitted = list(alive), {}
+                    fitted: dict[int, float] = {}
 
                     def score_group(group: list[int]) -> list[float]:
                         values = list(pool.map(lambda i: fit(rung_no, rung, i), group))
                         fitted.update(zip(group, values))
                         return values
 
-                    walk_ranks(rank_groups(points, alive), score_group, lambda new, old: new < old)
+                    walk_ranks(groups, score_group, lambda new, old: new < old)
+                    for i in set(alive) - set(fitted):
+                        results[i]["skipped"] = SKIPPED_BY_RANK_WALK
                     alive = rung["fit"] = sorted(fitted)
                     scores = [fitted[i] for i in alive]
-                    for i in set(finalists) - set(fitted):
-                        results[i]["skipped"] = SKIPPED_BY_RANK_WALK
                 else:
                     scores = list(pool.map(lambda i: fit(rung_no, rung, i), alive))
                 # lowest RMSE first, the earlier grid point on a tie, a diverged point (NaN) last
