@@ -232,10 +232,8 @@ def limit_malloc_arenas() -> bool:
     pages freed in them stay resident: at 1 M ratings the kNN stage ended 520 MB above its single-threaded
     self and peaked 610 MB higher; with two arenas, 210 / 190 MB, at the same speed (a fixed 1 MB mmap
     threshold saved as much memory but cost the stage 20 %). True where applied."""
-    try:
-        return ctypes.CDLL("libc.so.6").mallopt(-8, MALLOC_ARENAS) == 1  # M_ARENA_MAX
-    except (OSError, AttributeError):  # not glibc (macOS, musl)
-        return False
+    libc = _glibc()
+    return libc is not None and libc.mallopt(-8, MALLOC_ARENAS) == 1  # M_ARENA_MAX
 
 
 def release_memory() -> None:
@@ -243,10 +241,18 @@ def release_memory() -> None:
     after large frees, so later large arrays land on the heap too): without this the process's resident size
     carries every earlier stage's peak into the next one (``recsys run`` runs all stages in one process)."""
     gc.collect()
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def _glibc():
+    """glibc, for its malloc tuning calls; None elsewhere (macOS, musl): nothing to tune."""
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
-        pass
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
 
 
 def _prepare(name: str, ctx: RunContext) -> dict:
