@@ -3,14 +3,16 @@ memory of the driver (the Python process tree) and of the Spark JVM.
 
     .venv/bin/python bench/scale.py [--sizes small,1m,10m] [--data-dir /tmp/recsys-bench/data]
         [--work-dir /tmp/recsys-bench/runs] [--json docs/scale.json] [--plot docs/scale.png] [--param NAME=VALUE]
+        [--timeout SECONDS] [--one-at-a-time]
 
 Sizes: ``small`` is ml-latest-small ($MOVIELENS_DIR, else ../shared/data/ml-latest-small); ``1m``, ``10m`` and
 ``25m`` are ``recsys synth`` folders of the ml-1m-like, ml-10m and ml-25m shapes (made once in --data-dir, seed
 42). Each size runs in a fresh RECSYS_HOME (an empty registry: the first run's gate). Stage times are the run's
 own ``timings_s``; memory is sampled from /proc every half second over the process tree (the JVM is the ``java``
 process, the driver everything else) and attributed to the stage whose start/done log lines enclose the
-sample. Results merge into --json by size (measure sizes in separate calls), the plot is redrawn from all of
-them, and a table is printed. (Named ``scale.py``: a ``bench/pipeline.py`` would shadow the ``pipeline`` package
+sample (to both where two stages run side by side: a stage's peak is then the process's while it ran). Results
+merge into --json by size (measure sizes in separate calls), the plot is redrawn from all of them, and a table
+is printed. (Named ``scale.py``: a ``bench/pipeline.py`` would shadow the ``pipeline`` package
 for every script run from bench/.)
 """
 
@@ -132,6 +134,8 @@ def measure(size: str, args) -> dict:
     cmd = [str(Path(sys.executable).with_name("recsys")), "run", "--source", source, "--work-dir", str(root / "run")]
     for p in args.param:
         cmd += ["--param", p]
+    if args.one_at_a_time:
+        cmd.append("--one-at-a-time")
     log_path = root / "run.log"
     print(f"bench: {size}: {' '.join(cmd)} (log {log_path})", file=sys.stderr)
     started = time.time()
@@ -164,9 +168,9 @@ def measure(size: str, args) -> dict:
     except json.JSONDecodeError:
         timings = {}
     spans, starts = _stage_spans(log_path)
-    unfinished = ([name for name in starts if name not in spans] or [None])[-1] if stopped else None
-    if unfinished:  # the stage the time limit cut short counts up to the stop, marked as such
-        spans[unfinished] = (starts[unfinished], time.time())
+    unfinished = [name for name in starts if name not in spans] if stopped else []
+    for name in unfinished:  # the stages the time limit cut short count up to the stop, marked as such
+        spans[name] = (starts[name], time.time())
     samples = sampler.samples
 
     def peaks(lo: float, hi: float) -> dict:
@@ -182,14 +186,15 @@ def measure(size: str, args) -> dict:
         return round((inside[-1][3] - inside[0][3]) / (inside[-1][0] - inside[0][0]), 2)
 
     stages = {name: {"seconds": round(timings.get(name, hi - lo), 1), **peaks(lo, hi), "cores_busy": busy(lo, hi),
-                     **({"stopped": True} if name == unfinished else {})}
+                     **({"stopped": True} if name in unfinished else {})}
               for name, (lo, hi) in spans.items()}
     report = root / "run" / "report.json"
     dataset = json.loads(report.read_text()).get("dataset", {}) if report.exists() else {}
     return {"size": size, "source": source, "ratings": dataset.get("ratings") or data.get("ratings"),
             "users": dataset.get("users") or data.get("users"), "movies": dataset.get("movies") or data.get("movies"),
-            "variant": data["variant"], "params": args.param, "rc": proc.returncode, "wall_s": round(wall, 1),
-            "stopped": {"after_s": args.timeout, "in_stage": unfinished} if stopped else None,
+            "variant": data["variant"], "params": args.param,
+            "stages_at_once": 1 if args.one_at_a_time else 2, "rc": proc.returncode, "wall_s": round(wall, 1),
+            "stopped": {"after_s": args.timeout, "in_stage": ", ".join(unfinished)} if stopped else None,
             "peak": peaks(started, time.time()), "cores_busy": busy(started, time.time()), "stages": stages, "log": str(log_path),
             "measured_at": datetime.utcnow().strftime("%Y-%m-%d %H:%M UTC"), "cpus": os.cpu_count()}
 
@@ -307,6 +312,8 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=REPO / "docs" / "scale.json")
     parser.add_argument("--plot", type=Path, default=REPO / "docs" / "scale.png")
     parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
+    parser.add_argument("--one-at-a-time", action="store_true",
+                        help="recsys run --one-at-a-time: the stages one after another (the before of the lanes)")
     parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                         help="stop a size's run after this long; the stages it finished are kept, the one it was "
                              "in is marked")

@@ -48,6 +48,16 @@ def downstream(stage: str, graph: dict[str, tuple[str, ...]], order: list[str]) 
     return [s for s in order if s in below]
 
 
+def upstream_closure(stage: str, graph: dict[str, tuple[str, ...]]) -> set[str]:
+    """Every stage whose output ``stage`` reads, directly or through others."""
+    above: set[str] = set()
+    frontier = set(graph[stage])
+    while frontier:
+        above |= frontier
+        frontier = {u for s in frontier for u in graph[s]} - above
+    return above
+
+
 def check_inputs(run_dir: Path, stage: str, upstream: tuple[str, ...]) -> dict:
     """The lineage ids of ``stage``'s inputs; StageError if one of them is stale or built from older inputs.
 

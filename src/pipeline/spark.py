@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 
 from pipeline.config import restored_environment
 from pipeline.spark_logging import java_options, jvm_stderr_filter
@@ -13,15 +14,33 @@ JVM_MEMORY_OPTIONS = "-XX:G1PeriodicGCInterval=3000 -XX:MinHeapFreeRatio=10 -XX:
 # runs a task per core, and OpenBLAS's own threads on top of them made a rank-128 implicit ALS fit 2.3x slower
 # than Java's BLAS at 1 M ratings instead of 2.4x faster (docs/measurements.md, session 6).
 JVM_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+_LOCK = threading.Lock()
+_SESSION = None  # the session get_spark made: SparkSession.getActiveSession() is per thread (None in a new one)
 
 
 def get_spark(settings, app_name: str = "movielens-recsys"):
-    """Return the process's SparkSession, creating it from the settings on first use."""
+    """Return the process's SparkSession, creating it from the settings on first use. Safe from any thread
+    (``recsys run`` runs a Spark stage beside a Python one)."""
+    global _SESSION
+    with _LOCK:
+        _SESSION = _existing() or _create(settings, app_name)
+        return _SESSION
+
+
+def _existing():
     from pyspark.sql import SparkSession
 
     active = SparkSession.getActiveSession()
     if active is not None:
         return active
+    if _SESSION is not None and _SESSION.sparkContext._jsc is not None:  # made by another thread, not stopped
+        return _SESSION
+    return None
+
+
+def _create(settings, app_name: str):
+    from pyspark.sql import SparkSession
+
     os.environ.setdefault("PYSPARK_PYTHON", os.environ.get("PYSPARK_PYTHON") or __import__("sys").executable)
     builder = (
         SparkSession.builder.master(settings.spark_master)

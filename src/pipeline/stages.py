@@ -1,7 +1,7 @@
 """The pipeline's one definition: its stages, what each one needs, and their order.
 
-Both drivers follow it. ``recsys run`` runs the chosen stages in this order in one process
-(``run_pipeline``); the DAG (``dags/movielens_recsys.py``) is explicit TaskFlow wiring whose tasks call
+Both drivers follow it. ``recsys run`` runs the chosen stages in one process (``run_pipeline``): each once
+every chosen stage above it is done, a Spark stage beside a Python one (their ``lane``), else in this order; the DAG (``dags/movielens_recsys.py``) is explicit TaskFlow wiring whose tasks call
 ``run_stage`` with these names, and a test checks that its graph and this table agree. Each stage is a plain
 function of a ``RunContext`` returning the report sections it adds (small, JSON-able: what XCom carries);
 ``run_stage`` also leaves that summary in the run folder, from which ``report.json`` is built.
@@ -12,6 +12,8 @@ from __future__ import annotations
 import ctypes
 import gc
 import logging
+import queue
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -157,6 +159,7 @@ class Stage:
     run: Callable[[RunContext], dict]
     upstream: tuple[str, ...]
     dag_tasks: tuple[str, ...] = ()  # the DAG's task ids for this stage (default: its name)
+    lane: str = "python"  # "spark": its work runs in the Spark JVM; recsys run runs one stage per lane at a time
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -166,21 +169,21 @@ class Stage:
 PIPELINE: tuple[Stage, ...] = (
     Stage("ingest", _ingest, ()),
     Stage("validate", _validate, ("ingest",)),
-    Stage("etl", _etl, ("validate",)),
-    Stage("olap", _olap, ("etl",)),
+    Stage("etl", _etl, ("validate",), lane="spark"),
+    Stage("olap", _olap, ("etl",), lane="spark"),
     Stage("baseline", _baseline, ("etl",)),
-    Stage("als", _als, ("baseline",)),
+    Stage("als", _als, ("baseline",), lane="spark"),
     Stage("autorec", _autorec, ("baseline",)),
     Stage("knn", _knn, ("baseline",)),
     Stage("blend", _blend, ("baseline", "als", "autorec", "knn")),
-    Stage("implicit_als", _implicit_als, ("baseline",)),
+    Stage("implicit_als", _implicit_als, ("baseline",), lane="spark"),
     Stage("ease", _ease, ("baseline",)),
     Stage("compare_models", _compare_models, ("baseline", "als", "autorec", "knn", "blend", "implicit_als", "ease")),
     Stage("gate", _gate, ("compare_models",), dag_tasks=("gate", "decide")),
     Stage("promotion", _promotion, ("gate",), dag_tasks=("promote", "keep_champion")),
     Stage("ranking_gate", _ranking_gate, ("compare_models",)),
     Stage("ranking_promotion", _ranking_promotion, ("ranking_gate",)),
-    Stage("similarity", _similarity, ("promotion", "ranking_promotion")),
+    Stage("similarity", _similarity, ("promotion", "ranking_promotion"), lane="spark"),
     Stage("recommend", _recommend, ("similarity",)),
     Stage("cold_start", _cold_start, ("similarity",)),
     Stage("report", _report, ("olap", "recommend", "cold_start")),
@@ -188,6 +191,8 @@ PIPELINE: tuple[Stage, ...] = (
 STAGES = {stage.name: stage for stage in PIPELINE}
 ORDER = [stage.name for stage in PIPELINE]
 UPSTREAM = {stage.name: stage.upstream for stage in PIPELINE}
+LANES = ("spark", "python")
+_BOOKKEEPING = threading.Lock()  # the run folder's shared files (lineage, summaries, report.json): one writer
 
 
 def parse_stages(text: str | None) -> list[str]:
@@ -210,14 +215,16 @@ def run_stage(name: str, ctx: RunContext, fn: Callable[[RunContext], dict] | Non
     log.info("stage %s: starting (run %s, folder %s)", name, ctx.run_id, ctx.run_dir)
     limit_malloc_arenas()
     with locks.stage_lock(ctx.run_dir, name):
-        inputs = _prepare(name, ctx)
+        with _BOOKKEEPING:
+            inputs = _prepare(name, ctx)
         started, wall = time.perf_counter(), time.time()
         sections = _call(name, ctx, fn or STAGES[name].run)
         seconds = round(time.perf_counter() - started, 2)
-        lineage.record(ctx.run_dir, name, inputs, wall)
         summary = {**sections, "timings_s": {name: seconds}}
-        report.write_summary(ctx.run_dir, name, summary)
-        report.write_report(ctx, ORDER)
+        with _BOOKKEEPING:
+            lineage.record(ctx.run_dir, name, inputs, wall)
+            report.write_summary(ctx.run_dir, name, summary)
+            report.write_report(ctx, ORDER)
     release_memory()
     log.info("stage %s: done in %.1f s", name, seconds)
     return summary
@@ -286,12 +293,62 @@ def _call(name: str, ctx: RunContext, fn: Callable[[RunContext], dict]) -> dict:
         raise error from exc
 
 
-def run_pipeline(ctx: RunContext, stages: list[str], fresh: bool = False) -> dict:
-    """Run ``stages`` in pipeline order in this process, holding the run folder (one ``recsys run`` at a
-    time); ``report.json`` is rewritten after each one. ``fresh``: start a new report (a run from ingest)."""
+def run_pipeline(ctx: RunContext, stages: list[str], fresh: bool = False, concurrent: bool = True) -> dict:
+    """Run ``stages`` in this process, holding the run folder (one ``recsys run`` at a time); ``report.json``
+    is rewritten after each one. ``fresh``: start a new report (a run from ingest). ``concurrent``: a Spark
+    stage and a Python stage at once (``run_lanes``); else one at a time, in pipeline order."""
     with locks.run_folder_lock(ctx.run_dir):
         if fresh:
             report.clear_summaries(ctx.run_dir)
-        for name in parse_stages(",".join(stages)):
-            run_stage(name, ctx)
+        names = parse_stages(",".join(stages))
+        if concurrent:
+            run_lanes(names, lambda name: run_stage(name, ctx))
+        else:
+            for name in names:
+                run_stage(name, ctx)
         return report.write_report(ctx, ORDER)
+
+
+def run_lanes(names: list[str], run: Callable[[str], object]) -> list[str]:
+    """Call ``run(name)`` for each stage in ``names``, each once every stage of ``names`` above it (directly or
+    through others) is done, at most one stage per lane at a time, the earliest ready stage in pipeline order
+    first. Returns the names in the order they finished.
+
+    The two lanes keep both cores busy where one stage alone leaves them idle (its driver-side Python, MLflow
+    logging, Spark's scheduling gaps) without stacking two stages' peaks in one memory: an ALS grid in the JVM
+    beside AutoRec, kNN or EASE in this process. Stages in different lanes never read each other's output (a
+    stage waits for everything it depends on), so the order of their completion changes no result.
+
+    After a failure no stage starts; the running ones finish (their writes are atomic either way) and the
+    first error is raised. The stages run on daemon threads: Ctrl-C ends the process at once, as before."""
+    chosen = set(names)
+    above = {name: set(lineage.upstream_closure(name, UPSTREAM)) & chosen for name in names}
+    finished: queue.Queue = queue.Queue()
+    pending, running, done, failure = list(names), {}, [], None
+
+    def work(name: str) -> None:
+        try:
+            run(name)
+            finished.put((name, None))
+        except BaseException as exc:  # handed to the caller's thread
+            finished.put((name, exc))
+
+    while True:
+        if failure is None:
+            for name in list(pending):
+                lane = STAGES[name].lane
+                if above[name] <= set(done) and lane not in running.values():
+                    pending.remove(name)
+                    running[name] = lane
+                    threading.Thread(target=work, args=(name,), name=f"stage-{name}", daemon=True).start()
+        if not running:
+            break
+        name, exc = finished.get()
+        del running[name]
+        if exc is None:
+            done.append(name)
+        elif failure is None:
+            failure = exc
+    if failure is not None:
+        raise failure
+    return done

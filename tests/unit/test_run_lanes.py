@@ -1,0 +1,110 @@
+"""``recsys run`` runs a Spark stage beside a Python stage (``stages.run_lanes``): each stage after every chosen
+stage it depends on, one stage per lane, nothing new after a failure, and Spark reachable from the threads."""
+
+import threading
+import time
+
+import pytest
+
+from pipeline import lineage, stages
+
+
+class Recorder:
+    """A stand-in for run_stage: logs start and end, and can wait for another stage to be running."""
+
+    def __init__(self, waits_for: dict[str, str] | None = None, fails: str | None = None):
+        self.events, self.lock, self.waits_for, self.fails = [], threading.Lock(), waits_for or {}, fails
+        self.started = {name: threading.Event() for name in stages.ORDER}
+        self.overlapped = {}
+
+    def __call__(self, name: str) -> None:
+        with self.lock:
+            self.events.append(("start", name))
+        self.started[name].set()
+        if name in self.waits_for:  # proves the two ran side by side (it would time out one after the other)
+            self.overlapped[name] = self.started[self.waits_for[name]].wait(timeout=10)
+        time.sleep(0.01)
+        if name == self.fails:
+            raise RuntimeError(f"{name} broke")
+        with self.lock:
+            self.events.append(("end", name))
+
+
+def _check_order(events, names):
+    """Every stage starts after the chosen stages above it ended; never two of one lane at once."""
+    ended, running = set(), {}
+    for kind, name in events:
+        if kind == "start":
+            above = lineage.upstream_closure(name, stages.UPSTREAM) & set(names)
+            assert above <= ended, f"{name} started before {sorted(above - ended)} ended"
+            lane = stages.STAGES[name].lane
+            assert lane not in running.values(), f"{name} started while {running} ran"
+            running[name] = lane
+        else:
+            ended.add(name)
+            del running[name]
+
+
+def test_every_stage_runs_once_after_what_it_needs_a_spark_stage_beside_a_python_one():
+    names = list(stages.ORDER)
+    run = Recorder(waits_for={"als": "autorec", "olap": "baseline"})
+    done = stages.run_lanes(names, run)
+    assert sorted(done) == sorted(names) and done[-1] == "report"
+    _check_order(run.events, names)
+    assert run.overlapped == {"als": True, "olap": True}
+
+
+def test_lanes_are_set_for_the_spark_stages():
+    assert {s.name for s in stages.PIPELINE if s.lane == "spark"} == {"etl", "olap", "als", "implicit_als",
+                                                                         "similarity"}
+    assert {s.lane for s in stages.PIPELINE} == set(stages.LANES)
+
+
+def test_a_chosen_subset_waits_through_stages_that_are_not_chosen():
+    """etl and als without baseline: als still runs after etl (it reads etl's split through the baseline)."""
+    run = Recorder()
+    assert stages.run_lanes(["etl", "als", "knn"], run) in (["etl", "als", "knn"], ["etl", "knn", "als"])
+    _check_order(run.events, ["etl", "als", "knn"])
+    assert run.events[:2] == [("start", "etl"), ("end", "etl")]
+
+
+def test_after_a_failure_no_stage_starts_the_running_one_ends_and_the_error_is_raised():
+    names = list(stages.ORDER)
+    run = Recorder(waits_for={"autorec": "als"}, fails="autorec")
+    with pytest.raises(RuntimeError, match="autorec broke"):
+        stages.run_lanes(names, run)
+    started = [name for kind, name in run.events if kind == "start"]
+    assert ("end", "als") in run.events  # the Spark stage beside it finished its work
+    assert "blend" not in started and "compare_models" not in started and "report" not in started
+    _check_order([e for e in run.events if e != ("start", "autorec")], names)
+
+
+def test_one_at_a_time_keeps_pipeline_order(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(stages, "run_stage", lambda name, ctx: calls.append(name))
+    ctx = stages.make_context(run_id="r1", work_dir=tmp_path / "run", params={})
+    stages.run_pipeline(ctx, ["ease", "als", "etl"], concurrent=False)
+    assert calls == ["etl", "als", "ease"]
+    calls.clear()
+    stages.run_pipeline(ctx, ["ease", "als", "etl"])
+    assert calls[0] == "etl" and sorted(calls) == ["als", "ease", "etl"]
+
+
+@pytest.mark.spark
+def test_get_spark_from_another_thread_is_the_same_session(spark):
+    from pyspark.sql import SparkSession
+
+    from pipeline.config import load_settings
+    from pipeline.spark import get_spark
+
+    seen = {}
+
+    def work():
+        seen["active"] = SparkSession.getActiveSession()  # per thread: None here, hence get_spark's own record
+        seen["session"] = get_spark(load_settings())
+        seen["rows"] = seen["session"].range(5).count()
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+    assert seen["session"] is spark and seen["rows"] == 5
