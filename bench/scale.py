@@ -3,7 +3,7 @@ memory of the driver (the Python process tree) and of the Spark JVM.
 
     .venv/bin/python bench/scale.py [--sizes small,1m,10m] [--data-dir /tmp/recsys-bench/data]
         [--work-dir /tmp/recsys-bench/runs] [--json docs/scale.json] [--plot docs/scale.png] [--param NAME=VALUE]
-        [--timeout SECONDS] [--one-at-a-time]
+        [--timeout SECONDS] [--side-by-side]
 
 Sizes: ``small`` is ml-latest-small ($MOVIELENS_DIR, else ../shared/data/ml-latest-small); ``1m``, ``10m`` and
 ``25m`` are ``recsys synth`` folders of the ml-1m-like, ml-10m and ml-25m shapes (made once in --data-dir, seed
@@ -125,6 +125,8 @@ def source_for(size: str, data_dir: Path) -> tuple[str, dict]:
 
 
 def measure(size: str, args) -> dict:
+    from pipeline.stages import side_by_side_by_default
+
     source, data = source_for(size, args.data_dir)
     root = args.work_dir / size
     shutil.rmtree(root, ignore_errors=True)
@@ -134,8 +136,8 @@ def measure(size: str, args) -> dict:
     cmd = [str(Path(sys.executable).with_name("recsys")), "run", "--source", source, "--work-dir", str(root / "run")]
     for p in args.param:
         cmd += ["--param", p]
-    if args.one_at_a_time:
-        cmd.append("--one-at-a-time")
+    if args.side_by_side:
+        cmd.append("--side-by-side")
     log_path = root / "run.log"
     print(f"bench: {size}: {' '.join(cmd)} (log {log_path})", file=sys.stderr)
     started = time.time()
@@ -193,7 +195,7 @@ def measure(size: str, args) -> dict:
     return {"size": size, "source": source, "ratings": dataset.get("ratings") or data.get("ratings"),
             "users": dataset.get("users") or data.get("users"), "movies": dataset.get("movies") or data.get("movies"),
             "variant": data["variant"], "params": args.param,
-            "stages_at_once": 1 if args.one_at_a_time else 2, "rc": proc.returncode, "wall_s": round(wall, 1),
+            "stages_at_once": 2 if args.side_by_side or side_by_side_by_default() else 1, "rc": proc.returncode, "wall_s": round(wall, 1),
             "stopped": {"after_s": args.timeout, "in_stage": ", ".join(unfinished)} if stopped else None,
             "peak": peaks(started, time.time()), "cores_busy": busy(started, time.time()), "stages": stages, "log": str(log_path),
             "measured_at": datetime.utcnow().strftime("%Y-%m-%d %H:%M UTC"), "cpus": os.cpu_count()}
@@ -312,8 +314,9 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=REPO / "docs" / "scale.json")
     parser.add_argument("--plot", type=Path, default=REPO / "docs" / "scale.png")
     parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
-    parser.add_argument("--one-at-a-time", action="store_true",
-                        help="recsys run --one-at-a-time: the stages one after another (the before of the lanes)")
+    parser.add_argument("--side-by-side", action="store_true",
+                        help="recsys run --side-by-side: a Spark stage beside a Python stage (default: recsys "
+                             "run's, by the cores)")
     parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                         help="stop a size's run after this long; the stages it finished are kept, the one it was "
                              "in is marked")

@@ -1,6 +1,7 @@
 """``recsys``: run the pipeline's stages in-process, with the same Params the DAG has.
 
-    recsys run --source SRC --work-dir DIR [--stages a,b,...] [--param NAME=VALUE ...] [--one-at-a-time]
+    recsys run --source SRC --work-dir DIR [--stages a,b,...] [--param NAME=VALUE ...]
+               [--side-by-side | --one-at-a-time]
     recsys params
     recsys settings
     recsys synth --ratings N --users U --movies M --out DIR [--seed S]
@@ -41,7 +42,8 @@ def _cmd_run(args) -> int:
         run_id = storage.read_json(work_dir / report.REPORT).get("run_id")  # continue that run
     ctx = stages.make_context(run_id=run_id, work_dir=work_dir, params=params, settings=load_settings())
     # a run from ingest on starts a fresh report (cleared under the run folder's lock)
-    result = stages.run_pipeline(ctx, names, fresh="ingest" in names, concurrent=not args.one_at_a_time)
+    concurrent = True if args.side_by_side else False if args.one_at_a_time else None  # None: by the cores
+    result = stages.run_pipeline(ctx, names, fresh="ingest" in names, concurrent=concurrent)
     print(json.dumps({"report": str(ctx.run_dir / report.REPORT), "run_id": ctx.run_id,
                       "timings_s": result.get("timings_s", {})}, indent=2))
     return 0
@@ -129,10 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--source", help="grouplens:<name>, a local folder or .zip, or s3://bucket/prefix "
                                       "(default: RECSYS_SOURCE / MOVIELENS_DIR / grouplens:ml-latest-small)")
     run.add_argument("--work-dir", help="the run folder (default: <data_root>/runs/<run_id>)")
-    run.add_argument("--stages", help="comma-separated stages to run (default: all; each after the chosen "
-                                      "stages it depends on, a Spark stage beside a Python one)")
-    run.add_argument("--one-at-a-time", action="store_true",
-                     help="run the stages one after another in pipeline order (lower peak memory, longer run)")
+    run.add_argument("--stages", help="comma-separated stages to run (default: all, in pipeline order)")
+    order = run.add_mutually_exclusive_group()
+    order.add_argument("--side-by-side", action="store_true",
+                       help="a Spark stage beside a Python stage, each once the chosen stages it depends on are "
+                            "done (the default with 4 cores or more)")
+    order.add_argument("--one-at-a-time", action="store_true",
+                       help="the stages one after another in pipeline order (the default below 4 cores)")
     run.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                      help="override a Param; VALUE is JSON (see `recsys params`)")
     run.add_argument("--run-id", help="run id (default: a new one, or the work dir's when continuing)")

@@ -1,8 +1,9 @@
 """The pipeline's one definition: its stages, what each one needs, and their order.
 
-Both drivers follow it. ``recsys run`` runs the chosen stages in one process (``run_pipeline``): each once
-every chosen stage above it is done, a Spark stage beside a Python one (their ``lane``), else in this order; the DAG (``dags/movielens_recsys.py``) is explicit TaskFlow wiring whose tasks call
-``run_stage`` with these names, and a test checks that its graph and this table agree. Each stage is a plain
+Both drivers follow it. ``recsys run`` runs the chosen stages in one process (``run_pipeline``): in this
+order, or side by side (each once the chosen stages above it are done, a Spark stage beside a Python one: their
+``lane``). The DAG (``dags/movielens_recsys.py``) is explicit TaskFlow wiring whose tasks call ``run_stage`` with
+these names, and a test checks that its graph and this table agree. Each stage is a plain
 function of a ``RunContext`` returning the report sections it adds (small, JSON-able: what XCom carries);
 ``run_stage`` also leaves that summary in the run folder, from which ``report.json`` is built.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import gc
 import logging
+import os
 import queue
 import threading
 import time
@@ -293,10 +295,13 @@ def _call(name: str, ctx: RunContext, fn: Callable[[RunContext], dict]) -> dict:
         raise error from exc
 
 
-def run_pipeline(ctx: RunContext, stages: list[str], fresh: bool = False, concurrent: bool = True) -> dict:
+def run_pipeline(ctx: RunContext, stages: list[str], fresh: bool = False, concurrent: bool | None = None) -> dict:
     """Run ``stages`` in this process, holding the run folder (one ``recsys run`` at a time); ``report.json``
     is rewritten after each one. ``fresh``: start a new report (a run from ingest). ``concurrent``: a Spark
-    stage and a Python stage at once (``run_lanes``); else one at a time, in pipeline order."""
+    stage and a Python stage at once (``run_lanes``); False: one at a time, in pipeline order; None: by the
+    cores (``side_by_side_by_default``)."""
+    if concurrent is None:
+        concurrent = side_by_side_by_default()
     with locks.run_folder_lock(ctx.run_dir):
         if fresh:
             report.clear_summaries(ctx.run_dir)
@@ -307,6 +312,16 @@ def run_pipeline(ctx: RunContext, stages: list[str], fresh: bool = False, concur
             for name in names:
                 run_stage(name, ctx)
         return report.write_report(ctx, ORDER)
+
+
+SIDE_BY_SIDE_MIN_CORES = 4
+
+
+def side_by_side_by_default() -> bool:
+    """Whether ``recsys run`` runs two stages at once unless told: with SIDE_BY_SIDE_MIN_CORES cores or more.
+    Each stage keeps about two cores busy by itself (Spark ``local[2]``, TensorFlow's and the scoring threads);
+    on 2 cores the pair shares them: 12 % faster at 1 M ratings, no faster at 10 M (docs/decisions.md)."""
+    return (os.cpu_count() or 1) >= SIDE_BY_SIDE_MIN_CORES
 
 
 def run_lanes(names: list[str], run: Callable[[str], object]) -> list[str]:

@@ -86,8 +86,33 @@ def test_one_at_a_time_keeps_pipeline_order(tmp_path, monkeypatch):
     stages.run_pipeline(ctx, ["ease", "als", "etl"], concurrent=False)
     assert calls == ["etl", "als", "ease"]
     calls.clear()
-    stages.run_pipeline(ctx, ["ease", "als", "etl"])
+    stages.run_pipeline(ctx, ["ease", "als", "etl"], concurrent=True)
     assert calls[0] == "etl" and sorted(calls) == ["als", "ease", "etl"]
+
+
+@pytest.mark.parametrize("flags, cores, expected", [([], 2, False), ([], 8, True), (["--side-by-side"], 2, True),
+                                                    (["--one-at-a-time"], 8, False)])
+def test_recsys_run_is_side_by_side_from_four_cores_unless_told(tmp_path, monkeypatch, flags, cores, expected):
+    from pipeline import cli
+
+    seen = {}
+
+    def run_pipeline(ctx, names, fresh=False, concurrent=None):
+        seen["concurrent"] = stages.side_by_side_by_default() if concurrent is None else concurrent
+        return {}
+
+    monkeypatch.setattr(stages, "run_pipeline", run_pipeline)
+    monkeypatch.setattr(stages.os, "cpu_count", lambda: cores)
+    assert cli.main(["run", "--work-dir", str(tmp_path / "run"), "--stages", "olap", *flags]) == 0
+    assert seen == {"concurrent": expected}
+
+
+def test_side_by_side_and_one_at_a_time_exclude_each_other(tmp_path, capsys):
+    from pipeline import cli
+
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["run", "--work-dir", str(tmp_path), "--side-by-side", "--one-at-a-time"])
+    assert exc.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
 
 
 @pytest.mark.spark
