@@ -215,7 +215,7 @@ def run_stage(name: str, ctx: RunContext, fn: Callable[[RunContext], dict] | Non
     Holds the stage's lock (``pipeline.locks``), refuses stale inputs and marks the stages downstream stale
     (``pipeline.lineage``), and turns a service outage into a ``ServiceError``."""
     log.info("stage %s: starting (run %s, folder %s)", name, ctx.run_id, ctx.run_dir)
-    limit_malloc_arenas()
+    tune_malloc()
     with locks.stage_lock(ctx.run_dir, name):
         with _BOOKKEEPING:
             inputs = _prepare(name, ctx)
@@ -233,16 +233,28 @@ def run_stage(name: str, ctx: RunContext, fn: Callable[[RunContext], dict] | Non
 
 
 MALLOC_ARENAS = 2  # glibc's default is 8 per core
+MMAP_THRESHOLD = 256 << 20  # blocks below this come from the heap, and are reused there
+TRIM_THRESHOLD = 1 << 30  # free heap kept until the stage ends (release_memory trims it then)
 
 
-def limit_malloc_arenas() -> bool:
-    """Cap glibc's malloc arenas at MALLOC_ARENAS for the threads started from now on (TensorFlow's pools, the
-    kNN and top-N scoring threads, Spark's gateway). Each thread otherwise gets an arena of its own, and the
-    pages freed in them stay resident: at 1 M ratings the kNN stage ended 520 MB above its single-threaded
-    self and peaked 610 MB higher; with two arenas, 210 / 190 MB, at the same speed (a fixed 1 MB mmap
-    threshold saved as much memory but cost the stage 20 %). True where applied."""
+def tune_malloc() -> bool:
+    """Set glibc's malloc for the stages' large numpy arrays and threads; True where applied (glibc only).
+
+    - Arenas capped at MALLOC_ARENAS for the threads started from now on (TensorFlow's pools, the scoring
+      threads, Spark's gateway). Each thread otherwise gets an arena of its own, and the pages freed in them
+      stay resident: at 1 M ratings the kNN stage ended 520 MB above its single-threaded self and peaked
+      610 MB higher; with two arenas, 210 / 190 MB, at the same speed.
+    - Arrays up to MMAP_THRESHOLD reused from the heap, which is trimmed only past TRIM_THRESHOLD. By default an
+      array above 128 KB to 32 MB is mapped on its own and unmapped when freed, and the heap's free top goes
+      back to the OS at once, so the next array of a loop faults in fresh zeroed pages. On this VM faults are
+      costly: the 1 M AutoRec stage spent 64 of its 96 s in the kernel and took 49 s with these settings
+      (3 s in the kernel), peaking 240 MB higher (docs/measurements.md, session 9)."""
     libc = _glibc()
-    return libc is not None and libc.mallopt(-8, MALLOC_ARENAS) == 1  # M_ARENA_MAX
+    if libc is None:
+        return False
+    return (libc.mallopt(-8, MALLOC_ARENAS) == 1  # M_ARENA_MAX
+            and libc.mallopt(-3, MMAP_THRESHOLD) == 1  # M_MMAP_THRESHOLD
+            and libc.mallopt(-1, TRIM_THRESHOLD) == 1)  # M_TRIM_THRESHOLD
 
 
 def release_memory() -> None:
