@@ -124,6 +124,11 @@ class Params:
         (0.25, 0.5, 1.0), "array", "kNN",
         "Item kNN grid: added to the sum of |similarities| a prediction divides by (pulls thin evidence to "
         "the baseline).", item="number", minimum=0.0, maximum=1e6)
+    knn_max_user_ratings: int = _param(
+        2000, "integer", "kNN",
+        "The similarities are estimated from at most this many ratings of each user (a seeded sample of a "
+        "heavier user's; the predictions use them all): their cost grows with each user's ratings squared. "
+        "0: every rating.", minimum=0, maximum=10_000_000)
     blend_enabled: bool = _param(True, "boolean", "blend",
                                  "Blend the run's rating models (weights fitted on validation).")
     blend_support: bool = _param(

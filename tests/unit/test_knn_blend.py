@@ -16,7 +16,8 @@ from pipeline import stages, tracking
 from pipeline.models.baseline import fit_best_damping
 from pipeline.models.blend import Blend, fit_blend, out_of_fold
 from pipeline.models.metrics import rating_metrics
-from pipeline.models.neighbourhood import ItemKNN, fit_knn_grid, neighbour_tables, residual_matrix
+from pipeline.models.neighbourhood import (ItemKNN, cap_user_ratings, fit_knn_grid, neighbour_tables,
+                                           residual_matrix)
 from pipeline.models.ranking import top_k_by_score
 from pipeline.models.saved import load_model
 from pipeline.registry import CHAMPION, load_registered
@@ -89,6 +90,34 @@ def test_the_scoring_threads_change_nothing(planted):
     lists = {w: top_k_by_score(knn.user_scores, users, knn.movie_ids, 10, batch=7, workers=w) for w in (1, 3)}
     assert list(lists[1]) == list(lists[3]) == users and lists[1] == lists[3]
     assert lists[1] == knn.top_k(users, 10)
+
+
+def test_heavy_users_are_sampled_down_for_the_similarities_only(planted):
+    """cap_user_ratings keeps a seeded random subset of each heavy user's ratings (the rest of the matrix
+    untouched); the kNN built on capped similarities still predicts from every training rating."""
+    frames, base, knn = planted
+    z = residual_matrix(frames["train"], base, knn.user_ids, knn.movie_ids)
+    lengths = np.diff(z.indptr)
+    cap = int(np.median(lengths))
+    capped = cap_user_ratings(z, cap, seed=3)
+    assert (np.diff(capped.indptr) == np.minimum(lengths, cap)).all()
+    for row in range(z.shape[0]):  # each kept rating is the user's own, with its own residual
+        full = dict(zip(z.indices[z.indptr[row]:z.indptr[row + 1]], z.data[z.indptr[row]:z.indptr[row + 1]]))
+        kept = dict(zip(capped.indices[capped.indptr[row]:capped.indptr[row + 1]],
+                        capped.data[capped.indptr[row]:capped.indptr[row + 1]]))
+        assert kept.items() <= full.items()
+        if lengths[row] <= cap:
+            assert kept == full
+    again, other = cap_user_ratings(z, cap, seed=3), cap_user_ratings(z, cap, seed=4)
+    assert (again != capped).nnz == 0 and (other != capped).nnz > 0  # deterministic by seed
+    assert cap_user_ratings(z, None) is not None and (cap_user_ratings(z, None) != z).nnz == 0
+    assert (cap_user_ratings(z, int(lengths.max())) != z).nnz == 0
+    (_, light), = fit_knn_grid(frames["train"], base, [30], [10.0], [0.5], max_user_ratings=cap)
+    assert not np.array_equal(light.sims, knn.sims)  # the similarities saw fewer ratings...
+    assert light.residuals.nnz == z.nnz  # ...the predictions every one
+    knn_rmse = rating_metrics(frames["test"], light.predict, base, frames["train"])["test_rmse"]
+    base_rmse = rating_metrics(frames["test"], base.predict, base, frames["train"])["test_rmse"]
+    assert knn_rmse < base_rmse - 0.02, (knn_rmse, base_rmse)
 
 
 def test_an_out_of_fold_prediction_never_saw_its_own_row():

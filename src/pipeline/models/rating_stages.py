@@ -39,7 +39,8 @@ def run_knn(ctx) -> dict:
 
     def fit(split, baseline, folder, parent) -> Fitted:
         started = time.perf_counter()
-        points = fit_knn_grid(split.train, baseline, p.knn_neighbours, p.knn_shrinkages, p.knn_dampings)
+        points = fit_knn_grid(split.train, baseline, p.knn_neighbours, p.knn_shrinkages, p.knn_dampings,
+                              max_user_ratings=p.knn_max_user_ratings or None, seed=p.seed)
         similarity_s = time.perf_counter() - started
         total = len(p.knn_neighbours) * len(p.knn_shrinkages) * len(p.knn_dampings)
         log.info("knn: neighbour tables in %.1f s; %d grid points to score on validation", similarity_s, total)
@@ -67,7 +68,8 @@ def run_knn(ctx) -> dict:
         chosen, model = best
         log.info("knn: %d grid points, best %s (validation RMSE %.4f; similarities %.1f s)", len(results),
                  {k: chosen[k] for k in ("k", "shrinkage", "damping")}, chosen["val_rmse"], similarity_s)
-        params = {f"best_{k}": chosen[k] for k in ("k", "shrinkage", "damping")} | {"grid_points": len(results)}
+        params = {f"best_{k}": chosen[k] for k in ("k", "shrinkage", "damping")} | {
+            "grid_points": len(results), "max_user_ratings": p.knn_max_user_ratings}
         return Fitted(model, params=params, metrics={"similarity_seconds": similarity_s},
                       artifacts=[folder / "grid.json"],
                       section={"grid": results, "best_params": {k: chosen[k] for k in ("k", "shrinkage", "damping")},
