@@ -162,6 +162,8 @@ class ItemKNN:
         rows = np.repeat(np.arange(n), k).reshape(n, k)[keep]
         self._s = sp.csr_matrix((self.sims[keep], (rows, self.neighbours[keep])), shape=(n, n), dtype=np.float32)
         self._abs_s = abs(self._s)
+        # user_scores' right-hand sides, transposed once in CSR (scipy would convert a CSC one per product)
+        self._s_t, self._abs_s_t = self._s.T.tocsr(), self._abs_s.T.tocsr()
         z = self.residuals
         # which movies each user rated: the residuals' structure (indices shared, not copied) with ones
         self._rated = sp.csr_matrix((np.ones(z.nnz, np.float32), z.indices, z.indptr), shape=z.shape)
@@ -217,8 +219,8 @@ class ItemKNN:
         """Predicted ratings of the (known) users for every movie of ``movie_ids`` (users x movies), as
         ``predict`` computes them, by two sparse products."""
         rows = self._users.get_indexer(np.asarray(user_ids, dtype=np.int64))
-        num = (self.residuals[rows] @ self._s.T).toarray()
-        den = (self._rated[rows] @ self._abs_s.T).toarray()
+        num = (self.residuals[rows] @ self._s_t).toarray()
+        den = (self._rated[rows] @ self._abs_s_t).toarray()
         b = self.baseline
         base = np.clip(b.mu_ + b._lookup(b.user_bias_, self.user_ids[rows])[:, None]
                        + b._lookup(b.item_bias_, self.movie_ids)[None, :], b.min_rating, b.max_rating)
