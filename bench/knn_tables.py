@@ -49,7 +49,7 @@ def tables(folder: Path, caps: list[int]) -> None:
           f"{np.diff(z.indptr).max()} a user, sum of squares {squares(z):.3g} (read in "
           f"{time.perf_counter() - started:.1f} s)", flush=True)
     for cap in caps:
-        capped = cap_user_ratings(z, cap or None, 0)
+        capped = cap_user_ratings(z, cap, 0)
         started = time.perf_counter()
         neighbour_tables(capped, p.knn_shrinkages, max(p.knn_neighbours))
         print(f"cap {cap or 'none'}: {capped.nnz / z.nnz:.3f} of the ratings, sum of squares {squares(capped):.3g}, "
@@ -64,7 +64,7 @@ def accuracy(run: Path, caps: list[int]) -> None:
     for cap in caps:
         started, best = time.perf_counter(), None
         for point, model in fit_knn_grid(train, baseline, p.knn_neighbours, p.knn_shrinkages, p.knn_dampings,
-                                         max_user_ratings=cap or None, seed=p.seed):
+                                         max_user_ratings=cap, seed=p.seed):
             val = rating_metrics(validation, model.predict, baseline, train, split="val")["val_rmse"]
             if best is None or val < best[0]:
                 best = (val, point, model)

@@ -247,8 +247,9 @@ def tune_malloc() -> bool:
     - Arrays up to MMAP_THRESHOLD reused from the heap, which is trimmed only past TRIM_THRESHOLD. By default
       glibc maps each block above its threshold (128 KB, rising as blocks are freed, to at most 32 MB) on its
       own and unmaps it when freed, and hands the heap's free top back at once, so the next array of a loop
-      faults in fresh zeroed pages. On this VM faults are costly: the 1 M AutoRec stage spent 64 of its 96 s in the kernel and took 49 s with these settings
-      (3 s in the kernel), peaking 240 MB higher (docs/measurements.md, session 9)."""
+      faults in fresh zeroed pages. On this VM faults are costly: the 1 M AutoRec stage spent 64 of its 96 s
+      in the kernel and took 49 s with these settings (3 s in the kernel), peaking 240 MB higher
+      (docs/measurements.md, session 9)."""
     libc = _glibc()
     if libc is None:
         return False

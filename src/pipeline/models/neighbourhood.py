@@ -53,6 +53,11 @@ def residual_matrix(train: pd.DataFrame, baseline: BiasBaseline, user_ids: np.nd
     return m
 
 
+def same_pattern(m: sp.csr_matrix, data: np.ndarray) -> sp.csr_matrix:
+    """A CSR matrix with ``m``'s stored entries (its index arrays shared, not copied) holding ``data``."""
+    return sp.csr_matrix((data, m.indices, m.indptr), shape=m.shape)
+
+
 def cap_user_ratings(z: sp.csr_matrix, most: int | None, seed: int = 0) -> sp.csr_matrix:
     """``z`` with each user's row cut to at most ``most`` ratings, a seeded random sample of them (rows at or
     under the cap, and ``most`` None or 0, stay whole). The similarities are estimated from the capped matrix:
@@ -92,9 +97,7 @@ def neighbour_tables(z: sp.csr_matrix, shrinkages, k: int, block_entries: int = 
     # the right-hand sides of the products, in CSR: scipy converts any other format to CSR on every product,
     # which at 25 M ratings and 60 k movies (1,800 blocks) cost more than the products themselves
     zr = zc.tocsr()
-    ones = zr.copy()
-    ones.data[:] = 1.0
-    sq = zr.multiply(zr).tocsr()
+    ones, sq = same_pattern(zr, np.ones(zr.nnz)), same_pattern(zr, zr.data ** 2)
     k = max(1, min(int(k), max(n - 1, 1)))
     out = {float(s): (np.full((n, k), -1, np.int32), np.zeros((n, k), np.float32)) for s in shrinkages}
     workers = max(1, int(workers or scoring_threads()))
@@ -103,8 +106,7 @@ def neighbour_tables(z: sp.csr_matrix, shrinkages, k: int, block_entries: int = 
     def fill(start: int) -> int:
         stop = min(start + block, n)
         zb = zc[:, start:stop].T.tocsr()
-        ob, sb = zb.copy(), zb.multiply(zb).tocsr()
-        ob.data[:] = 1.0
+        ob, sb = same_pattern(zb, np.ones(zb.nnz)), same_pattern(zb, zb.data ** 2)
         num = (zb @ zr).toarray()
         count = (ob @ ones).toarray()
         sq_i = (sb @ ones).toarray()
@@ -166,7 +168,7 @@ class ItemKNN:
         self._s_t, self._abs_s_t = self._s.T.tocsr(), self._abs_s.T.tocsr()
         z = self.residuals
         # which movies each user rated: the residuals' structure (indices shared, not copied) with ones
-        self._rated = sp.csr_matrix((np.ones(z.nnz, np.float32), z.indices, z.indptr), shape=z.shape)
+        self._rated = same_pattern(z, np.ones(z.nnz, np.float32))
 
     @property
     def k(self) -> int:

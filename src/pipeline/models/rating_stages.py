@@ -40,7 +40,7 @@ def run_knn(ctx) -> dict:
     def fit(split, baseline, folder, parent) -> Fitted:
         started = time.perf_counter()
         points = fit_knn_grid(split.train, baseline, p.knn_neighbours, p.knn_shrinkages, p.knn_dampings,
-                              max_user_ratings=p.knn_max_user_ratings or None, seed=p.seed)
+                              max_user_ratings=p.knn_max_user_ratings, seed=p.seed)
         similarity_s = time.perf_counter() - started
         total = len(p.knn_neighbours) * len(p.knn_shrinkages) * len(p.knn_dampings)
         log.info("knn: neighbour tables in %.1f s; %d grid points to score on validation", similarity_s, total)
