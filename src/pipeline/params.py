@@ -71,8 +71,8 @@ class Params:
         "halving", "string", "ALS",
         "How the ALS grids (explicit and implicit) are searched: 'halving' (successive halving over iterations: "
         "every point fitted with a fraction of its maxIter, the best 1/eta go on with eta times more, the last "
-        "rung with all of them; the full grid below 100,000 training rows) or 'full' (every point fitted with "
-        "all its iterations).",
+        "rung with all of them; the full grid below 100,000 training rows; implicit ALS chooses among every fit, "
+        "the screen's too) or 'full' (every point fitted with all its iterations).",
         enum=("halving", "full"))
     als_halving_eta: int = _param(
         5, "integer", "ALS", "Successive halving: each rung keeps the best 1/eta of its points and gives them eta "

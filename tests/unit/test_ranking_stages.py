@@ -71,13 +71,43 @@ def test_implicit_als_grid_halves_over_iterations_on_large_data(spark, tmp_path,
         stages.run_stage(stage, ctx)
     section = stages.report.write_report(ctx, stages.ORDER)["models"]["implicit_als"]
     grid = section["grid"]
-    assert [g["rung_iters"] for g in grid].count(3) == 2  # the two cut after the first rung (3 of 9 iterations)
+    assert [g["rung_iters"] for g in grid].count([3]) == 2  # the two cut after the first rung (3 of 9 iterations)
     finalists = [g for g in grid if g["val_ndcg_at_10"] is not None]
-    assert len(finalists) == 2 and all(g["rung_iters"] == 9 for g in finalists)
-    best = max(finalists, key=lambda g: g["val_ndcg_at_10"])
+    assert len(finalists) == 2 and all(g["rung_iters"] == [3, 9] for g in finalists)
+    assert all(len(g["rung_val_ndcg_at_10"]) == len(g["rung_iters"]) for g in grid)
+    # the model is the best validation NDCG@10 of every fit, the screen's 3-iteration fits included
+    fits = [(score, iters == 9, {**g, "max_iter": iters}) for g in grid
+            for score, iters in zip(g["rung_val_ndcg_at_10"], g["rung_iters"])]
+    best = max(fits, key=lambda f: f[:2])[2]
     assert section["best_params"] == {k: best[k] for k in ("rank", "reg_param", "alpha", "max_iter")}
     client = mlflow.MlflowClient(settings.mlflow_tracking_uri)
     parent = client.get_run(section["mlflow_run_id"])
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert len(children) == 4  # one child run per point, across rungs
+
+
+def test_implicit_als_keeps_a_screen_fit_that_ranks_better_than_the_refits(spark, tmp_path, monkeypatch):
+    """At 10 M and 25 M ratings a finalist's 3-iteration screen fit ranked better on validation than its
+    10-iteration refit: the screen's fit is then the model (its iterations chosen on validation)."""
+    from pipeline.models import implicit_als
+
+    def scored(model, split, **kwargs):  # fewer iterations rank better here; then the higher rank, lower reg
+        fitted = model.meta["params"]
+        return {"val_ndcg_at_10": 0.3 + 0.01 * fitted["rank"] - 0.001 * fitted["reg_param"]
+                + (0.1 if fitted["max_iter"] < 9 else 0.0)}
+
+    monkeypatch.setattr(implicit_als, "HALVING_MIN_ROWS", 1)
+    monkeypatch.setattr(implicit_als, "evaluate_ranking", scored)
+    settings = load_settings({"RECSYS_HOME": str(tmp_path / "home")})
+    run_dir = tmp_path / "screen"
+    write_split(run_dir / "etl", clustered_choices())
+    params = {**SMALL, "ials_ranks": [2, 8], "ials_reg_params": [0.1, 1.0], "ials_max_iters": [9], "als_halving_eta": 3}
+    ctx = stages.make_context(run_id="screen", work_dir=run_dir, settings=settings, params=params)
+    for stage in ("baseline", "implicit_als"):
+        stages.run_stage(stage, ctx)
+    section = stages.report.write_report(ctx, stages.ORDER)["models"]["implicit_als"]
+    assert section["best_params"] == {"rank": 8, "reg_param": 0.1, "alpha": 1.0, "max_iter": 3}
+    assert any(g["rung_iters"] == [3, 9] for g in section["grid"])  # the refits ran and lost
+    client = mlflow.MlflowClient(settings.mlflow_tracking_uri)
+    assert client.get_run(section["mlflow_run_id"]).data.params["best_max_iter"] == "3"
