@@ -223,6 +223,11 @@ def table(runs: list[dict]) -> str:
         f"{r['peak']['driver_mb'] / 1024:.1f} / {r['peak']['jvm_mb'] / 1024:.1f} GiB" for r in runs) + " |")
     lines.append("| cores busy (mean) | " + " | ".join(
         f"{r['cores_busy']:.2f} of {r['cpus']}" if r.get("cores_busy") is not None else "-" for r in runs) + " |")
+    # columns may come from different days (the JSON keeps the other sizes' last runs), and this machine's speed
+    # varies by day: each column says when it ran and how long the reference workload took around it
+    lines.append("| measured at (reference workload) | " + " | ".join(
+        f"{r.get('measured_at', '-')} ({', '.join(f'{x:.2f}' for x in r['reference_s'])} s)" if r.get("reference_s")
+        else r.get("measured_at", "-") for r in runs) + " |")
     return "\n".join(lines)
 
 
