@@ -58,18 +58,24 @@ def test_ranking_candidates_the_second_gate_and_a_worse_ranker_kept_out(spark, t
     assert model.top_k([1], 5, exclude={1: {101}}, history={1: {101, 102}})[1]
 
 
-def test_implicit_als_grid_halves_over_iterations_on_large_data(spark, tmp_path, monkeypatch):
+def _halving_run(tmp_path, monkeypatch, name):
+    """baseline and implicit_als on the clustered choices, a 2 x 2 grid halved at eta 3 (tiny data counts as
+    large): (settings, the implicit_als report section)."""
     from pipeline.models import implicit_als
 
-    monkeypatch.setattr(implicit_als, "HALVING_MIN_ROWS", 1)  # tiny data counts as large
+    monkeypatch.setattr(implicit_als, "HALVING_MIN_ROWS", 1)
     settings = load_settings({"RECSYS_HOME": str(tmp_path / "home")})
-    run_dir = tmp_path / "halving"
+    run_dir = tmp_path / name
     write_split(run_dir / "etl", clustered_choices())
     params = {**SMALL, "ials_ranks": [2, 8], "ials_reg_params": [0.1, 1.0], "ials_max_iters": [9], "als_halving_eta": 3}
-    ctx = stages.make_context(run_id="halving", work_dir=run_dir, settings=settings, params=params)
+    ctx = stages.make_context(run_id=name, work_dir=run_dir, settings=settings, params=params)
     for stage in ("baseline", "implicit_als"):
         stages.run_stage(stage, ctx)
-    section = stages.report.write_report(ctx, stages.ORDER)["models"]["implicit_als"]
+    return settings, stages.report.write_report(ctx, stages.ORDER)["models"]["implicit_als"]
+
+
+def test_implicit_als_grid_halves_over_iterations_on_large_data(spark, tmp_path, monkeypatch):
+    settings, section = _halving_run(tmp_path, monkeypatch, "halving")
     grid = section["grid"]
     assert [g["rung_iters"] for g in grid].count([3]) == 2  # the two cut after the first rung (3 of 9 iterations)
     finalists = [g for g in grid if g["val_ndcg_at_10"] is not None]
@@ -97,16 +103,8 @@ def test_implicit_als_keeps_a_screen_fit_that_ranks_better_than_the_refits(spark
         return {"val_ndcg_at_10": 0.3 + 0.01 * fitted["rank"] - 0.001 * fitted["reg_param"]
                 + (0.1 if fitted["max_iter"] < 9 else 0.0)}
 
-    monkeypatch.setattr(implicit_als, "HALVING_MIN_ROWS", 1)
     monkeypatch.setattr(implicit_als, "evaluate_ranking", scored)
-    settings = load_settings({"RECSYS_HOME": str(tmp_path / "home")})
-    run_dir = tmp_path / "screen"
-    write_split(run_dir / "etl", clustered_choices())
-    params = {**SMALL, "ials_ranks": [2, 8], "ials_reg_params": [0.1, 1.0], "ials_max_iters": [9], "als_halving_eta": 3}
-    ctx = stages.make_context(run_id="screen", work_dir=run_dir, settings=settings, params=params)
-    for stage in ("baseline", "implicit_als"):
-        stages.run_stage(stage, ctx)
-    section = stages.report.write_report(ctx, stages.ORDER)["models"]["implicit_als"]
+    settings, section = _halving_run(tmp_path, monkeypatch, "screen")
     assert section["best_params"] == {"rank": 8, "reg_param": 0.1, "alpha": 1.0, "max_iter": 3}
     assert any(g["rung_iters"] == [3, 9] for g in section["grid"])  # the refits ran and lost
     client = mlflow.MlflowClient(settings.mlflow_tracking_uri)
