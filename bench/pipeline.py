@@ -1,7 +1,7 @@
 """The whole pipeline (``recsys run``, default Params) at several sizes: every stage's wall time and peak resident
 memory of the driver (the Python process tree) and of the Spark JVM.
 
-    .venv/bin/python bench/scale.py [--sizes small,1m,10m] [--data-dir /tmp/recsys-bench/data]
+    .venv/bin/python bench/pipeline.py [--sizes small,1m,10m] [--data-dir /tmp/recsys-bench/data]
         [--work-dir /tmp/recsys-bench/runs] [--json docs/scale.json] [--plot docs/scale.png] [--param NAME=VALUE]
         [--timeout SECONDS] [--side-by-side]
 
@@ -12,8 +12,11 @@ own ``timings_s``; memory is sampled from /proc every half second over the proce
 process, the driver everything else) and attributed to the stage whose start/done log lines enclose the
 sample (to both where two stages run side by side: a stage's peak is then the process's while it ran). Results
 merge into --json by size (measure sizes in separate calls), the plot is redrawn from all of them, and a table
-is printed. (Named ``scale.py``: a ``bench/pipeline.py`` would shadow the ``pipeline`` package
-for every script run from bench/.)
+is printed.
+
+A script run from bench/ has bench/ first on ``sys.path``, where this file is ``pipeline.py``: an ``import
+pipeline`` there (this file's own, the other bench scripts') finds this file before the package. Imported
+under that name, the module below steps aside and hands the import on to the installed ``pipeline`` package.
 """
 
 from __future__ import annotations
@@ -29,6 +32,14 @@ import threading
 import time
 from datetime import datetime
 from pathlib import Path
+
+if __name__ == "pipeline":  # found by `import pipeline` from a script in bench/: load the package instead
+    import importlib
+
+    _BENCH = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != _BENCH]
+    del sys.modules[__name__]
+    sys.modules[__name__] = importlib.import_module(__name__)  # what the pending import statement returns
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = {  # ratings, users, movies
