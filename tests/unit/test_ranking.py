@@ -287,3 +287,37 @@ def test_a_validation_only_measurement_gives_the_same_validation_figures_and_no_
     val_only = evaluate_ranking(ranker, split, splits=("val",))
     assert val_only == {k: v for k, v in both.items() if k.startswith("val_")}
     assert evaluate_ranking(ranker, split, splits=("test",))["test_ndcg_at_10"] == both["test_ndcg_at_10"]
+
+
+def test_one_ranking_per_user_gives_both_splits_exactly_the_lists_of_two_rankings():
+    """ranked_lists_both against ranked_lists run once per split: ties at every cut, a heavy user ranked deeper,
+    a test user with no validation movies, one who has rated nearly the whole catalogue, and one the model
+    cannot rank (popularity)."""
+    from pipeline.models.ranking import best_k, exclusion_pairs, ranked_lists_both
+
+    rng = np.random.default_rng(7)
+    movies = np.arange(101, 161)
+    rows = {"train": [], "validation": [], "test": []}
+    for user in range(1, 41):
+        sizes = {1: (15, 30, 3), 2: (12, 0, 2), 4: (48, 8, 2)}.get(user, (int(rng.integers(8, 20)), 2, 2))
+        picked = rng.permutation(movies)[:sum(sizes)]
+        for name, part in zip(rows, np.split(picked, np.cumsum(sizes)[:-1])):
+            rows[name] += [(user, int(m), float(rng.choice([2.0, 4.0, 5.0]))) for m in part]
+    frames = {n: pd.DataFrame(r, columns=["user_id", "movie_id", "rating"]) for n, r in rows.items()}
+    scores = rng.integers(0, 4, size=(41, len(movies))).astype(np.float64)  # many ties: broken by movie id
+
+    class Ties:
+        def top_k(self, user_ids, k, exclude=None, history=None):
+            users = [u for u in user_ids if u != 3]  # user 3 is unknown to it
+            lists = best_k(scores[users].copy(), movies, k, exclusion_pairs(exclude, users))
+            return dict(zip(users, lists))
+
+    seen_train = histories(frames["train"])
+    seen_known = histories(frames["train"], frames["validation"])
+    val_users, test_users = pd.unique(frames["validation"].user_id), pd.unique(frames["test"].user_id)
+    assert 2 in test_users and 2 not in val_users
+    for model in (Ties(), PopularityRanker(frames["train"])):
+        val, test = ranked_lists_both(model, val_users, test_users, 10, seen_train, seen_known, frames["train"])
+        assert val == ranked_lists(model, val_users, 10, seen_train, seen_train, frames["train"])
+        assert test == ranked_lists(model, test_users, 10, seen_known, seen_train, frames["train"])
+    assert len(test[4]) == 4 and not set(test[1]) & set(seen_known[1])  # 60 movies, 56 known to user 4

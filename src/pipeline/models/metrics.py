@@ -111,8 +111,11 @@ def ranking_metrics(top_k: Mapping, test: pd.DataFrame, k: int = 10,
     users. ``users`` is how many users were averaged; the means are None when there are none.
     """
     k = check_k(k)
-    liked = test.loc[test["rating"] >= threshold, ["user_id", "movie_id"]]
-    relevant_by_user = liked.groupby("user_id")["movie_id"].agg(set)
+    liked = test["rating"].to_numpy() >= threshold
+    users, movies = test["user_id"].to_numpy()[liked], test["movie_id"].to_numpy()[liked]
+    order = np.argsort(users, kind="stable")  # users in id order, each one's movies as a set
+    ids, starts = np.unique(users[order], return_index=True)
+    relevant_by_user = dict(zip(ids.tolist(), (set(part.tolist()) for part in np.split(movies[order], starts[1:]))))
     sums = np.zeros(4)
     for user_id, relevant in relevant_by_user.items():
         recommended = top_k.get(user_id, ())

@@ -7,6 +7,8 @@
   held-out rating (``metrics.ranking_metrics``); ``users`` says how many.
 - A user a model cannot score (unknown to it, or with no history in its catalogue) gets the popularity list
   with the same exclusions: a model gains nothing by skipping users.
+- Each user is ranked once for both splits, deep enough to hold their validation movies: the validation
+  list is its start, the test list its start without them (``ranked_lists_both``).
 - The exact test lists are written as parquet (``user_id, rank, movie_id``), so any metric can be recomputed
   from the files.
 A ranker is anything with ``top_k(user_ids, k, exclude, history)`` -> {user_id: [movie_id, ...]}:
@@ -15,6 +17,7 @@ A ranker is anything with ``top_k(user_ids, k, exclude, history)`` -> {user_id: 
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -65,6 +68,11 @@ class Seen(Mapping):
 
     def __contains__(self, user) -> bool:
         return int(user) in self._ids
+
+    def counts(self, user_ids) -> np.ndarray:
+        """How many movies each user of ``user_ids`` has (0 for a user it does not hold)."""
+        pos = self._ids.get_indexer(np.asarray(user_ids, dtype=np.int64))
+        return np.where(pos >= 0, self._bounds[np.maximum(pos, 0) + 1] - self._bounds[np.maximum(pos, 0)], 0)
 
     def pairs(self, user_ids) -> tuple[np.ndarray, np.ndarray]:
         """(row, movie_id) for every movie of every user of ``user_ids``; row: the user's position in it."""
@@ -140,6 +148,52 @@ def ranked_lists(model, user_ids, k: int, exclude: dict, history: dict, train: p
         seen = pd.DataFrame({"user_id": np.asarray(missing, dtype=np.int64)[rows], "movie_id": movies})
         top.update(top_k_popular(train, missing, k, seen=seen))
     return {u: top[u] for u in user_ids}
+
+
+def ranked_lists_both(model, val_users, test_users, k: int, seen_train: Seen, seen_known: Seen,
+                      train: pd.DataFrame) -> tuple[dict, dict]:
+    """(validation lists, test lists): what ``ranked_lists`` gives for each split, from one ranking per user.
+
+    The two splits' lists differ only in what they leave out: validation the training movies, test the
+    validation movies too, and every model scores from the training history in both. So each user is ranked
+    once, leaving out the training movies, k + (their validation movies) deep: the first k are the validation
+    list, and the first k that are not validation movies the test list, exactly what a second ranking that
+    leaves those out gives (a ranker's top k is the start of its top k + n; ties are broken by a fixed order).
+    Users are ranked in groups of equal depth (powers of two), so a heavy user does not deepen the others'."""
+    val_users, test_users = [int(u) for u in val_users], [int(u) for u in test_users]
+    users = np.asarray(list(dict.fromkeys(val_users + test_users)), dtype=np.int64)
+    extra = seen_known.counts(users) - seen_train.counts(users)
+    depth = np.maximum(k, 2 ** np.ceil(np.log2(np.maximum(k + extra, 1))).astype(np.int64))
+    top: dict = {}
+    for d in np.unique(depth):
+        top.update(model.top_k(users[depth == d].tolist(), int(d), exclude=seen_train, history=seen_train))
+    val = {u: list(top.get(u) or [])[:k] for u in val_users}
+    test = dict(zip(test_users, _first_unseen(top, test_users, seen_known, k)))
+    for lists, seen in ((val, seen_train), (test, seen_known)):
+        missing = [u for u, movies in lists.items() if not movies]
+        if missing:
+            rows, movies = exclusion_pairs(seen, missing)
+            frame = pd.DataFrame({"user_id": np.asarray(missing, dtype=np.int64)[rows], "movie_id": movies})
+            lists.update(top_k_popular(train, missing, k, seen=frame))
+    return val, test
+
+
+def _first_unseen(top: dict, user_ids: list, seen: Seen, k: int) -> list[list[int]]:
+    """Per user of ``user_ids``: the first k movies of ``top[user]`` that are not in ``seen[user]``."""
+    ranked = [top.get(u) or [] for u in user_ids]
+    lens = np.fromiter(map(len, ranked), dtype=np.int64, count=len(ranked))
+    flat = np.fromiter(itertools.chain.from_iterable(ranked), dtype=np.int64, count=int(lens.sum()))
+    rows = np.repeat(np.arange(len(ranked), dtype=np.int64), lens)
+    seen_rows, seen_movies = seen.pairs(user_ids)
+    width = int(max(flat.max(initial=0), seen_movies.max(initial=0))) + 1
+    keys, seen_keys = rows * width + flat, seen_rows * width + seen_movies  # seen_keys ascend (pairs' order)
+    at = np.minimum(np.searchsorted(seen_keys, keys), max(len(seen_keys) - 1, 0))
+    keep = ~(seen_keys[at] == keys) if len(seen_keys) else np.ones(len(keys), dtype=bool)
+    flat, rows = flat[keep], rows[keep]
+    counts = np.bincount(rows, minlength=len(ranked))
+    place = np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)  # position among the kept
+    first = place < k
+    return [part.tolist() for part in np.split(flat[first], np.cumsum(np.minimum(counts, k))[:-1])]
 
 
 def scoring_threads(limit: int = 4) -> int:
@@ -221,14 +275,19 @@ def evaluate_ranking(model, split, lists_path: Path | None = None, k: int = RANK
     seen_train, seen_known = split.seen
     sample = split.ranking_sample or (None, 0)
     out: dict = {}
+    val_users, val_rows = measured_users(split.validation, *sample) if "val" in splits else (None, None)
+    test_users, test_rows = measured_users(split.test, *sample) if "test" in splits else (None, None)
+    if "val" in splits and "test" in splits:  # one ranking per user serves both (ranked_lists_both)
+        val_top, test_top = ranked_lists_both(model, val_users, test_users, k, seen_train, seen_known, split.train)
+    else:
+        val_top = ranked_lists(model, val_users, k, seen_train, seen_train, split.train) if "val" in splits else None
+        test_top = ranked_lists(model, test_users, k, seen_known, seen_train, split.train) \
+            if "test" in splits else None
     if "val" in splits:
-        val_users, val_rows = measured_users(split.validation, *sample)
-        val = ranking_metrics(ranked_lists(model, val_users, k, seen_train, seen_train, split.train), val_rows, k=k)
+        val = ranking_metrics(val_top, val_rows, k=k)
         out.update({f"val_{name}": value for name, value in val.items() if name != "users"})
         out["val_users"] = val["users"]
     if "test" in splits:
-        test_users, test_rows = measured_users(split.test, *sample)
-        test_top = ranked_lists(model, test_users, k, seen_known, seen_train, split.train)
         test = ranking_metrics(test_top, test_rows, k=k)
         out.update({f"test_{name}": value for name, value in test.items() if name != "users"})
         out["users"] = test["users"]
