@@ -222,3 +222,29 @@ def test_pandas_reaches_spark_through_arrow_even_where_spark_defaults_turn_it_of
                           env={**os.environ, "SPARK_CONF_DIR": str(conf)})
     assert done.returncode == 0, done.stderr[-2000:]
     assert "ARROW true" in done.stdout
+
+
+def test_the_training_rows_reach_spark_through_a_parquet_file_that_is_removed_afterwards(spark, planted, tmp_path):
+    import pandas as pd
+
+    from pipeline.spark import frame_from_pandas
+
+    _, frames = planted
+    rows = frames["train"][["user_idx", "movie_idx", "rating"]].reset_index(drop=True)
+    with frame_from_pandas(spark, rows, tmp_path) as frame:
+        assert [p.suffix for p in tmp_path.iterdir()] == [".parquet"]  # not hidden: Spark skips . and _ names
+        back = frame.toPandas().sort_values(["user_idx", "movie_idx"], ignore_index=True)
+    pd.testing.assert_frame_equal(back, rows.sort_values(["user_idx", "movie_idx"], ignore_index=True))
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(RuntimeError), frame_from_pandas(spark, rows, tmp_path):
+        raise RuntimeError("a fit failed")
+    assert list(tmp_path.iterdir()) == []
+    with frame_from_pandas(spark, rows) as frame:  # no folder: createDataFrame
+        assert frame.count() == len(rows)
+
+    base = BiasBaseline().fit(frames["train"])
+    staged, _ = search_grid(spark, frames["train"], frames["validation"], base, grid_points([3], [0.05], [5]),
+                            staging=tmp_path)
+    direct, _ = search_grid(spark, frames["train"], frames["validation"], base, grid_points([3], [0.05], [5]))
+    assert staged[0]["val_rmse"] == pytest.approx(direct[0]["val_rmse"], abs=1e-6)
+    assert list(tmp_path.iterdir()) == []

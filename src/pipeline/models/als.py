@@ -26,6 +26,7 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -174,7 +175,8 @@ def rung_iters(point: dict, fraction: float) -> int:
 
 def search_grid(spark, train: pd.DataFrame, validation: pd.DataFrame, baseline, points: list[dict], seed: int = 42,
                 workers: int = 2, num_blocks: int | None = None, track=None, strategy: str = "full", eta: int = 3,
-                min_rows: int = HALVING_MIN_ROWS, line_search: bool = False) -> tuple[list[dict], FactorModel]:
+                min_rows: int = HALVING_MIN_ROWS, line_search: bool = False,
+                staging: Path | None = None) -> tuple[list[dict], FactorModel]:
     """Search the grid; (results in grid order, the chosen FactorModel; its ``meta["search"]`` holds the plan:
     per rung the share of iterations, seconds and the points fitted).
 
@@ -187,8 +189,11 @@ def search_grid(spark, train: pd.DataFrame, validation: pd.DataFrame, baseline, 
     lowest first (``walk_ranks``), and stops after the first rank whose best is worse than the lower rank's
     (the finalists left are marked ``SKIPPED_BY_RANK_WALK``). Every fit uses all the training data and is scored on
     every validation row. ``track(point)``, if given, is a context manager yielding ``log(params, metrics)``:
-    the stage opens one MLflow child run per point with it, kept open across rungs.
+    the stage opens one MLflow child run per point with it, kept open across rungs. ``staging``: a folder Spark
+    can read, through which the training rows reach it (``pipeline.spark.frame_from_pandas``).
     """
+    from pipeline.spark import frame_from_pandas
+
     # imported before the worker threads: a first import racing in two of them leaves a half-initialised
     # ``pyspark.ml`` that MLflow's Param check then trips over (AttributeError)
     importlib.import_module("pyspark.ml.recommendation")
@@ -200,7 +205,9 @@ def search_grid(spark, train: pd.DataFrame, validation: pd.DataFrame, baseline, 
         [{"fraction": 1.0, "points": len(points), "keep": 1}]
     halving = len(rungs) > 1
     line_search = line_search and halving
-    frame = spark.createDataFrame(residual_frame(train, baseline)).repartition(num_blocks).cache()
+    inputs = contextlib.ExitStack()
+    frame = inputs.enter_context(frame_from_pandas(spark, residual_frame(train, baseline), staging))
+    frame = frame.repartition(num_blocks).cache()
     frame.count()
     maps = id_maps(train)
     lock = threading.Lock()
@@ -286,6 +293,7 @@ def search_grid(spark, train: pd.DataFrame, validation: pd.DataFrame, baseline, 
     finally:
         spark.conf.set("spark.sql.shuffle.partitions", previous)
         frame.unpersist()
+        inputs.close()
     for result in results:
         if line_search and "rung_val_rmse" not in result:
             result["skipped"] = SKIPPED_BY_LINE_SEARCH
@@ -352,7 +360,7 @@ def run_als(ctx) -> dict:
         started = time.perf_counter()
         results, model = search_grid(get_spark(ctx.settings), split.train, split.validation, baseline, points,
                                      seed=p.seed, workers=p.als_parallel_fits, track=track, strategy=p.als_search,
-                                     eta=p.als_halving_eta, line_search=p.als_line_search)
+                                     eta=p.als_halving_eta, line_search=p.als_line_search, staging=folder)
         grid_s = time.perf_counter() - started
         (folder / "grid.json").write_text(storage.strict_json(results, indent=2))  # a diverged point: null
         best, search = model.meta["params"], model.meta["search"]

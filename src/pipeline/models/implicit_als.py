@@ -55,7 +55,7 @@ def fit_point(spark_frame, train: pd.DataFrame, point: dict, seed: int, num_bloc
 
 def run_implicit_als(ctx) -> dict:
     """Stage ``implicit_als``: the grid on validation NDCG@10, the chosen point's lists scored on test."""
-    from pipeline.spark import get_spark
+    from pipeline.spark import frame_from_pandas, get_spark
 
     p = ctx.params
     points = grid_points(p.ials_ranks, p.ials_reg_params, p.ials_alphas, p.ials_max_iters)
@@ -63,8 +63,9 @@ def run_implicit_als(ctx) -> dict:
     def fit(split, _baseline, folder, parent) -> Fitted:
         spark = get_spark(ctx.settings)
         num_blocks = max(1, min(spark.sparkContext.defaultParallelism, 4))
-        frame = spark.createDataFrame(split.train[["user_idx", "movie_idx", "rating"]]).repartition(num_blocks)
-        frame = frame.cache()
+        inputs = contextlib.ExitStack()
+        frame = inputs.enter_context(frame_from_pandas(spark, split.train[["user_idx", "movie_idx", "rating"]], folder))
+        frame = frame.repartition(num_blocks).cache()
         frame.count()
         previous = spark.conf.get("spark.sql.shuffle.partitions")
         spark.conf.set("spark.sql.shuffle.partitions", str(max(2, spark.sparkContext.defaultParallelism)))
@@ -129,6 +130,7 @@ def run_implicit_als(ctx) -> dict:
         finally:
             spark.conf.set("spark.sql.shuffle.partitions", previous)
             frame.unpersist()
+            inputs.close()
         results = [r or {**q, "skipped": SKIPPED_BY_LINE_SEARCH}
                    for r, q in zip(results, points)]
         (folder / "grid.json").write_text(json.dumps(results, indent=2))
