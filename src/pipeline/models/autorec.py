@@ -81,7 +81,9 @@ DEFAULTS = {
 _EVAL_CHUNK = 65536  # (movie, user) entries scored per numpy step when computing an RMSE
 PAD_FLOOR = 1024  # the smallest padded batch (entries)
 PAD_GROWTH = 2 ** 0.25  # padded sizes grow by this factor: at most 19 % padding, ~4 sizes per doubling
-TRAIN_RMSE_SAMPLE = 500_000  # training entries the per-epoch training-set RMSE is computed on (all below this)
+# training entries the per-epoch training-set RMSE is computed on (all below this): a fixed sample, so the curve
+# stays smooth; its standard error is ~0.2 % of the RMSE. 500,000 cost 3.7 s of a 1 M AutoRec stage's 36 s.
+TRAIN_RMSE_SAMPLE = 100_000
 
 
 def configure_threads(intra: int = 2, inter: int = 1) -> bool:
@@ -374,7 +376,7 @@ def train_autorec(train: pd.DataFrame, validation: pd.DataFrame, *, hidden_units
     """(model, history): I-AutoRec trained on ``train``, early-stopped on ``validation`` RMSE.
 
     Frames have columns user_id, movie_id, rating (others ignored). Each epoch appends {"epoch",
-    "train_rmse" (training-set RMSE on the observed training ratings, a fixed sample of 500,000 of them on
+    "train_rmse" (training-set RMSE on the observed training ratings, a fixed sample of 100,000 of them on
     large data: a label, not for decisions),
     "val_rmse"} to ``history`` and passes it to ``on_epoch``. val_rmse is what ``model.predict`` would score
     (clipped to the rating scale) on the validation rows whose user and movie are both in ``train``; the
