@@ -69,3 +69,36 @@ def test_the_stage_runner_reuses_large_arrays_from_the_heap():
     here, with transparent huge pages); tuned, the first pair's pages are reused (~1,000)."""
     default, tuned = _faults("default"), _faults("tuned")
     assert tuned * 5 < default, (tuned, default)
+
+
+FREEZE = textwrap.dedent("""
+    import gc, weakref
+    import numpy as np
+    from pipeline import stages
+
+    class Holder:
+        pass
+
+    kept = [Holder() for _ in range(1000)]  # what outlives the stage (modules, sessions)
+    garbage = Holder()
+    garbage.cycle, garbage.array = garbage, np.ones(1000)  # a cycle the stage dropped
+    gone = weakref.ref(garbage)
+    del garbage
+    gc.disable()  # no automatic collection: release_memory's own must find the cycle
+    stages.release_memory()  # outside run_pipeline: nothing frozen
+    assert gone() is None and gc.get_freeze_count() == 0
+
+    garbage = Holder()
+    garbage.cycle = garbage
+    gone = weakref.ref(garbage)
+    del garbage
+    stages.release_memory(freeze=True)  # what run_pipeline's stages do
+    assert gone() is None, "the dropped cycle was frozen instead of collected"
+    assert gc.get_freeze_count() >= len(kept), gc.get_freeze_count()
+    assert not any(o is kept[0] for o in gc.get_objects())  # the survivors are out of the collector's walk
+""")
+
+
+def test_release_memory_collects_what_a_stage_dropped_then_freezes_what_outlives_it_in_a_whole_run():
+    done = subprocess.run([sys.executable, "-c", FREEZE], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

@@ -80,11 +80,20 @@ def test_after_a_failure_no_stage_starts_the_running_one_ends_and_the_error_is_r
 
 
 def test_one_at_a_time_keeps_pipeline_order(tmp_path, monkeypatch):
-    calls = []
-    monkeypatch.setattr(stages, "run_stage", lambda name, ctx: calls.append(name))
+    import gc
+
+    calls, freezing = [], []
+
+    def run_stage(name, ctx):
+        calls.append(name)
+        freezing.append(stages._FREEZE_SURVIVORS)  # a whole run: release_memory freezes what outlives a stage
+        stages.release_memory()
+
+    monkeypatch.setattr(stages, "run_stage", run_stage)
     ctx = stages.make_context(run_id="r1", work_dir=tmp_path / "run", params={})
     stages.run_pipeline(ctx, ["ease", "als", "etl"], concurrent=False)
     assert calls == ["etl", "als", "ease"]
+    assert all(freezing) and not stages._FREEZE_SURVIVORS and gc.get_freeze_count() == 0  # unfrozen at the end
     calls.clear()
     stages.run_pipeline(ctx, ["ease", "als", "etl"], concurrent=True)
     assert calls[0] == "etl" and sorted(calls) == ["als", "ease", "etl"]
