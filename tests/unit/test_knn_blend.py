@@ -18,6 +18,7 @@ from pipeline.models.blend import Blend, fit_blend, out_of_fold
 from pipeline.models.metrics import rating_metrics
 from pipeline.models.neighbourhood import (ItemKNN, cap_user_ratings, fit_knn_grid, neighbour_tables,
                                            residual_matrix)
+from pipeline.models.protocol import load_baseline
 from pipeline.models.ranking import top_k_by_score
 from pipeline.models.saved import load_model
 from pipeline.registry import CHAMPION, load_registered
@@ -177,6 +178,12 @@ def test_the_blend_is_chosen_on_validation_promoted_and_served_without_spark(tmp
     assert report["model_comparison"]["best_by_validation_rmse"] == "blend"
     assert report["gate"]["challenger"] == "blend" and report["promotion"]["decision"] == "promoted"
     assert blend["val_rmse"] < report["models"]["knn"]["val_rmse"] < report["models"]["baseline"]["val_rmse"]
+    knn = report["models"]["knn"]  # its validation figures come from the grid: what the protocol would score
+    validation = pd.read_parquet(run_dir / "etl" / "validation.parquet")
+    train = pd.read_parquet(run_dir / "etl" / "train.parquet")
+    rescored = rating_metrics(validation, load_model(knn["model_path"]).predict, load_baseline(ctx, "test"), train,
+                              split="val")
+    assert (knn["val_rmse"], knn["val_mae"]) == pytest.approx((rescored["val_rmse"], rescored["val_mae"]), abs=1e-12)
     table = (run_dir / "models.md").read_text()
     assert "## Blend" in table and "share of the gain" in table
     client = mlflow.MlflowClient(settings.mlflow_tracking_uri)

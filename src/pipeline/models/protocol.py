@@ -96,7 +96,8 @@ class Fitted:
     sections: dict = field(default_factory=dict)  # extra report sections (e.g. the popularity ranking)
     manifest: dict = field(default_factory=dict)  # extra manifest entries (what later stages read)
     # the validation figures, when scoring the model on validation would be in sample (the blend's weights are
-    # fitted on validation: its figures are out of fold); None: the protocol scores the model on validation
+    # fitted on validation: its figures are out of fold) or the fit already has them (kNN's grid scores its
+    # points with the protocol's rating_metrics); None: the protocol scores the model on validation
     validation: dict | None = None
 
 

@@ -63,15 +63,16 @@ def run_knn(ctx) -> dict:
             log.info("knn grid point %d/%d (k=%d shrinkage=%g damping=%g): validation RMSE %.4f", len(results),
                      total, point["k"], point["shrinkage"], point["damping"], scores["val_rmse"])
             if best is None or scores["val_rmse"] < best[0]["val_rmse"]:
-                best = (results[-1], model)
+                best = (results[-1], model, scores)
         (folder / "grid.json").write_text(storage.strict_json(results, indent=2))
-        chosen, model = best
+        chosen, model, validation = best
         log.info("knn: %d grid points, best %s (validation RMSE %.4f; similarities %.1f s)", len(results),
                  {k: chosen[k] for k in ("k", "shrinkage", "damping")}, chosen["val_rmse"], similarity_s)
         params = {f"best_{k}": chosen[k] for k in ("k", "shrinkage", "damping")} | {
             "grid_points": len(results), "max_user_ratings": p.knn_max_user_ratings}
+        # the chosen point's validation figures are the protocol's already (rating_metrics): not scored twice
         return Fitted(model, params=params, metrics={"similarity_seconds": similarity_s},
-                      artifacts=[folder / "grid.json"],
+                      validation=validation, artifacts=[folder / "grid.json"],
                       section={"grid": results, "best_params": {k: chosen[k] for k in ("k", "shrinkage", "damping")},
                                "similarity_seconds": round(similarity_s, 2)})
 
