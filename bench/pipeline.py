@@ -3,7 +3,7 @@ memory of the driver (the Python process tree) and of the Spark JVM.
 
     .venv/bin/python bench/pipeline.py [--sizes small,1m,10m] [--data-dir /tmp/recsys-bench/data]
         [--work-dir /tmp/recsys-bench/runs] [--json docs/scale.json] [--plot docs/scale.png] [--param NAME=VALUE]
-        [--timeout SECONDS] [--side-by-side]
+        [--timeout SECONDS] [--side-by-side] [--baseline REV [--rounds N] [--baseline-wall SECONDS]]
 
 Sizes: ``small`` is ml-latest-small ($MOVIELENS_DIR, else ../shared/data/ml-latest-small); ``1m``, ``10m`` and
 ``25m`` are ``recsys synth`` folders of the ml-1m-like, ml-10m and ml-25m shapes (made once in --data-dir, seed
@@ -13,6 +13,14 @@ process, the driver everything else) and attributed to the stage whose start/don
 sample (to both where two stages run side by side: a stage's peak is then the process's while it ran). Results
 merge into --json by size (measure sizes in separate calls), the plot is redrawn from all of them, and a table
 is printed.
+
+``--baseline REV`` measures another commit's code beside this checkout's in the same hour: this machine's speed
+varies by day and by hour, so two versions are compared only when run alternately. REV's ``src/`` and
+``expectations/`` are exported (``git archive``) to a temporary folder that the baseline's ``recsys run`` finds
+first on ``PYTHONPATH`` (this checkout's venv: REV must run on the same pins); each size then runs ``--rounds``
+times, the baseline first, and the
+means and their ratio are printed and kept under the size's ``baseline`` in --json. ``--baseline-wall``: the
+baseline's whole-run seconds on a reference day; the ratio then gives this checkout's estimate for that day.
 
 A script run from bench/ has bench/ first on ``sys.path``, where this file is ``pipeline.py``: an ``import
 pipeline`` there (this file's own, the other bench scripts') finds this file before the package. Imported
@@ -28,6 +36,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from datetime import datetime
@@ -135,15 +144,19 @@ def source_for(size: str, data_dir: Path) -> tuple[str, dict]:
     return str(folder), {"variant": f"synthetic {size}", **json.loads(meta.read_text())}
 
 
-def measure(size: str, args) -> dict:
+def measure(size: str, args, code: Path | None = None, tag: str = "") -> dict:
+    """One ``recsys run`` of ``size``: this checkout's package, or the one under ``code`` (a source tree's
+    ``src``, first on the run's PYTHONPATH). ``tag`` names its work folder beside the size's."""
     from pipeline.stages import side_by_side_by_default
 
     source, data = source_for(size, args.data_dir)
-    root = args.work_dir / size
+    root = args.work_dir / f"{size}{tag}"
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
     env = {**os.environ, "RECSYS_HOME": str(root / "home")}
     env.pop("RECSYS_SETTINGS_FILE", None)
+    if code is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(code), *filter(None, [os.environ.get("PYTHONPATH")])])
     cmd = [str(Path(sys.executable).with_name("recsys")), "run", "--source", source, "--work-dir", str(root / "run")]
     for p in args.param:
         cmd += ["--param", p]
@@ -206,9 +219,11 @@ def measure(size: str, args) -> dict:
     return {"size": size, "source": source, "ratings": dataset.get("ratings") or data.get("ratings"),
             "users": dataset.get("users") or data.get("users"), "movies": dataset.get("movies") or data.get("movies"),
             "variant": data["variant"], "params": args.param,
-            "stages_at_once": 2 if args.side_by_side or side_by_side_by_default() else 1, "rc": proc.returncode, "wall_s": round(wall, 1),
+            "stages_at_once": 2 if args.side_by_side or side_by_side_by_default() else 1, "rc": proc.returncode,
+            "wall_s": round(wall, 1),
             "stopped": {"after_s": args.timeout, "in_stage": ", ".join(unfinished)} if stopped else None,
-            "peak": peaks(started, time.time()), "cores_busy": busy(started, time.time()), "stages": stages, "log": str(log_path),
+            "peak": peaks(started, time.time()), "cores_busy": busy(started, time.time()), "stages": stages,
+            "log": str(log_path),
             "measured_at": datetime.utcnow().strftime("%Y-%m-%d %H:%M UTC"), "cpus": os.cpu_count()}
 
 
@@ -306,6 +321,36 @@ def targets(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def export_code(rev: str, into: Path) -> Path:
+    """``rev``'s ``src/`` and ``expectations/`` (the settings look for it beside ``src/``) written under ``into``;
+    the path to put first on PYTHONPATH."""
+    names = subprocess.run(["git", "-C", str(REPO), "ls-tree", "--name-only", f"{rev}^{{commit}}"],
+                           capture_output=True, text=True, check=True).stdout.split()
+    tar = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", rev,
+                          *[n for n in ("src", "expectations") if n in names]], capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=tar, check=True)
+    return into / "src"
+
+
+def compare(size: str, rev: str, baseline: list[float], ours: list[float], reference_wall: float | None) -> dict:
+    """The same-hour comparison of this checkout with ``rev`` at ``size``: the whole runs' seconds, their means,
+    the ratio (ours / baseline), and with ``reference_wall`` (the baseline's seconds on a reference day) this
+    checkout's estimate for that day and the size's time target against it."""
+    mean_base, mean_ours = sum(baseline) / len(baseline), sum(ours) / len(ours)
+    result = {"rev": rev, "baseline_wall_s": baseline, "wall_s": ours, "ratio": round(mean_ours / mean_base, 3)}
+    line = (f"baseline {size}: {rev} {', '.join(f'{w:.1f}' for w in baseline)} s (mean {mean_base:.1f}), this "
+            f"checkout {', '.join(f'{w:.1f}' for w in ours)} s (mean {mean_ours:.1f}): ratio {result['ratio']:.3f}")
+    if reference_wall:
+        result["reference_wall_s"] = reference_wall
+        result["estimate_s"] = round(reference_wall * result["ratio"], 1)
+        line += f"; where {rev} took {reference_wall:.1f} s, this checkout: about {result['estimate_s']:.1f} s"
+        limit = TARGETS.get(size, {}).get("wall_s")
+        if limit:
+            line += f" (target {limit} s: {'met' if result['estimate_s'] <= limit else 'MISSED'}, an estimate)"
+    result["line"] = line
+    return result
+
+
 def reference_seconds() -> float:
     """Seconds of a fixed single-threaded CPU workload (a Python loop, numpy sorts): the machine's speed at the
     time of the run, so that runs measured on different days can be compared (the same code ran 2.4x slower on
@@ -336,25 +381,63 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                         help="stop a size's run after this long; the stages it finished are kept, the one it was "
                              "in is marked")
+    parser.add_argument("--baseline", metavar="REV",
+                        help="also run this commit's code, alternating with this checkout's, and print the ratio")
+    parser.add_argument("--rounds", type=int, default=1, help="with --baseline: runs of each code per size")
+    parser.add_argument("--baseline-wall", type=float, metavar="SECONDS",
+                        help="with --baseline and one size: REV's whole run on a reference day, to scale by the ratio")
     args = parser.parse_args()
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     unknown = [s for s in sizes if s != "small" and s not in SIZES]
     if unknown:
         parser.error(f"unknown sizes {unknown}; known: small, {', '.join(SIZES)}")
+    if (args.rounds != 1 or args.baseline_wall) and not args.baseline:
+        parser.error("--rounds and --baseline-wall go with --baseline")
+    if args.baseline_wall and len(sizes) != 1:
+        parser.error("--baseline-wall is one size's figure: give one size")
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     previous = json.loads(args.json.read_text())["runs"] if args.json.exists() else []
     runs = {r["size"]: r for r in previous}
-    for size in sizes:
-        reference = reference_seconds()
-        runs[size] = measure(size, args)
-        runs[size]["reference_s"] = [reference, reference_seconds()]  # before and after the run
-        print(json.dumps(runs[size], indent=2))
+    with tempfile.TemporaryDirectory(prefix="recsys-baseline-") as folder:
+        try:
+            code = export_code(args.baseline, Path(folder)) if args.baseline else None
+        except (OSError, subprocess.CalledProcessError) as exc:
+            detail = (getattr(exc, "stderr", None) or b"").strip()
+            detail = detail.decode(errors="replace") if isinstance(detail, bytes) else detail or str(exc)
+            parser.error(f"--baseline {args.baseline}: cannot export its code from {REPO} ({detail})")
+        comparisons = [run_size(size, args, runs, code) for size in sizes]
     ordered = sorted(runs.values(), key=lambda r: r["ratings"] or 0)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"runs": ordered}, indent=2) + "\n")
     plot(ordered, args.plot)
     print(table(ordered))
     print(targets(ordered))
+    for comparison in filter(None, comparisons):
+        print(comparison["line"])
     return max(r["rc"] for r in ordered)
+
+
+def run_size(size: str, args, runs: dict, code: Path | None) -> dict | None:
+    """Measure ``size`` (``--rounds`` times, each after a run of the baseline's ``code`` when there is one);
+    this checkout's last run goes into ``runs``; the comparison, if any."""
+    baseline, ours = [], []
+    for round_no in range(args.rounds if code else 1):
+        if code:
+            reference = reference_seconds()
+            run = measure(size, args, code=code, tag=f"-baseline-{round_no + 1}")
+            print(f"bench: {size}: {args.baseline}, round {round_no + 1}: {run['wall_s']:.1f} s "
+                  f"(exit {run['rc']}; reference workload {reference:.2f} s)", file=sys.stderr)
+            baseline.append(run["wall_s"])
+        reference = reference_seconds()
+        runs[size] = measure(size, args)
+        runs[size]["reference_s"] = [reference, reference_seconds()]  # before and after the run
+        ours.append(runs[size]["wall_s"])
+        print(json.dumps(runs[size], indent=2))
+    if not code:
+        return None
+    runs[size]["baseline"] = compare(size, args.baseline, baseline, ours, args.baseline_wall)
+    return runs[size]["baseline"]
 
 
 if __name__ == "__main__":

@@ -4,9 +4,11 @@ benchmark itself runs the whole pipeline at several sizes, far beyond a test's b
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -75,3 +77,64 @@ def test_the_other_bench_scripts_still_import_the_pipeline_package_beside_bench_
     assert done.returncode == 0, done.stderr
     package, module = done.stdout.split()
     assert Path(package).name == "__init__.py" and module == "pipeline.stages"
+
+
+def test_a_baseline_commit_runs_before_each_run_of_this_checkout_and_the_ratio_is_printed(scale, monkeypatch, tmp_path):
+    calls = []
+    walls = iter([300.0, 280.0, 290.0, 270.0])  # baseline, ours, baseline, ours
+
+    def measure(size, args, code=None, tag=""):
+        calls.append((size, code, tag))
+        return {"size": size, "wall_s": next(walls), "rc": 0}
+
+    monkeypatch.setattr(scale, "measure", measure)
+    monkeypatch.setattr(scale, "reference_seconds", lambda: 0.1)
+    args = SimpleNamespace(rounds=2, baseline="abc123", baseline_wall=160.0)
+    runs = {}
+    comparison = scale.run_size("1m", args, runs, tmp_path / "src")
+    assert calls == [("1m", tmp_path / "src", "-baseline-1"), ("1m", None, ""),
+                     ("1m", tmp_path / "src", "-baseline-2"), ("1m", None, "")]
+    assert runs["1m"]["wall_s"] == 270.0 and runs["1m"]["baseline"] is comparison  # this checkout's last run
+    assert comparison["ratio"] == round(275.0 / 295.0, 3) and comparison["estimate_s"] == round(160 * 0.932, 1)
+    assert comparison["line"] == ("baseline 1m: abc123 300.0, 290.0 s (mean 295.0), this checkout 280.0, 270.0 s "
+                                  "(mean 275.0): ratio 0.932; where abc123 took 160.0 s, this checkout: about 149.1 s "
+                                  "(target 150 s: met, an estimate)")
+    # without a baseline: one run, no comparison
+    calls.clear()
+    walls = iter([100.0])
+    assert scale.run_size("small", SimpleNamespace(rounds=1, baseline=None, baseline_wall=None), runs, None) is None
+    assert calls == [("small", None, "")] and "baseline" not in runs["small"]
+
+
+def test_the_baselines_code_is_exported_and_first_on_its_runs_pythonpath(scale, monkeypatch, tmp_path):
+    code = scale.export_code("HEAD", tmp_path)
+    assert code == tmp_path / "src" and (code / "pipeline" / "stages.py").is_file()
+    assert (tmp_path / "expectations").is_dir()  # the settings look for it beside src/
+    seen = {}
+
+    class Started(Exception):
+        pass
+
+    def popen(cmd, env, **kwargs):
+        seen.update(cmd=cmd, env=env)
+        raise Started
+
+    monkeypatch.setattr(scale.subprocess, "Popen", popen)
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    args = SimpleNamespace(data_dir=tmp_path / "data", work_dir=tmp_path / "runs", param=[], side_by_side=False,
+                           timeout=None)
+    with pytest.raises(Started):
+        scale.measure("small", args, code=code, tag="-baseline-1")
+    assert seen["env"]["PYTHONPATH"].split(os.pathsep) == [str(code), "/elsewhere"]
+    assert seen["cmd"][-1] == str(tmp_path / "runs" / "small-baseline-1" / "run")
+    with pytest.raises(Started):
+        scale.measure("small", args)
+    assert seen["env"]["PYTHONPATH"] == "/elsewhere"  # this checkout's run: the environment as it is
+
+
+def test_the_benchmark_refuses_a_baseline_that_is_not_a_commit(tmp_path):
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "pipeline.py"), "--sizes", "1m", "--baseline",
+                           "no-such-revision", "--json", str(tmp_path / "s.json"), "--plot", str(tmp_path / "s.png")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--baseline no-such-revision: cannot export its code" in done.stderr
+    assert not (tmp_path / "s.json").exists()
