@@ -18,9 +18,9 @@ is printed.
 varies by day and by hour, so two versions are compared only when run alternately. REV's ``src/`` and
 ``expectations/`` are exported (``git archive``) to a temporary folder that the baseline's ``recsys run`` finds
 first on ``PYTHONPATH`` (this checkout's venv: REV must run on the same pins); each size then runs ``--rounds``
-times, the baseline first, and the
-means and their ratio are printed and kept under the size's ``baseline`` in --json. ``--baseline-wall``: the
-baseline's whole-run seconds on a reference day; the ratio then gives this checkout's estimate for that day.
+times, the baseline first, and the means and their ratio are printed and kept under the size's ``baseline`` in
+--json. ``--baseline-wall``: the baseline's whole-run seconds on a reference day; the ratio then gives this
+checkout's estimate for that day.
 
 A script run from bench/ has bench/ first on ``sys.path``, where this file is ``pipeline.py``: an ``import
 pipeline`` there (this file's own, the other bench scripts') finds this file before the package. Imported
@@ -36,6 +36,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
@@ -326,9 +327,12 @@ def export_code(rev: str, into: Path) -> Path:
     the path to put first on PYTHONPATH."""
     names = subprocess.run(["git", "-C", str(REPO), "ls-tree", "--name-only", f"{rev}^{{commit}}"],
                            capture_output=True, text=True, check=True).stdout.split()
-    tar = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", rev,
-                          *[n for n in ("src", "expectations") if n in names]], capture_output=True, check=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(into)], input=tar, check=True)
+    archive = into / "code.tar"
+    subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", f"--output={archive}", rev,
+                    *[n for n in ("src", "expectations") if n in names]], capture_output=True, text=True, check=True)
+    with tarfile.open(archive) as tar:
+        tar.extractall(into, filter="data")
+    archive.unlink()
     return into / "src"
 
 
@@ -402,9 +406,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="recsys-baseline-") as folder:
         try:
             code = export_code(args.baseline, Path(folder)) if args.baseline else None
-        except (OSError, subprocess.CalledProcessError) as exc:
-            detail = (getattr(exc, "stderr", None) or b"").strip()
-            detail = detail.decode(errors="replace") if isinstance(detail, bytes) else detail or str(exc)
+        except (OSError, tarfile.TarError, subprocess.CalledProcessError) as exc:
+            detail = (getattr(exc, "stderr", None) or "").strip() or str(exc)
             parser.error(f"--baseline {args.baseline}: cannot export its code from {REPO} ({detail})")
         comparisons = [run_size(size, args, runs, code) for size in sizes]
     ordered = sorted(runs.values(), key=lambda r: r["ratings"] or 0)
