@@ -65,8 +65,10 @@ class Params:
     als_max_iters: tuple[int, ...] = _param((15,), "array", "ALS", "ALS grid: iterations (maxIter).",
                                             item="integer", minimum=1, maximum=1000)
     als_parallel_fits: int = _param(
-        2, "integer", "ALS", "How many ALS grid points Spark fits at once (overlaps driver work with executor "
-        "work).", minimum=1, maximum=16)
+        0, "integer", "ALS", "How many ALS grid points Spark fits at once, in both ALS grids (overlaps driver work "
+        "with executor work). 0: by the data: every rank's regParam chain at once (at most 4) below 2,000,000 "
+        "training rows, where a fit is mostly fixed cost; from there on 2 for the explicit grid and 1 for the "
+        "implicit one, whose larger ranks keep the cores busy by themselves.", minimum=0, maximum=16)
     als_search: str = _param(
         "halving", "string", "ALS",
         "How the ALS grids (explicit and implicit) are searched: 'halving' (successive halving over iterations: "

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.models.als import (SKIPPED_BY_RANK_WALK, best_point, grid_points, halving_rungs, rank_groups, reg_chains,
-                                 search_grid, walk_chain, walk_ranks)
+from pipeline.models.als import (SKIPPED_BY_RANK_WALK, best_point, grid_points, halving_rungs, parallel_fits,
+                                 rank_groups, reg_chains, search_grid, walk_chain, walk_ranks)
 from pipeline.models.baseline import BiasBaseline
 from pipeline.models.metrics import rating_metrics
 from stage_inputs import planted_ratings, write_split
@@ -42,6 +42,13 @@ def test_halving_plan_screens_every_point_with_fewer_iterations_then_refits_the_
     assert [(round(r["fraction"] * 15), r["points"], r["keep"]) for r in plan] == [(3, 15, 3), (15, 3, 1)]
     plan = halving_rungs(4, 10, eta=5, min_iters=3)  # implicit ALS: no room for a 5x step, one screen at 3
     assert [(round(r["fraction"] * 10), r["points"], r["keep"]) for r in plan] == [(3, 4, 1), (10, 1, 1)]
+
+
+def test_fits_side_by_side_are_the_params_or_every_ranks_chain_below_two_million_training_rows():
+    assert parallel_fits(1, 800_000, 3) == 1 and parallel_fits(5, 20_000_000, 3) == 5  # the Param, where set
+    assert parallel_fits(0, 800_000, 3) == 3  # the default grid at 1 M ratings: the three ranks' chains at once
+    assert parallel_fits(0, 800_000, 1) == 2 and parallel_fits(0, 800_000, 9) == 4  # at least 2, at most 4
+    assert parallel_fits(0, 2_000_000, 3) == 2 and parallel_fits(0, 8_000_000, 3) == 2  # compute-bound fits
 
 
 def test_halving_refits_the_best_point_with_all_its_iterations(spark, planted):

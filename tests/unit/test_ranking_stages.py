@@ -58,16 +58,17 @@ def test_ranking_candidates_the_second_gate_and_a_worse_ranker_kept_out(spark, t
     assert model.top_k([1], 5, exclude={1: {101}}, history={1: {101, 102}})[1]
 
 
-def _halving_run(tmp_path, monkeypatch, name):
+def _halving_run(tmp_path, monkeypatch, name, **extra):
     """baseline and implicit_als on the clustered choices, a 2 x 2 grid halved at eta 3 (tiny data counts as
-    large): (settings, the implicit_als report section)."""
+    large), ``extra`` Params on top: (settings, the implicit_als report section)."""
     from pipeline.models import implicit_als
 
     monkeypatch.setattr(implicit_als, "HALVING_MIN_ROWS", 1)
     settings = load_settings({"RECSYS_HOME": str(tmp_path / "home")})
     run_dir = tmp_path / name
     write_split(run_dir / "etl", clustered_choices())
-    params = {**SMALL, "ials_ranks": [2, 8], "ials_reg_params": [0.1, 1.0], "ials_max_iters": [9], "als_halving_eta": 3}
+    params = {**SMALL, "ials_ranks": [2, 8], "ials_reg_params": [0.1, 1.0], "ials_max_iters": [9], "als_halving_eta": 3,
+              **extra}
     ctx = stages.make_context(run_id=name, work_dir=run_dir, settings=settings, params=params)
     for stage in ("baseline", "implicit_als"):
         stages.run_stage(stage, ctx)
@@ -109,3 +110,46 @@ def test_implicit_als_keeps_a_screen_fit_that_ranks_better_than_the_refits(spark
     assert any(g["rung_iters"] == [3, 9] for g in section["grid"])  # the refits ran and lost
     client = mlflow.MlflowClient(settings.mlflow_tracking_uri)
     assert client.get_run(section["mlflow_run_id"]).data.params["best_max_iter"] == "3"
+
+
+def test_implicit_als_fits_its_ranks_side_by_side_and_chooses_as_one_at_a_time(spark, tmp_path, monkeypatch):
+    """Below 2 M training rows the screen's regParam chains (one per rank) run side by side, the explicit grid's
+    way: the same fits, scores and choice as one fit at a time (als_parallel_fits=1)."""
+    import threading
+    import time
+
+    from pipeline.models import implicit_als
+
+    fit_point, lock, running, most = implicit_als.fit_point, threading.Lock(), [0], {}
+
+    def counted(*args, **kwargs):
+        with lock:
+            running[0] += 1
+            most[name] = max(most.get(name, 0), running[0])
+        time.sleep(0.5)  # long enough for the other chain's fit to start beside this one
+        try:
+            return fit_point(*args, **kwargs)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(implicit_als, "fit_point", counted)
+    sections = {}
+    for name, fits in (("together", 0), ("one", 1)):
+        sections[name] = _halving_run(tmp_path, monkeypatch, name, als_parallel_fits=fits)[1]
+    assert most == {"together": 2, "one": 1}
+    def timeless(grid):
+        return [{k: v for k, v in g.items() if k != "fit_s"} for g in grid]
+
+    assert timeless(sections["together"]["grid"]) == timeless(sections["one"]["grid"])
+    assert sections["together"]["best_params"] == sections["one"]["best_params"]
+
+
+def test_implicit_als_breaks_a_tie_by_all_the_iterations_then_the_earlier_grid_point(spark, tmp_path, monkeypatch):
+    """The fits run side by side, so which one finishes first varies: a tie goes to the fit with all its
+    iterations, then to the earlier grid point, never to the order of completion."""
+    from pipeline.models import implicit_als
+
+    monkeypatch.setattr(implicit_als, "evaluate_ranking", lambda model, split, **kwargs: {"val_ndcg_at_10": 0.5})
+    section = _halving_run(tmp_path, monkeypatch, "ties")[1]
+    assert section["best_params"] == {"rank": 2, "reg_param": 0.1, "alpha": 1.0, "max_iter": 9}

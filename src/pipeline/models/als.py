@@ -13,7 +13,8 @@ measures both on the same grid and split):
 - the training frame re-read and re-planned for every point: it is built once, repartitioned and cached;
 - scoring through ``model.transform(validation)`` (a join) and a Spark evaluator per point: the factors
   (a few MB) are collected once and the validation rows scored in numpy;
-- one fit at a time leaves cores idle while the driver collects and schedules: two fits run concurrently.
+- one fit at a time leaves cores idle while the driver collects and schedules: two fits run concurrently,
+  and below 2 M training rows (where a fit is mostly fixed cost) every rank's regParam chain at once.
 """
 
 from __future__ import annotations
@@ -87,6 +88,20 @@ def factor_model(als_model, train: pd.DataFrame, baseline, name: str = "als", me
 
 HALVING_MIN_ROWS = 100_000  # under this many training rows halving is the full grid (which then takes a minute)
 HALVING_MIN_ITERS = 3  # a first rung's fits run at least this many ALS iterations
+FITS_AT_ONCE = 2  # ALS fits side by side from FIXED_COST_MAX_ROWS training rows (the compute-bound fits)
+FIXED_COST_MAX_ROWS = 2_000_000  # below this a fit is mostly fixed cost: every rank's chain side by side
+FITS_AT_ONCE_MAX = 4
+
+
+def parallel_fits(requested: int, train_rows: int, chains: int) -> int:
+    """How many ALS fits run side by side: ``requested`` (Param ``als_parallel_fits``) where it is above 0, else
+    by the data. Below FIXED_COST_MAX_ROWS training rows a fit (most of all a 3-iteration screen fit) is mostly
+    fixed cost: Spark blocks the ratings anew and runs a dozen small jobs, which leave the cores idle between
+    them, so every rank's regParam chain runs at once (``chains``, at most FITS_AT_ONCE_MAX). From there on a
+    fit keeps the cores busy by itself, and more fits at once only add memory: FITS_AT_ONCE."""
+    if requested > 0:
+        return requested
+    return max(FITS_AT_ONCE, min(chains, FITS_AT_ONCE_MAX)) if train_rows < FIXED_COST_MAX_ROWS else FITS_AT_ONCE
 
 
 def halving_rungs(n_points: int, max_iter: int, eta: int = 3, min_iters: int = HALVING_MIN_ITERS) -> list[dict]:
@@ -174,7 +189,7 @@ def rung_iters(point: dict, fraction: float) -> int:
 
 
 def search_grid(spark, train: pd.DataFrame, validation: pd.DataFrame, baseline, points: list[dict], seed: int = 42,
-                workers: int = 2, num_blocks: int | None = None, track=None, strategy: str = "full", eta: int = 3,
+                workers: int = 0, num_blocks: int | None = None, track=None, strategy: str = "full", eta: int = 3,
                 min_rows: int = HALVING_MIN_ROWS, line_search: bool = False,
                 staging: Path | None = None) -> tuple[list[dict], FactorModel]:
     """Search the grid; (results in grid order, the chosen FactorModel; its ``meta["search"]`` holds the plan:
@@ -183,7 +198,8 @@ def search_grid(spark, train: pd.DataFrame, validation: pd.DataFrame, baseline, 
     ``strategy``: "full" fits every point with all its iterations; "halving" is successive halving over
     iterations (``halving_rungs``), the full grid under ``min_rows`` training rows. Each result holds the point,
     ``val_rmse`` of its full fit (None for a point only fitted with fewer iterations), and under halving
-    ``rung_val_rmse`` (one value per rung it reached). ``line_search`` (halving only): the first rung walks
+    ``rung_val_rmse`` (one value per rung it reached). ``workers``: fits side by side (0: ``parallel_fits``'s
+    choice by the data). ``line_search`` (halving only): the first rung walks
     each rank's regParams upwards (``reg_chains``) and stops at the first point worse than the one before; the
     points it skips are never fitted (no ``rung_val_rmse``). The last rung then fits its finalists rank by rank,
     lowest first (``walk_ranks``), and stops after the first rank whose best is worse than the lower rank's
@@ -200,6 +216,7 @@ def search_grid(spark, train: pd.DataFrame, validation: pd.DataFrame, baseline, 
 
     parallelism = spark.sparkContext.defaultParallelism
     num_blocks = num_blocks or max(1, min(parallelism, 4))
+    workers = parallel_fits(workers, len(train), len(reg_chains(points)))
     halving = strategy == "halving" and len(train) >= min_rows
     rungs = halving_rungs(len(points), max(p["max_iter"] for p in points), eta) if halving else \
         [{"fraction": 1.0, "points": len(points), "keep": 1}]
@@ -252,7 +269,7 @@ def search_grid(spark, train: pd.DataFrame, validation: pd.DataFrame, baseline, 
     spark.conf.set("spark.sql.shuffle.partitions", str(max(2, parallelism)))
     alive = list(range(len(points)))
     try:
-        with contextlib.ExitStack() as stack, ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        with contextlib.ExitStack() as stack, ThreadPoolExecutor(max_workers=workers) as pool:
             for rung_no, rung in enumerate(rungs):
                 started = time.perf_counter()
                 groups = rank_groups(points, alive) if line_search and rung_no == len(rungs) - 1 else []

@@ -17,16 +17,20 @@ range, and it is a candidate of the ranking gate only.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import itertools
 import json
 import logging
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pandas as pd
 
 from pipeline import tracking
-from pipeline.models.als import (HALVING_MIN_ROWS, SKIPPED_BY_LINE_SEARCH, SKIPPED_BY_RANK_WALK, factor_model,
-                                 halving_rungs, id_maps, rank_groups, reg_chains, rung_iters, walk_chain, walk_ranks)
+from pipeline.models.als import (FIXED_COST_MAX_ROWS, HALVING_MIN_ROWS, SKIPPED_BY_LINE_SEARCH, SKIPPED_BY_RANK_WALK,
+                                 factor_model, halving_rungs, id_maps, parallel_fits, rank_groups, reg_chains,
+                                 rung_iters, walk_chain, walk_ranks)
 from pipeline.models.factor_model import FactorModel
 from pipeline.models.protocol import Fitted, run_candidate
 from pipeline.models.ranking import evaluate_ranking
@@ -62,6 +66,9 @@ def run_implicit_als(ctx) -> dict:
 
     def fit(split, _baseline, folder, parent) -> Fitted:
         spark = get_spark(ctx.settings)
+        # imported before the fits' threads, as the explicit grid does: a first import racing in two of them
+        # leaves a half-initialised pyspark.ml
+        importlib.import_module("pyspark.ml.recommendation")
         num_blocks = max(1, min(spark.sparkContext.defaultParallelism, 4))
         inputs = contextlib.ExitStack()
         frame = inputs.enter_context(frame_from_pandas(spark, split.train[["user_idx", "movie_idx", "rating"]], folder))
@@ -77,8 +84,15 @@ def run_implicit_als(ctx) -> dict:
             [{"fraction": 1.0, "points": len(points), "keep": 1}]
         alive, records, maps = list(range(len(points))), {}, id_maps(split.train)
         line_search = p.als_line_search and len(rungs) > 1  # Param als_line_search, as the explicit grid
+        # below 2 M training rows, where a 3-iteration fit is mostly Spark's fixed cost, the ranks' regParam
+        # chains side by side as the explicit grid's (Param als_parallel_fits); from there on the fits are
+        # compute-bound (at 10 M two at once gained nothing) and run one at a time unless the Param says otherwise
+        workers = parallel_fits(p.als_parallel_fits, len(split.train), len(reg_chains(points))) \
+            if p.als_parallel_fits > 0 or len(split.train) < FIXED_COST_MAX_ROWS else 1
+        lock = threading.Lock()
+        better = lambda new, old: new > old  # noqa: E731
         try:
-            with contextlib.ExitStack() as stack:
+            with contextlib.ExitStack() as stack, ThreadPoolExecutor(max_workers=workers) as pool:
                 for rung_no, rung in enumerate(rungs):
                     scores = {}
 
@@ -88,44 +102,47 @@ def run_implicit_als(ctx) -> dict:
                         iters = rung_iters(point, rung["fraction"])
                         name = (f"implicit als rank={point['rank']} reg={point['reg_param']:g} "
                                 f"alpha={point['alpha']:g} iters={point['max_iter']}")
-                        if i not in records:
-                            records[i] = stack.enter_context(tracking.child_run(parent, ctx, name, split.summary))
-                            records[i](point, {})
+                        with lock:
+                            if i not in records:
+                                records[i] = stack.enter_context(tracking.child_run(parent, ctx, name, split.summary))
+                                records[i](point, {})
                         t0 = time.perf_counter()
                         fitted = {**point, "max_iter": iters}  # what this model ran: a screen fits fewer iterations
                         model = fit_point(frame, split.train, fitted, p.seed, num_blocks, maps)
                         fit_s = time.perf_counter() - t0
-                        ndcg = scores[i] = evaluate_ranking(model, split, splits=("val",))["val_ndcg_at_10"] or 0.0
+                        ndcg = evaluate_ranking(model, split, splits=("val",))["val_ndcg_at_10"] or 0.0
                         full = rung["fraction"] >= 1.0
-                        records[i]({}, {"val_ndcg_at_10" if full else f"rung{rung_no}_val_ndcg_at_10": ndcg,
-                                        "fit_s": fit_s})
-                        result = results[i] = results[i] or {**point, "val_ndcg_at_10": None, "fit_s": 0.0}
-                        result["fit_s"] = round(result["fit_s"] + fit_s, 3)
-                        if full:
-                            result["val_ndcg_at_10"] = ndcg
-                        if len(rungs) > 1:
-                            result.setdefault("rung_val_ndcg_at_10", []).append(ndcg)
-                            result.setdefault("rung_iters", []).append(iters)
-                        log.info("implicit ALS %s point %d/%d (%s, %d iterations): validation NDCG@10 %.4f (%.1f s)",
-                                 f"rung {rung_no + 1}/{len(rungs)}" if len(rungs) > 1 else "grid",
-                                 len(scores), len(alive), name, iters, ndcg, fit_s)
-                        # every fit is a candidate, a screen's too (the iterations chosen on validation); on a
-                        # tie the fit with all its iterations, then the earlier one
-                        if best is None or (ndcg, full) > best[0]:
-                            best = ((ndcg, full), model, fitted)
+                        with lock:
+                            scores[i] = ndcg
+                            records[i]({}, {"val_ndcg_at_10" if full else f"rung{rung_no}_val_ndcg_at_10": ndcg,
+                                            "fit_s": fit_s})
+                            result = results[i] = results[i] or {**point, "val_ndcg_at_10": None, "fit_s": 0.0}
+                            result["fit_s"] = round(result["fit_s"] + fit_s, 3)
+                            if full:
+                                result["val_ndcg_at_10"] = ndcg
+                            if len(rungs) > 1:
+                                result.setdefault("rung_val_ndcg_at_10", []).append(ndcg)
+                                result.setdefault("rung_iters", []).append(iters)
+                            log.info("implicit ALS %s point %d/%d (%s, %d iterations): validation NDCG@10 %.4f "
+                                     "(%.1f s)", f"rung {rung_no + 1}/{len(rungs)}" if len(rungs) > 1 else "grid",
+                                     len(scores), len(alive), name, iters, ndcg, fit_s)
+                            # every fit is a candidate, a screen's too (the iterations chosen on validation); on a
+                            # tie the fit with all its iterations, then the earlier grid point (the fits run side
+                            # by side, so not the one that finished first)
+                            if best is None or (ndcg, full, -i) > best[0]:
+                                best = ((ndcg, full, -i), model, fitted)
                         return ndcg
 
                     groups = rank_groups(points, alive)
                     if line_search and rung_no == 0:  # each rank's regParams upwards, up to the first worse one
-                        for chain in reg_chains([points[i] for i in alive]):
-                            walk_chain([alive[j] for j in chain], score, lambda new, old: new > old)
+                        chains = [[alive[j] for j in chain] for chain in reg_chains([points[i] for i in alive])]
+                        list(pool.map(lambda chain: walk_chain(chain, score, better), chains))
                     elif line_search and rung_no == len(rungs) - 1 and len(groups) > 1:  # finalists rank by rank
-                        walk_ranks(groups, lambda group: [score(i) for i in group], lambda new, old: new > old)
+                        walk_ranks(groups, lambda group: list(pool.map(score, group)), better)
                         for i in set(alive) - set(scores):
                             results[i]["skipped"] = SKIPPED_BY_RANK_WALK
                     else:
-                        for i in alive:
-                            score(i)
+                        list(pool.map(score, alive))
                     alive = sorted(scores, key=lambda j: (-scores[j], j))[:rung["keep"]]
         finally:
             spark.conf.set("spark.sql.shuffle.partitions", previous)
@@ -134,7 +151,7 @@ def run_implicit_als(ctx) -> dict:
         results = [r or {**q, "skipped": SKIPPED_BY_LINE_SEARCH}
                    for r, q in zip(results, points)]
         (folder / "grid.json").write_text(json.dumps(results, indent=2))
-        (ndcg, full), model, point = best
+        (ndcg, full, _), model, point = best
         if not full:
             log.info("implicit ALS: the %d-iteration screen fit of rank=%d reg=%g alpha=%g ranks best on validation "
                      "(NDCG@10 %.4f, above every fit with all its iterations): it is the model", point["max_iter"],
