@@ -2,7 +2,7 @@
 memory of the driver (the Python process tree) and of the Spark JVM.
 
     .venv/bin/python bench/pipeline.py [--sizes small,1m,10m] [--data-dir /tmp/recsys-bench/data]
-        [--work-dir /tmp/recsys-bench/runs] [--json docs/scale.json] [--plot docs/scale.png] [--param NAME=VALUE]
+        [--work-dir /tmp/recsys-bench/runs] [--json docs/scale.json] [--plot JSON.png] [--param NAME=VALUE]
         [--timeout SECONDS] [--side-by-side] [--baseline REV [--rounds N] [--baseline-wall SECONDS]]
 
 Sizes: ``small`` is ml-latest-small ($MOVIELENS_DIR, else ../shared/data/ml-latest-small); ``1m``, ``10m`` and
@@ -377,7 +377,8 @@ def main() -> int:
     parser.add_argument("--data-dir", type=Path, default=Path("/tmp/recsys-bench/data"))
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/recsys-bench/runs"))
     parser.add_argument("--json", type=Path, default=REPO / "docs" / "scale.json")
-    parser.add_argument("--plot", type=Path, default=REPO / "docs" / "scale.png")
+    parser.add_argument("--plot", type=Path, default=None,
+                        help="default: beside --json, with .png (docs/scale.png for the default --json)")
     parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
     parser.add_argument("--side-by-side", action="store_true",
                         help="recsys run --side-by-side: a Spark stage beside a Python stage (default: recsys "
@@ -413,7 +414,7 @@ def main() -> int:
     ordered = sorted(runs.values(), key=lambda r: r["ratings"] or 0)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"runs": ordered}, indent=2) + "\n")
-    plot(ordered, args.plot)
+    plot(ordered, args.plot or args.json.with_suffix(".png"))  # a trial's --json elsewhere leaves docs/ alone
     print(table(ordered))
     print(targets(ordered))
     for comparison in filter(None, comparisons):

@@ -4,6 +4,7 @@ benchmark itself runs the whole pipeline at several sizes, far beyond a test's b
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -138,3 +139,16 @@ def test_the_benchmark_refuses_a_baseline_that_is_not_a_commit(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "--baseline no-such-revision: cannot export its code" in done.stderr
     assert not (tmp_path / "s.json").exists()
+
+
+def test_the_plot_goes_beside_the_json_unless_one_is_named(scale, monkeypatch, tmp_path):
+    """A run measured into another JSON (a comparison, a trial) must not redraw the README's docs/scale.png."""
+    drawn = []
+    monkeypatch.setattr(scale, "run_size", lambda size, args, runs, code: None)
+    monkeypatch.setattr(scale, "plot", lambda runs, path: drawn.append(path))
+    trial = tmp_path / "trial.json"
+    trial.write_text(json.dumps({"runs": [_run("small", 100_836, 125.0, {"etl": 10.0})]}))
+    for extra in ([], ["--plot", str(tmp_path / "named.png")]):
+        monkeypatch.setattr(sys, "argv", ["pipeline.py", "--sizes", "small", "--json", str(trial), *extra])
+        assert scale.main() == 0
+    assert drawn == [tmp_path / "trial.png", tmp_path / "named.png"]
