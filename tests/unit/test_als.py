@@ -49,6 +49,8 @@ def test_fits_side_by_side_are_the_params_or_every_ranks_chain_below_two_million
     assert parallel_fits(0, 800_000, 3) == 3  # the default grid at 1 M ratings: the three ranks' chains at once
     assert parallel_fits(0, 800_000, 1) == 2 and parallel_fits(0, 800_000, 9) == 4  # at least 2, at most 4
     assert parallel_fits(0, 2_000_000, 3) == 2 and parallel_fits(0, 8_000_000, 3) == 2  # compute-bound fits
+    assert parallel_fits(0, 8_000_000, 2, at_scale=1) == 1 and parallel_fits(0, 800_000, 2, at_scale=1) == 2
+    assert parallel_fits(2, 8_000_000, 2, at_scale=1) == 2  # the implicit grid's one at a time yields to the Param
 
 
 def test_halving_refits_the_best_point_with_all_its_iterations(spark, planted):

@@ -93,15 +93,16 @@ FIXED_COST_MAX_ROWS = 2_000_000  # below this a fit is mostly fixed cost: every 
 FITS_AT_ONCE_MAX = 4
 
 
-def parallel_fits(requested: int, train_rows: int, chains: int) -> int:
+def parallel_fits(requested: int, train_rows: int, chains: int, at_scale: int = FITS_AT_ONCE) -> int:
     """How many ALS fits run side by side: ``requested`` (Param ``als_parallel_fits``) where it is above 0, else
     by the data. Below FIXED_COST_MAX_ROWS training rows a fit (most of all a 3-iteration screen fit) is mostly
     fixed cost: Spark blocks the ratings anew and runs a dozen small jobs, which leave the cores idle between
-    them, so every rank's regParam chain runs at once (``chains``, at most FITS_AT_ONCE_MAX). From there on a
-    fit keeps the cores busy by itself, and more fits at once only add memory: FITS_AT_ONCE."""
+    them, so every rank's regParam chain runs at once (``chains``, at least FITS_AT_ONCE, at most
+    FITS_AT_ONCE_MAX). From there on a fit keeps the cores busy by itself, and more fits at once only add
+    memory: ``at_scale`` (the explicit grid's FITS_AT_ONCE; the implicit grid's larger ranks take 1)."""
     if requested > 0:
         return requested
-    return max(FITS_AT_ONCE, min(chains, FITS_AT_ONCE_MAX)) if train_rows < FIXED_COST_MAX_ROWS else FITS_AT_ONCE
+    return max(FITS_AT_ONCE, min(chains, FITS_AT_ONCE_MAX)) if train_rows < FIXED_COST_MAX_ROWS else at_scale
 
 
 def halving_rungs(n_points: int, max_iter: int, eta: int = 3, min_iters: int = HALVING_MIN_ITERS) -> list[dict]:

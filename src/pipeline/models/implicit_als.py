@@ -28,9 +28,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pandas as pd
 
 from pipeline import tracking
-from pipeline.models.als import (FIXED_COST_MAX_ROWS, HALVING_MIN_ROWS, SKIPPED_BY_LINE_SEARCH, SKIPPED_BY_RANK_WALK,
-                                 factor_model, halving_rungs, id_maps, parallel_fits, rank_groups, reg_chains,
-                                 rung_iters, walk_chain, walk_ranks)
+from pipeline.models.als import (HALVING_MIN_ROWS, SKIPPED_BY_LINE_SEARCH, SKIPPED_BY_RANK_WALK, factor_model,
+                                 halving_rungs, id_maps, parallel_fits, rank_groups, reg_chains, rung_iters, walk_chain,
+                                 walk_ranks)
 from pipeline.models.factor_model import FactorModel
 from pipeline.models.protocol import Fitted, run_candidate
 from pipeline.models.ranking import evaluate_ranking
@@ -87,8 +87,7 @@ def run_implicit_als(ctx) -> dict:
         # below 2 M training rows, where a 3-iteration fit is mostly Spark's fixed cost, the ranks' regParam
         # chains side by side as the explicit grid's (Param als_parallel_fits); from there on the fits are
         # compute-bound (at 10 M two at once gained nothing) and run one at a time unless the Param says otherwise
-        workers = parallel_fits(p.als_parallel_fits, len(split.train), len(reg_chains(points))) \
-            if p.als_parallel_fits > 0 or len(split.train) < FIXED_COST_MAX_ROWS else 1
+        workers = parallel_fits(p.als_parallel_fits, len(split.train), len(reg_chains(points)), at_scale=1)
         lock = threading.Lock()
         better = lambda new, old: new > old  # noqa: E731
         try:
