@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import uuid
@@ -12,6 +13,8 @@ from pathlib import Path
 from pipeline.config import restored_environment
 from pipeline.spark_logging import java_options, jvm_stderr_filter
 
+
+log = logging.getLogger(__name__)
 
 JVM_MEMORY_OPTIONS = "-XX:G1PeriodicGCInterval=3000 -XX:MinHeapFreeRatio=10 -XX:MaxHeapFreeRatio=30"
 # Native BLAS (Debian's OpenBLAS, `make install` / the image) runs single-threaded inside the JVMs: Spark already
@@ -29,6 +32,23 @@ def get_spark(settings, app_name: str = "movielens-recsys"):
     with _LOCK:
         _SESSION = _existing() or _create(settings, app_name)
         return _SESSION
+
+
+def start_in_background(settings) -> threading.Thread:
+    """Start the process's session (the JVM, the SparkContext) on a daemon thread and return it, so that a
+    ``recsys run`` overlaps the start -- a few seconds -- with its Python stages ahead of the first Spark one
+    (ingest, validate). A failure here is only logged at debug level: the first stage that calls ``get_spark``
+    meets it again and reports it."""
+
+    def start() -> None:
+        try:
+            get_spark(settings)
+        except Exception:  # noqa: BLE001  (raised again, with its traceback, by the stage's own get_spark)
+            log.debug("starting Spark in the background failed; the first Spark stage will retry", exc_info=True)
+
+    thread = threading.Thread(target=start, name="spark-start", daemon=True)
+    thread.start()
+    return thread
 
 
 def _existing():
@@ -73,9 +93,8 @@ def _create(settings, app_name: str):
         # loopback only: a laptop or CI box needs no externally reachable driver
         builder = builder.config("spark.driver.host", "127.0.0.1").config("spark.driver.bindAddress", "127.0.0.1")
         builder = builder.config("spark.ui.enabled", "true" if settings.spark_ui else "false")
-    import numpy  # noqa: F401  (loaded, with its BLAS thread count, before JVM_ENV is set)
-
-    # the local driver JVM inherits JVM_ENV; this process's own BLAS (numpy's, loaded already) keeps its threads
+    _load_thread_pools()
+    # the local driver JVM inherits JVM_ENV; this process's own thread pools (loaded already) keep their threads
     with jvm_stderr_filter(), restored_environment(JVM_ENV):  # the JVM starts here (once per process)
         os.environ.update(JVM_ENV)
         spark = builder.getOrCreate()
@@ -84,6 +103,19 @@ def _create(settings, app_name: str):
     spark.sparkContext.setLogLevel(settings.spark_log_level)
     return spark
 
+
+def _load_thread_pools() -> None:
+    """Load, before JVM_ENV is set, the libraries of this process that size a thread pool from those variables
+    when they load: numpy's and scipy's OpenBLAS (scipy: kNN, EASE, and Great Expectations imports it) and
+    Arrow's CPU pool (made on first use). Had one of them loaded while the variables were set -- the JVM starts
+    while the validate stage imports Great Expectations (``start_in_background``) -- its pool would keep one
+    thread for the whole run."""
+    import numpy
+    import pyarrow
+    import scipy.linalg
+
+    pyarrow.cpu_count()
+    del numpy, scipy  # loaded is what counts
 
 
 @contextmanager

@@ -334,6 +334,7 @@ def run_pipeline(ctx: RunContext, stages: list[str], fresh: bool = False, concur
             report.clear_summaries(ctx.run_dir)
         names = parse_stages(",".join(stages))
         _FREEZE_SURVIVORS = True  # release_memory
+        starting = _start_spark_early(ctx, names)
         try:
             if concurrent:
                 run_lanes(names, lambda name: run_stage(name, ctx))
@@ -343,7 +344,20 @@ def run_pipeline(ctx: RunContext, stages: list[str], fresh: bool = False, concur
         finally:
             _FREEZE_SURVIVORS = False
             gc.unfreeze()
+            if starting is not None:  # a run that failed ahead of its Spark stages ends after the JVM's start,
+                starting.join()  # not within it (its stderr is a pipe while the JVM starts)
         return report.write_report(ctx, ORDER)
+
+
+def _start_spark_early(ctx: RunContext, names: list[str]) -> threading.Thread | None:
+    """Where Python stages come ahead of the first Spark stage (ingest and validate in a whole run), start the
+    Spark session on a thread while they run: the JVM's start overlaps them instead of opening the ETL stage."""
+    lanes = [STAGES[name].lane for name in names]
+    if "spark" not in lanes or lanes[0] == "spark":
+        return None
+    from pipeline.spark import start_in_background
+
+    return start_in_background(ctx.settings)
 
 
 SIDE_BY_SIDE_MIN_CORES = 4

@@ -99,6 +99,24 @@ def test_one_at_a_time_keeps_pipeline_order(tmp_path, monkeypatch):
     assert calls[0] == "etl" and sorted(calls) == ["als", "ease", "etl"]
 
 
+def test_spark_starts_on_a_thread_only_where_python_stages_come_before_the_first_spark_one(tmp_path, monkeypatch):
+    import pipeline.spark
+
+    started = []
+
+    def start(settings):
+        started.append(settings)
+        return threading.Thread(target=lambda: None)
+
+    monkeypatch.setattr(pipeline.spark, "start_in_background", start)
+    ctx = stages.make_context(run_id="r1", work_dir=tmp_path / "run", params={})
+    for names, expected in ((["ingest", "validate", "etl", "olap"], 1), (["baseline", "als"], 1), (["etl"], 0),
+                            (["als", "autorec"], 0), (["ingest", "validate"], 0), (["autorec", "knn"], 0)):
+        started.clear()
+        thread = stages._start_spark_early(ctx, names)
+        assert started == [ctx.settings] * expected and (thread is not None) == bool(expected), names
+
+
 @pytest.mark.parametrize("flags, cores, expected", [([], 2, False), ([], 8, True), (["--side-by-side"], 2, True),
                                                     (["--one-at-a-time"], 8, False)])
 def test_recsys_run_is_side_by_side_from_four_cores_unless_told(tmp_path, monkeypatch, flags, cores, expected):

@@ -80,3 +80,42 @@ def test_the_native_blas_probe_starts_no_blas_threads_in_python():
     if loaded != "True" and not os.environ.get("CI"):
         pytest.skip("no system BLAS here (make install adds it)")
     assert (loaded, variable, threads) == ("True", "None", "1")
+
+
+EARLY_START = """
+import os
+import sys
+import time
+from pipeline.config import load_settings
+from pipeline.spark import start_in_background
+
+starting = start_in_background(load_settings({"RECSYS_HOME": sys.argv[1]}))
+deadline = time.monotonic() + 120
+while os.environ.get("OPENBLAS_NUM_THREADS") != "1" and starting.is_alive() and time.monotonic() < deadline:
+    time.sleep(0.001)  # until the JVM's environment is set: the validate stage's imports happen in that window
+window = os.environ.get("OPENBLAS_NUM_THREADS") == "1"
+import pyarrow
+import scipy.linalg  # noqa: F401  (Great Expectations imports it)
+arrow = pyarrow.cpu_count()
+starting.join()
+from threadpoolctl import threadpool_info
+# numpy's and scipy's own OpenBLAS (the system one is the JVM's, probed with one thread: the test above)
+blas = sorted(p["num_threads"] for p in threadpool_info()
+              if p["internal_api"] == "openblas" and "site-packages" in p["filepath"])
+print("window", window, "arrow", arrow, "blas", *blas, flush=True)
+"""
+
+
+@pytest.mark.spark
+def test_a_session_started_beside_the_python_stages_leaves_their_thread_pools_whole(tmp_path):
+    """``recsys run`` starts the JVM on a thread while ingest and validate run, and the JVM's one-thread BLAS
+    setting is in this process's environment meanwhile: the libraries that size a pool from it when they load
+    (scipy's OpenBLAS, Arrow's CPU pool) are loaded before, or the process would keep one thread in each."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")}
+    out = subprocess.run([sys.executable, "-c", EARLY_START, str(tmp_path / "home")], capture_output=True,
+                         text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    words = out.stdout.split()
+    cores = os.cpu_count()
+    assert words[:4] == ["window", "True", "arrow", str(cores)], out.stdout
+    assert words[4:] == ["blas", str(cores), str(cores)], out.stdout
