@@ -68,3 +68,25 @@ def test_temporal_split_holds_out_each_users_latest_ratings(spark, validated, tm
     assert sorted(test[test.user_id == 2].movie_id) == [10]
     val = _read(spark, out["paths"]["validation"])
     assert sorted(val[val.user_id == 1].movie_id) == [17, 18]
+
+
+def test_indices_are_the_order_stringindexer_gives_ties_included(spark):
+    """index_ids numbers the ids on the driver; the order is StringIndexer's (frequencyDesc, which indexed them
+    before), so splits and models are unchanged: most frequent first, equal counts in the ids' string order."""
+    import numpy as np
+    from pyspark.ml.feature import StringIndexer
+
+    from pipeline.data.etl import index_ids
+
+    rng = np.random.default_rng(3)
+    users, movies = rng.integers(1, 400, 3000), rng.integers(1, 1200, 3000)  # few ratings per id: many ties
+    ratings = spark.createDataFrame(pd.DataFrame({"user_id": users, "movie_id": movies, "rating": 3.0, "ts": T0}))
+    for mapping, col, idx in zip(index_ids(ratings), ("user_id", "movie_id"), ("user_idx", "movie_idx")):
+        ours = mapping.toPandas().sort_values(col, ignore_index=True)
+        model = StringIndexer(inputCol=col, outputCol=idx, stringOrderType="frequencyDesc").fit(ratings)
+        theirs = model.transform(ratings.select(col).distinct()).toPandas().sort_values(col, ignore_index=True)
+        assert ours[idx].tolist() == theirs[idx].astype(int).tolist()
+        counts = pd.Series(users if col == "user_id" else movies).value_counts()
+        assert ours.set_index(col)["n_ratings"].to_dict() == counts.to_dict()
+        assert sorted(ours[idx]) == list(range(len(ours)))
+        assert [f.dataType.typeName() for f in mapping.schema] == ["long", "integer", "long"]
