@@ -78,3 +78,14 @@ def test_summary_is_written_with_its_plots(olap, olap_dir):
     assert "## Most rated movies" in text and "Ten (1995)" in text
     assert (tmp_path / "olap" / "ratings_per_month.png").stat().st_size > 1000
     assert (tmp_path / "olap" / "activity_and_ratings.png").exists()
+
+
+def test_the_manifest_counts_each_table_from_the_file_written(olap, olap_dir):
+    """The queries run side by side; each table's row count in the manifest is that of its own file."""
+    import json
+
+    tables, out = olap
+    manifest = json.loads((olap_dir / "olap" / "manifest.json").read_text())["tables"]
+    assert set(manifest) == set(tables) == set(out["tables"])
+    assert {name: info["rows"] for name, info in manifest.items()} == {name: len(t) for name, t in tables.items()}
+    assert len(tables["movie_popularity"]) == 2 and len(tables["rating_distribution"]) == 4

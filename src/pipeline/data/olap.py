@@ -9,11 +9,14 @@ tags, ``tags_per_movie``. ``summary.md`` (with two plots) is what a person reads
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from pipeline import storage
 
 log = logging.getLogger(__name__)
+
+QUERIES_AT_ONCE = 3
 
 # Each query reads the temp views `ratings`, `movies` (and `tags`); `{min_ratings}` is filled in.
 QUERIES = {
@@ -159,7 +162,8 @@ def write_summary(frames: dict, folder: Path, dataset: dict, min_ratings: int) -
         "## Most rated movies", _markdown_table(pop[["title", "n_ratings", "mean_rating"]]),
         f"## Best rated movies (at least {min_ratings} ratings)",
         _markdown_table(pop.sort_values("rating_rank")[["title", "n_ratings", "mean_rating"]]),
-        "## Genres by number of ratings", _markdown_table(genres[["genre", "n_ratings", "mean_rating", "n_movies"]], 20),
+        "## Genres by number of ratings",
+        _markdown_table(genres[["genre", "n_ratings", "mean_rating", "n_movies"]], 20),
         "## Release years by number of ratings", _markdown_table(years[["year", "n_ratings", "mean_rating"]]),
         "## User activity", _markdown_table(frames["user_activity"], 20),
     ]
@@ -175,12 +179,21 @@ def summarize_ratings(spark, validate_dir: Path, out_dir: Path, min_ratings: int
     tables = olap_tables(spark, validate_dir, min_ratings)
     written, frames = {}, {}
     with storage.atomic_dir(out_dir) as tmp:
-        for name, df in tables.items():
-            df.coalesce(1).write.parquet(str(tmp / f"{name}.parquet"))
-            result = spark.read.parquet(str(tmp / f"{name}.parquet"))
-            written[name] = {"rows": result.count(), "path": str(out_dir / f"{name}.parquet")}
-            if name != "tags_per_movie" or written[name]["rows"] <= 100_000:
+
+        def persist(name: str) -> None:
+            tables[name].coalesce(1).write.parquet(str(tmp / f"{name}.parquet"))
+            result = spark.read.parquet(str(tmp / f"{name}.parquet"))  # counted from the file just written
+            rows = result.count() if name == "tags_per_movie" else None
+            if rows is None or rows <= 100_000:
                 frames[name] = result.toPandas()
+            written[name] = {"rows": len(frames[name]) if rows is None else rows,
+                             "path": str(out_dir / f"{name}.parquet")}
+
+        # the queries at once: each is a handful of small Spark jobs whose scheduling gaps leave the cores idle
+        # (at 1 M ratings one at a time took 8.5-10.8 s, docs/measurements.md, session 16)
+        with ThreadPoolExecutor(max_workers=QUERIES_AT_ONCE) as pool:
+            list(pool.map(persist, tables))
+        written = {name: written[name] for name in tables}  # the manifest in query order
         frames["movie_popularity"] = frames["movie_popularity"].sort_values(["popularity_rank", "movie_id"])
         write_summary(frames, tmp, dataset, min_ratings)
         storage.write_manifest(tmp, "olap", written, min_ratings=min_ratings)
