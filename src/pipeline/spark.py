@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 import uuid
@@ -13,8 +12,6 @@ from pathlib import Path
 from pipeline.config import restored_environment
 from pipeline.spark_logging import java_options, jvm_stderr_filter
 
-
-log = logging.getLogger(__name__)
 
 JVM_MEMORY_OPTIONS = "-XX:G1PeriodicGCInterval=3000 -XX:MinHeapFreeRatio=10 -XX:MaxHeapFreeRatio=30"
 # Native BLAS (Debian's OpenBLAS, `make install` / the image) runs single-threaded inside the JVMs: Spark already
@@ -32,23 +29,6 @@ def get_spark(settings, app_name: str = "movielens-recsys"):
     with _LOCK:
         _SESSION = _existing() or _create(settings, app_name)
         return _SESSION
-
-
-def start_in_background(settings) -> threading.Thread:
-    """Start the process's session (the JVM, the SparkContext) on a daemon thread and return it, so that a
-    ``recsys run`` overlaps the start -- a few seconds -- with its Python stages ahead of the first Spark one
-    (ingest, validate). A failure here is only logged at debug level: the first stage that calls ``get_spark``
-    meets it again and reports it."""
-
-    def start() -> None:
-        try:
-            get_spark(settings)
-        except Exception:  # noqa: BLE001  (raised again, with its traceback, by the stage's own get_spark)
-            log.debug("starting Spark in the background failed; the first Spark stage will retry", exc_info=True)
-
-    thread = threading.Thread(target=start, name="spark-start", daemon=True)
-    thread.start()
-    return thread
 
 
 def _existing():
@@ -107,9 +87,9 @@ def _create(settings, app_name: str):
 def _load_thread_pools() -> None:
     """Load, before JVM_ENV is set, the libraries of this process that size a thread pool from those variables
     when they load: numpy's and scipy's OpenBLAS (scipy: kNN, EASE, and Great Expectations imports it) and
-    Arrow's CPU pool (made on first use). Had one of them loaded while the variables were set -- the JVM starts
-    while the validate stage imports Great Expectations (``start_in_background``) -- its pool would keep one
-    thread for the whole run."""
+    Arrow's CPU pool (made on first use). Had one of them loaded while the variables were set -- ``recsys run``
+    starts the JVM while the validate stage imports Great Expectations (``stages.warm_up``) -- its pool would
+    keep one thread for the whole run."""
     import numpy
     import pyarrow
     import scipy.linalg

@@ -191,6 +191,7 @@ PIPELINE: tuple[Stage, ...] = (
     Stage("report", _report, ("olap", "recommend", "cold_start")),
 )
 STAGES = {stage.name: stage for stage in PIPELINE}
+FIRST_TRACKED = "baseline"  # the stages from here on log to MLflow or read its registry
 ORDER = [stage.name for stage in PIPELINE]
 UPSTREAM = {stage.name: stage.upstream for stage in PIPELINE}
 LANES = ("spark", "python")
@@ -334,7 +335,7 @@ def run_pipeline(ctx: RunContext, stages: list[str], fresh: bool = False, concur
             report.clear_summaries(ctx.run_dir)
         names = parse_stages(",".join(stages))
         _FREEZE_SURVIVORS = True  # release_memory
-        starting = _start_spark_early(ctx, names)
+        warming = warm_up(ctx, names)
         try:
             if concurrent:
                 run_lanes(names, lambda name: run_stage(name, ctx))
@@ -344,20 +345,46 @@ def run_pipeline(ctx: RunContext, stages: list[str], fresh: bool = False, concur
         finally:
             _FREEZE_SURVIVORS = False
             gc.unfreeze()
-            if starting is not None:  # a run that failed ahead of its Spark stages ends after the JVM's start,
-                starting.join()  # not within it (its stderr is a pipe while the JVM starts)
+            if warming is not None:  # a run that failed early ends after the warm-up, not within it: stderr is a
+                warming.join(WARM_UP_WAIT_S)  # pipe while the JVM starts, and MLflow may be creating its tables
         return report.write_report(ctx, ORDER)
 
 
-def _start_spark_early(ctx: RunContext, names: list[str]) -> threading.Thread | None:
-    """Where Python stages come ahead of the first Spark stage (ingest and validate in a whole run), start the
-    Spark session on a thread while they run: the JVM's start overlaps them instead of opening the ETL stage."""
-    lanes = [STAGES[name].lane for name in names]
-    if "spark" not in lanes or lanes[0] == "spark":
-        return None
-    from pipeline.spark import start_in_background
+WARM_UP_WAIT_S = 60  # how long a run that failed waits for its warm-up (a remote MLflow server may not answer)
 
-    return start_in_background(ctx.settings)
+
+def warm_up(ctx: RunContext, names: list[str]) -> threading.Thread | None:
+    """Start, on one thread, what later stages would otherwise start themselves, while earlier stages run:
+    the Spark session (the JVM: a few seconds) where Python stages come ahead of the first Spark stage (ingest
+    and validate in a whole run), then MLflow (its import, the store's tables on a first run, the experiment:
+    about 2.5 s) where stages come ahead of the first one that tracks (``baseline``, first of the models and
+    the stages after them). One after the other: the JVM's start puts its one-thread BLAS variables in this
+    process's environment (``pipeline.spark``). A failure is only logged at debug level: the stage that needs
+    the session or the store meets it again and reports it."""
+    lanes = [STAGES[name].lane for name in names]
+    tracked = [i for i, name in enumerate(names) if ORDER.index(name) >= ORDER.index(FIRST_TRACKED)]
+    steps = []
+    if "spark" in lanes and lanes[0] != "spark":
+        from pipeline.spark import get_spark
+
+        steps.append(get_spark)
+    if tracked and tracked[0] > 0:
+        from pipeline.tracking import configure
+
+        steps.append(configure)
+    if not steps:
+        return None
+
+    def work() -> None:
+        for step in steps:
+            try:
+                step(ctx.settings)
+            except Exception:  # noqa: BLE001  (raised again, with its traceback, by the stage that needs it)
+                log.debug("warm-up: %s failed; the stage that needs it will retry", step.__name__, exc_info=True)
+
+    thread = threading.Thread(target=work, name="warm-up", daemon=True)
+    thread.start()
+    return thread
 
 
 SIDE_BY_SIDE_MIN_CORES = 4

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 
+_CONFIGURE_LOCK = threading.Lock()
 _CONFIGURED: tuple | None = None  # (tracking URI, experiment name, experiment id) last configured in this process
 
 
@@ -32,8 +34,15 @@ def configure(settings) -> str:
     """Point MLflow at the settings' tracking URI and experiment; returns the experiment id.
 
     Every MLflow call of the pipeline goes through ``start_run`` or ``client``, which call this, so no stage
-    depends on another having configured MLflow first. Repeated calls with the same settings are cheap.
+    depends on another having configured MLflow first. Repeated calls with the same settings are cheap. Safe
+    from any thread: one configures at a time (``recsys run`` warms MLflow up on a thread while the data
+    stages run, and a first configuration creates the store's tables).
     """
+    with _CONFIGURE_LOCK:
+        return _configure(settings)
+
+
+def _configure(settings) -> str:
     import mlflow
 
     global _CONFIGURED

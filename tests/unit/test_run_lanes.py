@@ -99,22 +99,42 @@ def test_one_at_a_time_keeps_pipeline_order(tmp_path, monkeypatch):
     assert calls[0] == "etl" and sorted(calls) == ["als", "ease", "etl"]
 
 
-def test_spark_starts_on_a_thread_only_where_python_stages_come_before_the_first_spark_one(tmp_path, monkeypatch):
+def test_the_warm_up_starts_spark_and_mlflow_only_where_stages_come_before_the_first_that_needs_them(
+        tmp_path, monkeypatch):
     import pipeline.spark
+    import pipeline.tracking
 
     started = []
-
-    def start(settings):
-        started.append(settings)
-        return threading.Thread(target=lambda: None)
-
-    monkeypatch.setattr(pipeline.spark, "start_in_background", start)
+    monkeypatch.setattr(pipeline.spark, "get_spark", lambda settings: started.append(("spark", settings)))
+    monkeypatch.setattr(pipeline.tracking, "configure", lambda settings: started.append(("mlflow", settings)))
     ctx = stages.make_context(run_id="r1", work_dir=tmp_path / "run", params={})
-    for names, expected in ((["ingest", "validate", "etl", "olap"], 1), (["baseline", "als"], 1), (["etl"], 0),
-                            (["als", "autorec"], 0), (["ingest", "validate"], 0), (["autorec", "knn"], 0)):
+    for names, expected in ((["ingest", "validate", "etl", "olap"], ["spark"]),
+                            (["ingest", "validate", "etl", "baseline", "als"], ["spark", "mlflow"]),
+                            (["etl", "olap", "baseline"], ["mlflow"]), (["baseline", "als"], ["spark"]),
+                            (["etl"], []), (["als", "autorec"], []), (["ingest", "validate"], []),
+                            (["autorec", "knn"], []), (["gate", "promotion"], [])):
         started.clear()
-        thread = stages._start_spark_early(ctx, names)
-        assert started == [ctx.settings] * expected and (thread is not None) == bool(expected), names
+        thread = stages.warm_up(ctx, names)
+        if thread is not None:
+            thread.join()
+        assert started == [(step, ctx.settings) for step in expected] and (thread is None) == (not expected), names
+
+
+def test_a_failed_warm_up_step_is_left_to_the_stage_that_needs_it(tmp_path, monkeypatch, caplog):
+    import pipeline.spark
+    import pipeline.tracking
+
+    def no_java(settings):
+        raise RuntimeError("Java gateway process exited")
+
+    seen = []
+    monkeypatch.setattr(pipeline.spark, "get_spark", no_java)
+    monkeypatch.setattr(pipeline.tracking, "configure", lambda settings: seen.append("mlflow"))
+    ctx = stages.make_context(run_id="r1", work_dir=tmp_path / "run", params={})
+    with caplog.at_level("DEBUG", logger="pipeline.stages"):
+        stages.warm_up(ctx, ["ingest", "validate", "etl", "baseline"]).join()
+    assert seen == ["mlflow"]  # the next step still runs
+    assert "warm-up: no_java failed" in caplog.text
 
 
 @pytest.mark.parametrize("flags, cores, expected", [([], 2, False), ([], 8, True), (["--side-by-side"], 2, True),

@@ -85,11 +85,13 @@ def test_the_native_blas_probe_starts_no_blas_threads_in_python():
 EARLY_START = """
 import os
 import sys
+import threading
 import time
 from pipeline.config import load_settings
-from pipeline.spark import start_in_background
+from pipeline.spark import get_spark
 
-starting = start_in_background(load_settings({"RECSYS_HOME": sys.argv[1]}))
+starting = threading.Thread(target=get_spark, args=(load_settings({"RECSYS_HOME": sys.argv[1]}),))
+starting.start()
 deadline = time.monotonic() + 120
 while os.environ.get("OPENBLAS_NUM_THREADS") != "1" and starting.is_alive() and time.monotonic() < deadline:
     time.sleep(0.001)  # until the JVM's environment is set: the validate stage's imports happen in that window
@@ -108,9 +110,10 @@ print("window", window, "arrow", arrow, "blas", *blas, flush=True)
 
 @pytest.mark.spark
 def test_a_session_started_beside_the_python_stages_leaves_their_thread_pools_whole(tmp_path):
-    """``recsys run`` starts the JVM on a thread while ingest and validate run, and the JVM's one-thread BLAS
-    setting is in this process's environment meanwhile: the libraries that size a pool from it when they load
-    (scipy's OpenBLAS, Arrow's CPU pool) are loaded before, or the process would keep one thread in each."""
+    """``recsys run`` starts the JVM on a thread while ingest and validate run (``stages.warm_up``), and the
+    JVM's one-thread BLAS setting is in this process's environment meanwhile: the libraries that size a pool
+    from it when they load (scipy's OpenBLAS, Arrow's CPU pool) are loaded before, or the process would keep
+    one thread in each."""
     env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")}
     out = subprocess.run([sys.executable, "-c", EARLY_START, str(tmp_path / "home")], capture_output=True,
                          text=True, timeout=300, env=env)
