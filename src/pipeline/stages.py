@@ -345,22 +345,47 @@ def run_pipeline(ctx: RunContext, stages: list[str], fresh: bool = False, concur
         finally:
             _FREEZE_SURVIVORS = False
             gc.unfreeze()
-            if warming is not None:  # a run that failed early ends after the warm-up, not within it: stderr is a
-                warming.join(WARM_UP_WAIT_S)  # pipe while the JVM starts, and MLflow may be creating its tables
+            if warming is not None:
+                # a run that failed early ends after the warm-up's step under way, not within it: stderr is a pipe
+                # while the JVM starts, and MLflow may be creating its tables
+                warming.finish(WARM_UP_WAIT_S)
         return report.write_report(ctx, ORDER)
 
 
 WARM_UP_WAIT_S = 60  # how long a run that failed waits for its warm-up (a remote MLflow server may not answer)
 
 
-def warm_up(ctx: RunContext, names: list[str]) -> threading.Thread | None:
+class WarmUp(threading.Thread):
+    """``warm_up``'s thread: its steps one after the other, each given the settings, until ``finish``."""
+
+    def __init__(self, steps: list[Callable], settings):
+        super().__init__(name="warm-up", daemon=True)
+        self.steps, self.settings, self.cancelled = steps, settings, threading.Event()
+
+    def run(self) -> None:
+        for step in self.steps:
+            if self.cancelled.is_set():  # the run has ended (a stage failed): nothing left to warm up for
+                return
+            try:
+                step(self.settings)
+            except Exception:  # noqa: BLE001  (raised again, with its traceback, by the stage that needs it)
+                log.debug("warm-up: %s failed; the stage that needs it will retry", step.__name__, exc_info=True)
+
+    def finish(self, timeout: float) -> None:
+        """No further step; wait up to ``timeout`` seconds for the one under way."""
+        self.cancelled.set()
+        self.join(timeout)
+
+
+def warm_up(ctx: RunContext, names: list[str]) -> WarmUp | None:
     """Start, on one thread, what later stages would otherwise start themselves, while earlier stages run:
     the Spark session (the JVM: a few seconds) where Python stages come ahead of the first Spark stage (ingest
     and validate in a whole run), then MLflow (its import, the store's tables on a first run, the experiment:
     about 2.5 s) where stages come ahead of the first one that tracks (``baseline``, first of the models and
     the stages after them). One after the other: the JVM's start puts its one-thread BLAS variables in this
     process's environment (``pipeline.spark``). A failure is only logged at debug level: the stage that needs
-    the session or the store meets it again and reports it."""
+    the session or the store meets it again and reports it. When the run ends first (a stage failed), the step
+    under way finishes and the others are skipped (``WarmUp.finish``)."""
     lanes = [STAGES[name].lane for name in names]
     tracked = [i for i, name in enumerate(names) if ORDER.index(name) >= ORDER.index(FIRST_TRACKED)]
     steps = []
@@ -374,15 +399,7 @@ def warm_up(ctx: RunContext, names: list[str]) -> threading.Thread | None:
         steps.append(configure)
     if not steps:
         return None
-
-    def work() -> None:
-        for step in steps:
-            try:
-                step(ctx.settings)
-            except Exception:  # noqa: BLE001  (raised again, with its traceback, by the stage that needs it)
-                log.debug("warm-up: %s failed; the stage that needs it will retry", step.__name__, exc_info=True)
-
-    thread = threading.Thread(target=work, name="warm-up", daemon=True)
+    thread = WarmUp(steps, ctx.settings)
     thread.start()
     return thread
 

@@ -137,6 +137,30 @@ def test_a_failed_warm_up_step_is_left_to_the_stage_that_needs_it(tmp_path, monk
     assert "warm-up: no_java failed" in caplog.text
 
 
+def test_a_run_that_ends_during_the_warm_up_waits_for_the_step_under_way_and_skips_the_rest(tmp_path, monkeypatch):
+    """Validation stopped the run while the JVM was starting: the run waits for the session (stderr is a pipe
+    until then) but no longer sets MLflow up."""
+    import pipeline.spark
+    import pipeline.tracking
+
+    started, warming = [], []
+
+    def get_spark(settings):  # still starting when the run ends
+        started.append("spark")
+        deadline = time.monotonic() + 10
+        while not (warming and warming[0].cancelled.is_set()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    monkeypatch.setattr(pipeline.spark, "get_spark", get_spark)
+    monkeypatch.setattr(pipeline.tracking, "configure", lambda settings: started.append("mlflow"))
+    ctx = stages.make_context(run_id="r1", work_dir=tmp_path / "run", params={})
+    warming.append(stages.warm_up(ctx, ["ingest", "validate", "etl", "baseline"]))
+    while not started:
+        time.sleep(0.01)
+    warming[0].finish(10)
+    assert started == ["spark"] and not warming[0].is_alive()
+
+
 @pytest.mark.parametrize("flags, cores, expected", [([], 2, False), ([], 8, True), (["--side-by-side"], 2, True),
                                                     (["--one-at-a-time"], 8, False)])
 def test_recsys_run_is_side_by_side_from_four_cores_unless_told(tmp_path, monkeypatch, flags, cores, expected):
