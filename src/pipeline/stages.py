@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pipeline import lineage, locks, report, storage
 from pipeline.config import RunContext, make_context
 from pipeline.errors import ChampionUnavailableError, ConfigError, RecsysError
+from pipeline.warm_up import WARM_UP_WAIT_S, WarmUp
 from pipeline.services import service_error
 
 log = logging.getLogger(__name__)
@@ -350,31 +351,6 @@ def run_pipeline(ctx: RunContext, stages: list[str], fresh: bool = False, concur
                 # while the JVM starts, and MLflow may be creating its tables
                 warming.finish(WARM_UP_WAIT_S)
         return report.write_report(ctx, ORDER)
-
-
-WARM_UP_WAIT_S = 60  # how long a run that failed waits for its warm-up (a remote MLflow server may not answer)
-
-
-class WarmUp(threading.Thread):
-    """``warm_up``'s thread: its steps one after the other, each given the settings, until ``finish``."""
-
-    def __init__(self, steps: list[Callable], settings):
-        super().__init__(name="warm-up", daemon=True)
-        self.steps, self.settings, self.cancelled = steps, settings, threading.Event()
-
-    def run(self) -> None:
-        for step in self.steps:
-            if self.cancelled.is_set():  # the run has ended (a stage failed): nothing left to warm up for
-                return
-            try:
-                step(self.settings)
-            except Exception:  # noqa: BLE001  (raised again, with its traceback, by the stage that needs it)
-                log.debug("warm-up: %s failed; the stage that needs it will retry", step.__name__, exc_info=True)
-
-    def finish(self, timeout: float) -> None:
-        """No further step; wait up to ``timeout`` seconds for the one under way."""
-        self.cancelled.set()
-        self.join(timeout)
 
 
 def warm_up(ctx: RunContext, names: list[str]) -> WarmUp | None:

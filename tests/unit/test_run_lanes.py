@@ -131,7 +131,7 @@ def test_a_failed_warm_up_step_is_left_to_the_stage_that_needs_it(tmp_path, monk
     monkeypatch.setattr(pipeline.spark, "get_spark", no_java)
     monkeypatch.setattr(pipeline.tracking, "configure", lambda settings: seen.append("mlflow"))
     ctx = stages.make_context(run_id="r1", work_dir=tmp_path / "run", params={})
-    with caplog.at_level("DEBUG", logger="pipeline.stages"):
+    with caplog.at_level("DEBUG", logger="pipeline.warm_up"):
         stages.warm_up(ctx, ["ingest", "validate", "etl", "baseline"]).join()
     assert seen == ["mlflow"]  # the next step still runs
     assert "warm-up: no_java failed" in caplog.text

@@ -193,7 +193,7 @@ def summarize_ratings(spark, validate_dir: Path, out_dir: Path, min_ratings: int
         # (at 1 M ratings one at a time took 8.5-10.8 s, docs/measurements.md, session 16)
         with ThreadPoolExecutor(max_workers=QUERIES_AT_ONCE) as pool:
             list(pool.map(persist, tables))
-        written = {name: written[name] for name in tables}  # the manifest in query order
+        written = {name: written[name] for name in tables}  # in query order, not in the order they finished
         frames["movie_popularity"] = frames["movie_popularity"].sort_values(["popularity_rank", "movie_id"])
         write_summary(frames, tmp, dataset, min_ratings)
         storage.write_manifest(tmp, "olap", written, min_ratings=min_ratings)
