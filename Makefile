@@ -13,11 +13,13 @@ export AIRFLOW__CORE__LOAD_EXAMPLES ?= False
 export AIRFLOW__CORE__UNIT_TEST_MODE ?= False
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: help install java blas run test lock clean
+.PHONY: help install java blas run test test-fast lint lock clean
 
 help:
 	@echo "make run    set up, then run the whole DAG (airflow dags test movielens_recsys)"
 	@echo "make test   set up, then run the test suite"
+	@echo "make test-fast   the unit tests only (no real dataset, no servers)"
+	@echo "make lint   ruff (rules in pyproject.toml)"
 	@echo "make lock   re-resolve setup.cfg's ranges into constraints.txt"
 
 java:
@@ -55,6 +57,13 @@ run: install
 
 test: install
 	$(BIN)/python -m pytest
+
+# Unit tests on tiny generated data: no real dataset, no Airflow servers, no browser.
+test-fast: install
+	$(BIN)/python -m pytest -m "not integration and not service" tests/unit tests/plugins
+
+lint: $(STAMP)
+	$(BIN)/ruff check src dags plugins tests bench
 
 lock:
 	rm -rf /tmp/recsys-lock && $(PYTHON) -m venv /tmp/recsys-lock

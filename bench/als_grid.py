@@ -9,10 +9,11 @@ naive loop (``--compare naive``, the default), or successive halving against the
     .venv/bin/python bench/als_grid.py --source /tmp/syn1m --compare halving
 
 Prints both wall times, the ratio, and both chosen grid points; for halving also the full grid's validation
-RMSE of halving's choice and its gap to the full grid's best (the target: within 0.003). The naive way: a sequential loop of
-``ALS.fit`` on the training parquet + ``transform`` + RegressionEvaluator per point, with Spark's defaults
-(200 shuffle partitions, 10 user/item blocks). Both fit the same target (ratings minus the bias baseline)
-and score validation the same way (cold pairs from the baseline, clipped), so they choose among the same models.
+RMSE of halving's choice and its gap to the full grid's best (the target: within 0.003). The naive way: a
+sequential loop of ``ALS.fit`` on the training parquet + ``transform`` + RegressionEvaluator per point, with
+Spark's defaults (200 shuffle partitions, 10 user/item blocks). Both fit the same target (ratings minus the bias
+baseline) and score validation the same way (cold pairs from the baseline, clipped), so they choose among the same
+models.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from pathlib import Path
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    default_source = os.environ.get("MOVIELENS_DIR", str(Path(__file__).resolve().parents[2] / "shared/data/ml-latest-small"))
+    shared = Path(__file__).resolve().parents[2] / "shared/data/ml-latest-small"
+    default_source = os.environ.get("MOVIELENS_DIR", str(shared))
     parser.add_argument("--source", default=default_source)
     parser.add_argument("--ranks", default="10,25,50")
     parser.add_argument("--regs", default="0.05,0.1,0.125,0.15,0.2")
@@ -39,8 +41,8 @@ def main() -> int:
     args = parser.parse_args()
 
     from pipeline import stages
-    from pipeline.models.als import best_point, grid_points, residual_frame, search_grid, search_grid_naive
     from pipeline.config import load_settings
+    from pipeline.models.als import best_point, grid_points, residual_frame, search_grid, search_grid_naive
     from pipeline.models.protocol import load_baseline, load_split
     from pipeline.spark import get_spark
 

@@ -2,7 +2,8 @@
 child run (parents ``tune-autorec`` / ``tune-als``), chosen on validation RMSE only.
 
     RECSYS_HOME=... .venv/bin/python bench/rating_tuning.py --work-dir RUN [--autorec] [--als]
-        [--units 100,200,400] [--l2 10,30,100] [--lrs 0.001] [--decays 1.0,0.97] [--ranks 50,75,100,150] [--regs 0.1,0.125,0.15]
+        [--units 100,200,400] [--l2 10,30,100] [--lrs 0.001] [--decays 1.0,0.97]
+        [--ranks 50,75,100,150] [--regs 0.1,0.125,0.15]
 
 For each model it prints the validation RMSE of every point and, for the best point, the blend's out-of-fold
 validation RMSE with that model in place of the run's (``pipeline.models.blend.fit_blend``): what matters is

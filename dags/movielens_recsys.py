@@ -29,9 +29,10 @@ from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable, Param,
 
 from pipeline import stages
 from pipeline.config import load_settings
-from pipeline.params import PARAMS
 from pipeline.data.watch import ASSET_NAME, ASSET_URI
-from pipeline.gate import keep_champion as keep, promote as move_alias
+from pipeline.gate import keep_champion as keep
+from pipeline.gate import promote as move_alias
+from pipeline.params import PARAMS
 
 AFTER_BRANCH = "none_failed_min_one_success"  # run whichever branch was taken
 WEEKLY = "0 0 * * 0"  # Sundays 00:00 UTC

@@ -1,7 +1,7 @@
 """Extra links from the pipeline's tasks to where their results are browsed, and the Data Docs they link to.
 
-- **MLflow run** on `baseline`, `als`, `autorec`, `knn`, `blend` (the model's run, `models.<task>.mlflow_run_id` of the task's
-  return value) and `gate` (the challenger's run, `gate.challenger_run_id`);
+- **MLflow run** on `baseline`, `als`, `autorec`, `knn`, `blend` (the model's run,
+  `models.<task>.mlflow_run_id` of the task's return value) and `gate` (the challenger's run, `gate.challenger_run_id`);
 - **MLflow model version** on `gate` (the registered challenger version, `gate.registered_model` /
   `gate.challenger_version`);
 - **Data Docs** on `validate`: the run's Great Expectations Data Docs (`validation.data_docs`), served by the
@@ -25,11 +25,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from fastapi import Depends, FastAPI, HTTPException, Request
-from fastapi.responses import FileResponse, RedirectResponse
-
 from airflow.plugins_manager import AirflowPlugin
 from airflow.sdk import BaseOperatorLink
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import FileResponse, RedirectResponse
 
 DEFAULT_MLFLOW_UI_URL = "http://127.0.0.1:5000"
 DOCS_PREFIX = "/recsys"  # where the Data Docs app is mounted on the API server
@@ -185,8 +184,11 @@ async def _authorized(request: Request, dag_id: str) -> None:
     """The API's own check: a JWT (Authorization header or the UI's session cookie) of a user who may read
     this DAG's task instances. 401 without one, 403 when not allowed."""
     from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity
-    from airflow.api_fastapi.core_api.security import COOKIE_NAME_JWT_TOKEN, requires_access_dag, \
-        resolve_user_from_token
+    from airflow.api_fastapi.core_api.security import (
+        COOKIE_NAME_JWT_TOKEN,
+        requires_access_dag,
+        resolve_user_from_token,
+    )
 
     header = request.headers.get("authorization", "")
     token = header[7:].strip() if header.lower().startswith("bearer ") else request.cookies.get(COOKIE_NAME_JWT_TOKEN)

@@ -22,10 +22,10 @@ import sys
 from pathlib import Path
 
 from pipeline import __version__, storage
-from pipeline.errors import RecsysError
-from pipeline.similarity import METRICS as SIMILARITY_METRICS
 from pipeline.config import mask_secrets
+from pipeline.errors import RecsysError
 from pipeline.params import PARAMS, SECTIONS, parse_cli_param
+from pipeline.similarity import METRICS as SIMILARITY_METRICS
 
 
 def _cmd_run(args) -> int:
@@ -95,9 +95,9 @@ def _print_query_result(frame, args, score_label: str = "score") -> None:
 
 
 def _cmd_similar(args) -> int:
-    from pipeline.serving.query import similar_to_title
-    from pipeline.serving.publish import open_served
     from pipeline.config import load_settings
+    from pipeline.serving.publish import open_served
+    from pipeline.serving.query import similar_to_title
 
     served = open_served(load_settings().serving_dir)
     frame = similar_to_title(served, args.movie, args.k, args.metric)
@@ -106,9 +106,9 @@ def _cmd_similar(args) -> int:
 
 
 def _cmd_recommend(args) -> int:
+    from pipeline.config import load_settings
     from pipeline.serving import query
     from pipeline.serving.publish import open_served
-    from pipeline.config import load_settings
 
     served = open_served(load_settings().serving_dir)
     if args.user is not None:

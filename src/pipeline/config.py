@@ -16,9 +16,9 @@ import os
 import re
 import sys
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
 
 from pipeline.errors import ConfigError
 from pipeline.params import Params, resolve_params

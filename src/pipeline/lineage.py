@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from pipeline import storage
@@ -35,7 +35,7 @@ def read(run_dir: Path, stage: str) -> dict | None:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 def downstream(stage: str, graph: dict[str, tuple[str, ...]], order: list[str]) -> list[str]:

@@ -23,9 +23,9 @@ import os
 import socket
 import threading
 import time
-from datetime import datetime, timezone
+from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Iterator
 
 from pipeline.errors import RunLockedError
 
@@ -100,7 +100,7 @@ def hold(path: Path, what: str, *, shared: bool = False, wait_s: float = 0.0,
         if previous and not _alive(previous):
             log.warning("taking over the lock %s left by %s: that process is gone", path, describe_holder(previous))
         me = {"pid": os.getpid(), "host": socket.gethostname(), "what": what,
-              "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+              "since": datetime.now(UTC).isoformat(timespec="seconds")}
         if not shared or not previous or not _alive(previous):
             handle.seek(0)
             handle.truncate()

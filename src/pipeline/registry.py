@@ -67,7 +67,8 @@ def load_champion(settings, name: str | None = None) -> tuple[FactorModel, str] 
         # Serving never reads from a champion it cannot load: the stage is skipped with this reason and the
         # served tables stay as they were (the next promotion, which the gate allows, replaces the champion).
         raise ChampionUnavailableError(
-            f"champion v{version} of {name} cannot be loaded ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); "
+            f"champion v{version} of {name} cannot be loaded "
+            f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); "
             f"the served tables were left as they were") from exc
 
 

@@ -12,7 +12,6 @@ from pathlib import Path
 from pipeline.config import restored_environment
 from pipeline.spark_logging import java_options, jvm_stderr_filter
 
-
 JVM_MEMORY_OPTIONS = "-XX:G1PeriodicGCInterval=3000 -XX:MinHeapFreeRatio=10 -XX:MaxHeapFreeRatio=30"
 # Native BLAS (Debian's OpenBLAS, `make install` / the image) runs single-threaded inside the JVMs: Spark already
 # runs a task per core, and OpenBLAS's own threads on top of them made a rank-128 implicit ALS fit 2.3x slower

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pipeline import lineage, locks, report, storage
 from pipeline.config import RunContext, make_context
 from pipeline.errors import ChampionUnavailableError, ConfigError, RecsysError
-from pipeline.warm_up import WARM_UP_WAIT_S, WarmUp
 from pipeline.services import service_error
+from pipeline.warm_up import WARM_UP_WAIT_S, WarmUp
 
 log = logging.getLogger(__name__)
 

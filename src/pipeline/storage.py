@@ -14,9 +14,9 @@ import os
 import re
 import shutil
 import uuid
-from datetime import datetime, timezone
+from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Iterator
 
 from pipeline.errors import SourceError, StageError
 
@@ -29,7 +29,7 @@ def safe_run_id(run_id: str) -> str:
 
 
 def new_run_id() -> str:
-    return "cli_" + datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "_" + uuid.uuid4().hex[:6]
+    return "cli_" + datetime.now(UTC).strftime("%Y%m%dT%H%M%S") + "_" + uuid.uuid4().hex[:6]
 
 
 def stage_dir(run_dir: Path, stage: str) -> Path:
@@ -97,7 +97,7 @@ def write_manifest(folder: Path, stage: str, tables: dict, **extra) -> dict:
     """``manifest.json``: what the stage wrote (rows, schema, fingerprint per table) and when."""
     manifest = {
         "stage": stage,
-        "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "written_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "tables": tables,
         **extra,
     }

@@ -15,10 +15,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 def _events() -> list[dict]:
     """The extras of the ratings asset's events, oldest first."""
-    from sqlalchemy import select
-
     from airflow.models.asset import AssetEvent, AssetModel
     from airflow.utils.session import create_session
+    from sqlalchemy import select
 
     with create_session() as session:
         rows = session.scalars(select(AssetEvent).join(AssetModel, AssetEvent.asset_id == AssetModel.id)

@@ -207,7 +207,7 @@ def test_services_follow_the_official_layout(raw, services):
 def test_one_shared_set_of_airflow_secrets_from_env(raw, services, env_file):
     common = raw["x-airflow-common"]["environment"]
     for setting, variable in SHARED_SECRETS.items():
-        assert re.fullmatch(r"\$\{%s:\?[^}]+\}" % variable, common[setting]), (
+        assert re.fullmatch(rf"\$\{{{variable}:\?[^}}]+\}}", common[setting]), (
             f"{setting} must come from .env's {variable} with no default, got {common[setting]!r}")
         values = {services[name]["environment"][setting] for name in AIRFLOW_SERVICES}
         assert len(values) == 1, f"{setting} differs between Airflow components"

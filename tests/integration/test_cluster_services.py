@@ -3,7 +3,6 @@ Spark standalone cluster (master + worker on loopback) reached by its master URL
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -45,10 +44,10 @@ def test_mlflow_registry_on_postgresql_serves_the_champion_alias(postgres_db, tm
     import mlflow
 
     from pipeline import tracking
+    from pipeline.config import load_settings
     from pipeline.models.baseline import BiasBaseline
     from pipeline.models.factor_model import FactorModel
     from pipeline.registry import CHAMPION, load_registered
-    from pipeline.config import load_settings
 
     settings = load_settings({"RECSYS_HOME": str(tmp_path), "MLFLOW_TRACKING_URI": postgres_db})
     train = pd.DataFrame({"user_id": [1, 1, 2], "movie_id": [10, 20, 10], "rating": [4.0, 3.0, 5.0]})

@@ -4,7 +4,6 @@ its Data Docs route serves only the run's Data Docs, and only to an authenticate
 from __future__ import annotations
 
 import sys
-from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -70,7 +69,8 @@ def probe_run(airflow_db, data_docs, tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("probe_dags")
     (folder / "recsys_links_probe.py").write_text(PROBE_DAG.format(summaries=_summaries(data_docs)))
-    bundles = json.dumps([{"name": "recsys-links-probe", "classpath": "airflow.dag_processing.bundles.local.LocalDagBundle",
+    bundles = json.dumps([{"name": "recsys-links-probe",
+                           "classpath": "airflow.dag_processing.bundles.local.LocalDagBundle",
                            "kwargs": {"path": str(folder), "refresh_interval": 0}}])
     previous = os.environ.get(BUNDLES)
     os.environ[BUNDLES] = bundles
@@ -150,8 +150,9 @@ def test_a_task_that_has_not_run_has_no_link():
 
 
 def test_data_docs_route_serves_only_the_runs_docs(probe_run, data_docs):
-    from fastapi.testclient import TestClient
     from urllib.parse import quote
+
+    from fastapi.testclient import TestClient
 
     client = TestClient(recsys_links.docs_app)
     base = f"/data-docs/recsys_links_probe/{quote(probe_run.run_id, safe='')}"

@@ -1,6 +1,6 @@
-"""Airflow as a service, for the tests in this folder (helpers, not tests): its own AIRFLOW_HOME, servers on free loopback ports,
-each in its own process group and always stopped (SIGTERM to the group, then SIGKILL), logs kept under the
-test's temporary folder."""
+"""Airflow as a service, for the tests in this folder (helpers, not tests): its own AIRFLOW_HOME, servers on free
+loopback ports, each in its own process group and always stopped (SIGTERM to the group, then SIGKILL), logs kept
+under the test's temporary folder."""
 
 from __future__ import annotations
 

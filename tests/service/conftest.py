@@ -19,7 +19,8 @@ def artifacts(request, tmp_path) -> Path:
     yield folder
     report = getattr(request.node, "rep_call", None)
     if report is not None and report.failed:
-        target = os.environ.get("RECSYS_TEST_ARTIFACTS") or (str(REPO / "var" / "test-artifacts") if os.environ.get("CI") else "")
+        default = str(REPO / "var" / "test-artifacts") if os.environ.get("CI") else ""
+        target = os.environ.get("RECSYS_TEST_ARTIFACTS") or default
         if target:
             import shutil
 

@@ -14,6 +14,7 @@ import subprocess
 import time
 
 import pytest
+
 from airflow_service import DAG_ID, AirflowService, http
 
 pytestmark = [pytest.mark.service, pytest.mark.timeout(420)]
@@ -56,7 +57,8 @@ def browser(artifacts):
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
                 "--window-size=1400,1000", f"--user-data-dir={artifacts.parent / 'chromium-profile'}"):
         options.add_argument(arg)
-    driver = webdriver.Chrome(options=options, service=Service(driver_path, log_output=str(artifacts / "chromedriver.log")))
+    service = Service(driver_path, log_output=str(artifacts / "chromedriver.log"))
+    driver = webdriver.Chrome(options=options, service=service)
     driver.set_page_load_timeout(60)
     yield driver
     driver.quit()

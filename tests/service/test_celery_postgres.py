@@ -14,6 +14,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
+
 from airflow_service import DAG_ID, AirflowService, free_port, http, movielens_sample
 
 pytestmark = [pytest.mark.service, pytest.mark.timeout(600)]
@@ -127,7 +128,8 @@ def test_rest_triggered_run_on_postgres_and_celery(celery_airflow, real_movielen
         status, log = http("GET", f"{base}/taskInstances/{task_id}/logs/1?full_content=true", token=token)
         assert status == 200, log
         entries = log["content"] if isinstance(log, dict) else []
-        errors = [e for e in entries if isinstance(e, dict) and str(e.get("level", "")).lower() in ("error", "critical")]
+        errors = [e for e in entries
+                  if isinstance(e, dict) and str(e.get("level", "")).lower() in ("error", "critical")]
         assert entries and not errors, (task_id, errors[:5])
 
     # report.json (the report task returns its path) honours the overrides

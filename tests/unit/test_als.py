@@ -5,8 +5,18 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.models.als import (SKIPPED_BY_RANK_WALK, best_point, grid_points, halving_rungs, parallel_fits,
-                                 rank_groups, reg_chains, search_grid, walk_chain, walk_ranks)
+from pipeline.models.als import (
+    SKIPPED_BY_RANK_WALK,
+    best_point,
+    grid_points,
+    halving_rungs,
+    parallel_fits,
+    rank_groups,
+    reg_chains,
+    search_grid,
+    walk_chain,
+    walk_ranks,
+)
 from pipeline.models.baseline import BiasBaseline
 from pipeline.models.metrics import rating_metrics
 from stage_inputs import planted_ratings, write_split

@@ -8,6 +8,7 @@ import pytest
 
 tf = pytest.importorskip("tensorflow")
 
+from pipeline.errors import ConfigError, DataValidationError  # noqa: E402
 from pipeline.models.autorec import (  # noqa: E402
     ItemAutoRec,
     ItemRows,
@@ -18,7 +19,6 @@ from pipeline.models.autorec import (  # noqa: E402
     train_autorec,
 )
 from pipeline.models.baseline import BiasBaseline  # noqa: E402
-from pipeline.errors import ConfigError, DataValidationError  # noqa: E402
 from pipeline.models.metrics import rating_metrics, rmse  # noqa: E402
 
 configure_threads(2, 1)

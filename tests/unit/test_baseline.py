@@ -6,10 +6,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.models.baseline import BiasBaseline, GlobalMean, fit_best_damping
-from pipeline.models.popularity import popularity_ranking, top_k_popular
 from pipeline.errors import ConfigError, DataValidationError
+from pipeline.models.baseline import BiasBaseline, GlobalMean, fit_best_damping
 from pipeline.models.metrics import rmse
+from pipeline.models.popularity import popularity_ranking, top_k_popular
 
 
 def _ratings(rows) -> pd.DataFrame:

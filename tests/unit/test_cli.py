@@ -5,8 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from movielens_fixtures import write_csv_variant
 from pipeline import cli
 from pipeline.params import PARAMS

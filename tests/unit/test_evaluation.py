@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.models.baseline import BiasBaseline
 from pipeline.errors import ConfigError, DataValidationError
+from pipeline.models.baseline import BiasBaseline
 from pipeline.models.metrics import (
     clip_ratings,
     mae,

@@ -15,16 +15,16 @@ from movielens_fixtures import (
     RATINGS,
     append_bytes,
     truncate_last_row,
-    write_100k,
-    write_10m,
     write_1m,
+    write_10m,
+    write_100k,
     write_csv_variant,
     zip_folder,
 )
-from pipeline.errors import DataFormatError, SourceError
-from pipeline.data.ingest import ingest_movielens
-from pipeline.data.formats import detect_format
 from pipeline.config import load_settings
+from pipeline.data.formats import detect_format
+from pipeline.data.ingest import ingest_movielens
+from pipeline.errors import DataFormatError, SourceError
 
 WRITERS = {
     "ml-latest-small": (write_csv_variant, "csv", "halves"),

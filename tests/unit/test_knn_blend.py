@@ -16,8 +16,7 @@ from pipeline import stages, tracking
 from pipeline.models.baseline import fit_best_damping
 from pipeline.models.blend import Blend, fit_blend, out_of_fold
 from pipeline.models.metrics import rating_metrics
-from pipeline.models.neighbourhood import (ItemKNN, cap_user_ratings, fit_knn_grid, neighbour_tables,
-                                           residual_matrix)
+from pipeline.models.neighbourhood import ItemKNN, cap_user_ratings, fit_knn_grid, neighbour_tables, residual_matrix
 from pipeline.models.protocol import load_baseline
 from pipeline.models.ranking import top_k_by_score
 from pipeline.models.saved import load_model

@@ -11,8 +11,9 @@ import pandas as pd
 import pytest
 
 from pipeline import cli, errors
-from pipeline.serving import publish as serving, query
 from pipeline.config import load_settings
+from pipeline.serving import publish as serving
+from pipeline.serving import query
 
 MOVIES = pd.DataFrame({
     "movie_id": [1, 2, 3, 260, 2571, 3114, 7],
@@ -89,7 +90,8 @@ def test_an_unknown_title_suggests_close_matches(home):
 def test_recommend_a_known_user_from_the_served_table(home, capsys):
     recs = _run_json(capsys, "recommend", "--user", "1", "-k", "2")
     assert [(r["movie_id"], r["title"], r["score"], r["reason"]) for r in recs] == [
-        (2571, "Matrix, The (1999)", 4.8, "recommended for you"), (3114, "Toy Story 2 (1999)", 4.5, "recommended for you")]
+        (2571, "Matrix, The (1999)", 4.8, "recommended for you"),
+        (3114, "Toy Story 2 (1999)", 4.5, "recommended for you")]
     comedies = _run_json(capsys, "recommend", "--user", "1", "--genres", "romance")
     assert [r["movie_id"] for r in comedies] == [7] and comedies[0]["rank"] == 1
 

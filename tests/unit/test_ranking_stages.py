@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import mlflow
 import pytest
+from test_ranking import clustered_choices
 
 from pipeline import stages
 from pipeline.config import load_settings
 from pipeline.registry import CHAMPION
 from stage_inputs import write_split
-from test_ranking import clustered_choices
 
 pytestmark = pytest.mark.spark
 

@@ -4,9 +4,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.serving import recommend
 from pipeline.errors import ConfigError
 from pipeline.models.factor_model import FactorModel, baseline_from_arrays
+from pipeline.serving import recommend
 
 MOVIES = pd.DataFrame({
     "movie_id": [1, 2, 3, 4, 5, 6],
@@ -104,7 +104,8 @@ def test_the_popularity_prior_lets_a_popular_movie_outrank_a_weak_neighbour():
 
 
 def test_new_user_gets_neighbours_of_liked_movies_then_popular_fill():
-    recs = recommend.recommend_from_ratings({1: 5.0, 3: 1.0}, SIMILAR, POPULAR, k=4, movies=MOVIES, popularity_weight=0.0)
+    recs = recommend.recommend_from_ratings({1: 5.0, 3: 1.0}, SIMILAR, POPULAR, k=4,
+                                           movies=MOVIES, popularity_weight=0.0)
 
     assert list(recs.columns) == ["rank", "movie_id", "score", "reason"]
     # Liked: movie 1 only (3 is disliked, so its neighbours are ignored); rated 1 and 3 are never returned.
@@ -116,7 +117,8 @@ def test_new_user_gets_neighbours_of_liked_movies_then_popular_fill():
 
 
 def test_neighbours_of_several_liked_movies_add_up_weighted_by_rating():
-    recs = recommend.recommend_from_ratings({1: 5.0, 2: 3.5}, SIMILAR, POPULAR, k=2, movies=MOVIES, popularity_weight=0.0)
+    recs = recommend.recommend_from_ratings({1: 5.0, 2: 3.5}, SIMILAR, POPULAR, k=2,
+                                           movies=MOVIES, popularity_weight=0.0)
     # w(1) = 2.5, w(2) = 1.0: movie 4 = (2.5*0.9 + 1*0.6)/3.5, movie 6 = 1*0.8/3.5, movie 3 = 2.5*0.1/3.5
     assert recs["movie_id"].tolist() == [4, 6]
     np.testing.assert_allclose(recs["score"], [(2.5 * 0.9 + 0.6) / 3.5, 0.8 / 3.5])
@@ -124,7 +126,8 @@ def test_neighbours_of_several_liked_movies_add_up_weighted_by_rating():
 
 
 def test_euclidean_distances_rank_closer_movies_first():
-    recs = recommend.recommend_from_ratings({1: 4.0}, SIMILAR, POPULAR, k=2, metric="euclidean", movies=MOVIES, popularity_weight=0.0)
+    recs = recommend.recommend_from_ratings({1: 4.0}, SIMILAR, POPULAR, k=2, metric="euclidean",
+                                           movies=MOVIES, popularity_weight=0.0)
     assert recs["movie_id"].tolist() == [2, 4]
     np.testing.assert_allclose(recs["score"], [1 / 1.5, 1 / 3.0])
 
@@ -144,7 +147,8 @@ def test_cold_user_gets_popular_movies_within_any_chosen_genre_case_insensitive(
 
 
 def test_genres_also_filter_item_based_recommendations():
-    recs = recommend.recommend_from_ratings({1: 5.0}, SIMILAR, POPULAR, k=2, genres=["Fantasy"], movies=MOVIES, popularity_weight=0.0)
+    recs = recommend.recommend_from_ratings({1: 5.0}, SIMILAR, POPULAR, k=2, genres=["Fantasy"],
+                                           movies=MOVIES, popularity_weight=0.0)
     assert recs["movie_id"].tolist() == [2]  # only Jumanji is Fantasy; nothing else to fill with
     assert recs["reason"].tolist() == ["similar to Toy Story (1995)"]
 

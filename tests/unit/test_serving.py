@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 
 from pipeline import errors
-from pipeline.serving import publish as serving
 from pipeline.config import load_settings
+from pipeline.serving import publish as serving
 
 
 def _tables(shift: float = 0.0) -> dict:

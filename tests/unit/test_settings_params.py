@@ -1,13 +1,12 @@
+import dataclasses
 import json
 import os
 
 import pytest
 
-import dataclasses
-
 from pipeline.config import load_settings, mask_secrets
-from pipeline.params import PARAMS, SECTIONS, Params, parse_cli_param, resolve_params
 from pipeline.errors import ConfigError
+from pipeline.params import PARAMS, SECTIONS, Params, parse_cli_param, resolve_params
 
 
 def test_defaults_live_under_the_project_home(tmp_path):

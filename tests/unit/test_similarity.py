@@ -10,9 +10,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import similarity as sim
-from pipeline.similarity import exact as exact_search, hashing as lsh_hashing, stage as similarity_stage, tuning as lsh_tuning
 from pipeline.errors import ConfigError, DataValidationError
 from pipeline.models.factor_model import FactorModel
+from pipeline.similarity import exact as exact_search
+from pipeline.similarity import hashing as lsh_hashing
+from pipeline.similarity import stage as similarity_stage
+from pipeline.similarity import tuning as lsh_tuning
 
 
 def brute_force(ids, vectors, k, metric):

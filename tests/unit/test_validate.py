@@ -11,12 +11,12 @@ import json
 import pandas as pd
 import pytest
 
-from movielens_fixtures import UNRATED_MOVIE, write_100k, write_1m, write_csv_variant
-from pipeline.errors import DataValidationError
-from pipeline.data.ingest import ingest_movielens
-from pipeline.params import PARAMS_BY_NAME
+from movielens_fixtures import UNRATED_MOVIE, write_1m, write_100k, write_csv_variant
 from pipeline.config import load_settings
+from pipeline.data.ingest import ingest_movielens
 from pipeline.data.validate import MIN_TS, validate_tables
+from pipeline.errors import DataValidationError
+from pipeline.params import PARAMS_BY_NAME
 
 NOW = 1_700_000_000  # 2023-11-14: "now" for the timestamp expectation, so that the tests do not age
 HIGH = 0.5  # a threshold no test reaches: the run goes on and the quarantine can be inspected

@@ -28,8 +28,8 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from pipeline import storage
-from pipeline.errors import DataFormatError, SourceError
 from pipeline.data.formats import FORMATS, GENRES_100K, HALF_STARS, Format, TableFile, detect_format
+from pipeline.errors import DataFormatError, SourceError
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,8 @@ def _check_zip_sizes(zip_path: Path, zf: zipfile.ZipFile) -> None:
     for info in zf.infolist():
         total += info.file_size
         if info.file_size > _RATIO_FLOOR and info.file_size > MAX_ZIP_RATIO * max(info.compress_size, 1):
-            raise SourceError(f"{zip_path}: member {info.filename} expands {info.file_size / max(info.compress_size, 1):.0f}"
+            ratio = info.file_size / max(info.compress_size, 1)
+            raise SourceError(f"{zip_path}: member {info.filename} expands {ratio:.0f}"
                               f"-fold ({info.file_size} bytes), beyond the limit of {MAX_ZIP_RATIO}: not extracted "
                               f"(a damaged archive or a zip bomb)")
     if total > MAX_UNZIPPED_BYTES:

@@ -185,7 +185,7 @@ def validate_tables(ingest_dir: Path, out_dir: Path, quarantine_threshold: float
 
             row_result = _run_suite(context, table, "row", by_level["row"], df, parameters)
             bad = np.zeros(len(df), dtype=bool)
-            reasons: dict[int, list[str]] = {}  # the failing rows only: a list for every row took 72 MB per million rows
+            reasons: dict[int, list[str]] = {}  # the failing rows only: a list per row costs 72 MB per million
             for r in row_result.results:
                 if r.success:
                     continue

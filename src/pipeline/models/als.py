@@ -33,10 +33,10 @@ import numpy as np
 import pandas as pd
 
 from pipeline import storage, tracking
+from pipeline.models.factor_model import FactorModel
 from pipeline.models.metrics import rating_metrics
 from pipeline.models.plots import als_heatmap
 from pipeline.models.protocol import Fitted, run_candidate
-from pipeline.models.factor_model import FactorModel
 
 log = logging.getLogger(__name__)
 

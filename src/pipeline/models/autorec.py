@@ -47,12 +47,12 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from pipeline.params import Params
-from pipeline.models.baseline import BiasBaseline, fit_best_damping
 from pipeline.errors import ConfigError, DataValidationError
-from pipeline.models.metrics import RATING_MAX, RATING_MIN
+from pipeline.models.baseline import BiasBaseline, fit_best_damping
 from pipeline.models.factor_model import FactorModel
+from pipeline.models.metrics import RATING_MAX, RATING_MIN
 from pipeline.models.ranking import concat_ranges
+from pipeline.params import Params
 
 log = logging.getLogger(__name__)
 

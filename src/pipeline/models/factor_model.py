@@ -27,6 +27,10 @@ def _index(ids: np.ndarray) -> pd.Index:
     return pd.Index(np.asarray(ids, dtype=np.int64))
 
 
+def _biases(values: np.ndarray | None, n: int) -> np.ndarray:
+    return np.zeros(n, np.float32) if values is None else np.asarray(values, np.float32)
+
+
 @dataclass
 class FactorModel:
     name: str
@@ -49,8 +53,8 @@ class FactorModel:
         self.user_factors = np.asarray(self.user_factors, dtype=np.float32)
         self.item_factors = np.asarray(self.item_factors, dtype=np.float32)
         n_users, n_items = len(self.user_ids), len(self.movie_ids)
-        self.user_bias = np.zeros(n_users, np.float32) if self.user_bias is None else np.asarray(self.user_bias, np.float32)
-        self.item_bias = np.zeros(n_items, np.float32) if self.item_bias is None else np.asarray(self.item_bias, np.float32)
+        self.user_bias = _biases(self.user_bias, n_users)
+        self.item_bias = _biases(self.item_bias, n_items)
         if self.user_factors.shape[0] != n_users or self.item_factors.shape[0] != n_items:
             raise ValueError("factor rows must match the ids")
         self._users = _index(self.user_ids)

@@ -28,9 +28,20 @@ from concurrent.futures import ThreadPoolExecutor
 import pandas as pd
 
 from pipeline import tracking
-from pipeline.models.als import (HALVING_MIN_ROWS, SKIPPED_BY_LINE_SEARCH, SKIPPED_BY_RANK_WALK, factor_model,
-                                 halving_rungs, id_maps, parallel_fits, rank_groups, reg_chains, rung_iters, walk_chain,
-                                 walk_ranks)
+from pipeline.models.als import (
+    HALVING_MIN_ROWS,
+    SKIPPED_BY_LINE_SEARCH,
+    SKIPPED_BY_RANK_WALK,
+    factor_model,
+    halving_rungs,
+    id_maps,
+    parallel_fits,
+    rank_groups,
+    reg_chains,
+    rung_iters,
+    walk_chain,
+    walk_ranks,
+)
 from pipeline.models.factor_model import FactorModel
 from pipeline.models.protocol import Fitted, run_candidate
 from pipeline.models.ranking import evaluate_ranking

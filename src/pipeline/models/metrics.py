@@ -1,6 +1,6 @@
 """The one evaluation every model goes through: rating error on every test row, and top-k ranking quality.
 
-Rating error (the README's "Models and the evaluation protocol"): every test row is predicted. Rows whose user or movie is
+Rating error (docs/models.md, the evaluation protocol): every test row is predicted. Rows whose user or movie is
 absent from the training split ("cold" rows), and rows the model cannot score (it returns NaN), get the
 bias baseline's prediction instead of being dropped; all predictions are clipped to the rating scale.
 RMSE and MAE are over all test rows, with the count and RMSE of the cold rows beside them.
@@ -18,8 +18,8 @@ from typing import Protocol
 import numpy as np
 import pandas as pd
 
-from pipeline.params import check_k
 from pipeline.errors import DataValidationError
+from pipeline.params import check_k
 
 RATING_MIN, RATING_MAX = 0.5, 5.0
 RELEVANCE_THRESHOLD = 4.0

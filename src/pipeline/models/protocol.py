@@ -23,8 +23,8 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline import storage
-from pipeline.models.item_item import ItemItemModel
 from pipeline.models.factor_model import FactorModel
+from pipeline.models.item_item import ItemItemModel
 from pipeline.models.metrics import rating_metrics
 from pipeline.models.ranking import RANKING_K, Seen, evaluate_ranking, histories
 from pipeline.models.saved import load_model
@@ -198,7 +198,8 @@ def compare_models(ctx) -> dict:
     if "weights" in models.get("blend", {}):
         lines += [""] + blend_lines(models["blend"])
     lines += ["", "## Top-10 lists (test lists leave out train and validation movies; relevant: rating >= 4)", "",
-              "| model | validation NDCG@10 | NDCG@10 | P@10 | R@10 | MAP@10 | users |", "|---|---|---|---|---|---|---|"]
+              "| model | validation NDCG@10 | NDCG@10 | P@10 | R@10 | MAP@10 | users |",
+              "|---|---|---|---|---|---|---|"]
     for name, c in ([("popularity", popularity)] if popularity else []) + list(candidates.items()):
         label = f"{name}{' (best by validation)' if name == best_ranker else ''}"
         lines.append(f"| {label} | " + " | ".join(fmt(c.get(k)) for k in keys[:5]) + f" | {c.get('users')} |")

@@ -48,7 +48,8 @@ def cold_users(train: pd.DataFrame, held_out: pd.DataFrame, known: int, max_user
     if max_users is not None and len(eligible) > max_users:
         eligible = np.sort(np.random.default_rng(seed).choice(eligible.to_numpy(), max_users, replace=False))
     first = ordered[ordered["user_id"].isin(eligible)].groupby("user_id").head(known)
-    return {int(u): dict(zip(g["movie_id"].astype(int), g["rating"].astype(float))) for u, g in first.groupby("user_id")}
+    return {int(u): dict(zip(g["movie_id"].astype(int), g["rating"].astype(float)))
+            for u, g in first.groupby("user_id")}
 
 
 def neighbour_table(movie_ids, vectors, k: int) -> pd.DataFrame:

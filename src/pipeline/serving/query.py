@@ -14,9 +14,9 @@ from collections.abc import Iterable
 import numpy as np
 import pandas as pd
 
-from pipeline.serving import recommend
-from pipeline.params import check_k
 from pipeline.errors import ConfigError, UnknownMovieError, UnknownUserError
+from pipeline.params import check_k
+from pipeline.serving import recommend
 from pipeline.serving.publish import ServedTables
 
 MAX_SUGGESTIONS = 5

@@ -35,10 +35,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from pipeline.params import check_k
 from pipeline.errors import ConfigError
 from pipeline.models.popularity import popular_movies
 from pipeline.models.ranking import concat_ranges
+from pipeline.params import check_k
 from pipeline.similarity import METRICS
 
 if TYPE_CHECKING:

@@ -21,8 +21,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.params import check_k
 from pipeline.errors import ConfigError, DataValidationError
+from pipeline.params import check_k
 
 log = logging.getLogger(__name__)
 

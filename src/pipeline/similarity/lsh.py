@@ -40,8 +40,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.params import check_k
 from pipeline.errors import ConfigError
+from pipeline.params import check_k
 from pipeline.similarity.exact import (
     BLOCK_ELEMENTS,
     RESCORE_MARGIN,

@@ -12,13 +12,13 @@ import pandas as pd
 
 from pipeline.params import check_k
 from pipeline.similarity.exact import RESCORE_MARGIN, exact_rows, prepare, result_frame
+from pipeline.similarity.hashing import LSHParams, check_lsh_params, lsh_codes
 from pipeline.similarity.lsh import (
     Orderings,
     finish_rows,
     merge_rows,
     query_block_hits,
 )
-from pipeline.similarity.hashing import LSHParams, check_lsh_params, lsh_codes
 
 log = logging.getLogger(__name__)
 
