@@ -160,7 +160,8 @@ def _report(ctx):
 class Stage:
     name: str
     run: Callable[[RunContext], dict]
-    upstream: tuple[str, ...]
+    upstream: tuple[str, ...]  # the stages whose output it reads
+    doc: str = ""  # one line for the person reading the graph (the task's docs in the Airflow UI)
     dag_tasks: tuple[str, ...] = ()  # the DAG's task ids for this stage (default: its name)
     lane: str = "python"  # "spark": its work runs in the Spark JVM; recsys run runs one stage per lane at a time
 
@@ -170,26 +171,46 @@ class Stage:
 
 
 PIPELINE: tuple[Stage, ...] = (
-    Stage("ingest", _ingest, ()),
-    Stage("validate", _validate, ("ingest",)),
-    Stage("etl", _etl, ("validate",), lane="spark"),
-    Stage("olap", _olap, ("etl",), lane="spark"),
-    Stage("baseline", _baseline, ("etl",)),
-    Stage("als", _als, ("baseline",), lane="spark"),
-    Stage("autorec", _autorec, ("baseline",)),
-    Stage("knn", _knn, ("baseline",)),
-    Stage("blend", _blend, ("baseline", "als", "autorec", "knn")),
-    Stage("implicit_als", _implicit_als, ("baseline",), lane="spark"),
-    Stage("ease", _ease, ("baseline",)),
-    Stage("compare_models", _compare_models, ("baseline", "als", "autorec", "knn", "blend", "implicit_als", "ease")),
-    Stage("gate", _gate, ("compare_models",), dag_tasks=("gate", "decide")),
-    Stage("promotion", _promotion, ("gate",), dag_tasks=("promote", "keep_champion")),
-    Stage("ranking_gate", _ranking_gate, ("compare_models",)),
-    Stage("ranking_promotion", _ranking_promotion, ("ranking_gate",)),
-    Stage("similarity", _similarity, ("promotion", "ranking_promotion"), lane="spark"),
-    Stage("recommend", _recommend, ("similarity",)),
-    Stage("cold_start", _cold_start, ("similarity",)),
-    Stage("report", _report, ("olap", "recommend", "cold_start")),
+    Stage("ingest", _ingest, (), "Fetch the dataset (GroupLens, a folder or s3://), detect its MovieLens format, "
+          "write the common tables as parquet."),
+    Stage("validate", _validate, ("ingest",), "Run the Great Expectations suites: quarantine bad rows with their "
+          "reason; stop on a table-level failure or too many bad rows."),
+    Stage("etl", _etl, ("validate",), "Spark: index users and movies, split each user's ratings into train, "
+          "validation and test.", lane="spark"),
+    Stage("olap", _olap, ("etl",), "Spark SQL summaries: genre x year, user activity, popularity, ratings per "
+          "month, tags; summary.md and plots.", lane="spark"),
+    Stage("baseline", _baseline, ("etl",), "Global mean, the damped user+item bias baseline (every model's fallback "
+          "for cold rows) and the popularity ranking."),
+    Stage("als", _als, ("baseline",), "Spark ALS grid search on the baseline's residuals (validation RMSE), one "
+          "MLflow child run per point.", lane="spark"),
+    Stage("autorec", _autorec, ("baseline",), "TensorFlow item-based AutoRec on observed ratings, early-stopped on "
+          "validation RMSE."),
+    Stage("knn", _knn, ("baseline",), "Item kNN on the baseline's residuals (shrunk Pearson neighbours), grid on "
+          "validation RMSE."),
+    Stage("blend", _blend, ("baseline", "als", "autorec", "knn"), "Ridge blend of the rating models, weights "
+          "fitted on validation and scored out of fold."),
+    Stage("implicit_als", _implicit_als, ("baseline",), "Implicit-feedback ALS grid (validation NDCG@10): a "
+          "ranking model for the top-N lists.", lane="spark"),
+    Stage("ease", _ease, ("baseline",), "EASE, the closed-form item-item ranking model, lambda chosen on "
+          "validation NDCG@10."),
+    Stage("compare_models", _compare_models, ("baseline", "als", "autorec", "knn", "blend", "implicit_als", "ease"),
+          "Every model side by side on the same test rows (models.md)."),
+    Stage("gate", _gate, ("compare_models",), "Rating gate: register the best candidate by validation RMSE and "
+          "score it and the champion on this run's test rows.", dag_tasks=("gate", "decide")),
+    Stage("promotion", _promotion, ("gate",), "Move the rating model's champion alias to the challenger, or keep "
+          "the champion; record the decision.", dag_tasks=("promote", "keep_champion")),
+    Stage("ranking_gate", _ranking_gate, ("compare_models",), "Ranking gate: score the best ranker by validation "
+          "NDCG@10 and the ranking champion on this run's test lists."),
+    Stage("ranking_promotion", _ranking_promotion, ("ranking_gate",), "Promote the ranker if it beats the "
+          "ranking champion (by the margin) and popularity; else keep the champion."),
+    Stage("similarity", _similarity, ("promotion", "ranking_promotion"), "Similar-movie tables (Euclidean, cosine, "
+          "LSH) from the champion's item embeddings.", lane="spark"),
+    Stage("recommend", _recommend, ("similarity",), "Top-N lists per user from the ranking champion and the "
+          "popular list; publish the served set atomically."),
+    Stage("cold_start", _cold_start, ("similarity",), "Measure the path new users get (five known ratings) "
+          "against popularity."),
+    Stage("report", _report, ("olap", "recommend", "cold_start"), "Mark the end of the run: report.json is "
+          "complete."),
 )
 STAGES = {stage.name: stage for stage in PIPELINE}
 FIRST_TRACKED = "baseline"  # the stages from here on log to MLflow or read its registry
