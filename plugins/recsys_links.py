@@ -1,9 +1,10 @@
 """Extra links from the pipeline's tasks to where their results are browsed, and the Data Docs they link to.
 
-- **MLflow run** on `baseline`, `als`, `autorec`, `knn`, `blend` (the model's run,
-  `models.<task>.mlflow_run_id` of the task's return value) and `gate` (the challenger's run, `gate.challenger_run_id`);
-- **MLflow model version** on `gate` (the registered challenger version, `gate.registered_model` /
-  `gate.challenger_version`);
+- **MLflow run** on the model tasks (`baseline`, `als`, `autorec`, `knn`, `blend`, `implicit_als`, `ease`: the
+  model's run, `models.<task>.mlflow_run_id` of the task's return value) and the gates (`gate`, `ranking_gate`:
+  the challenger's run, `<gate>.challenger_run_id`);
+- **MLflow model version** on `gate` and `ranking_gate` (the registered challenger version,
+  `<gate>.registered_model` / `<gate>.challenger_version`);
 - **Data Docs** on `validate`: the run's Great Expectations Data Docs (`validation.data_docs`), served by the
   API server itself under `/recsys/data-docs/<dag>/<run>/` to users who may read the DAG's task instances
   (a browser does not follow `file://` links from an http page).
@@ -32,7 +33,8 @@ from fastapi.responses import FileResponse, RedirectResponse
 
 DEFAULT_MLFLOW_UI_URL = "http://127.0.0.1:5000"
 DOCS_PREFIX = "/recsys"  # where the Data Docs app is mounted on the API server
-MODEL_TASKS = ("baseline", "als", "autorec", "knn", "blend")
+MODEL_TASKS = ("baseline", "als", "autorec", "knn", "blend", "implicit_als", "ease")
+GATE_TASKS = ("gate", "ranking_gate")  # each one's report section has its name
 
 
 def mlflow_ui_url(environ: dict | None = None) -> str:
@@ -72,8 +74,8 @@ def mlflow_run_id(task_id: str, summary: Any) -> str | None:
     """The MLflow run of a task's summary: a model's run, or the gate's challenger run."""
     if not isinstance(summary, dict):
         return None
-    if task_id == "gate":
-        return (summary.get("gate") or {}).get("challenger_run_id") or None
+    if task_id in GATE_TASKS:
+        return (summary.get(task_id) or {}).get("challenger_run_id") or None
     model = (summary.get("models") or {}).get(task_id)
     if isinstance(model, dict) and model.get("mlflow_run_id"):
         return model["mlflow_run_id"]
@@ -81,9 +83,9 @@ def mlflow_run_id(task_id: str, summary: Any) -> str | None:
     return section.get("mlflow_run_id") or None if isinstance(section, dict) else None
 
 
-def model_version(summary: Any) -> tuple[str, str] | None:
-    """(registered model, version) of the gate's challenger."""
-    gate = summary.get("gate") if isinstance(summary, dict) else None
+def model_version(summary: Any, task_id: str = "gate") -> tuple[str, str] | None:
+    """(registered model, version) of a gate's challenger."""
+    gate = summary.get(task_id) if isinstance(summary, dict) else None
     if isinstance(gate, dict) and gate.get("registered_model") and gate.get("challenger_version"):
         return str(gate["registered_model"]), str(gate["challenger_version"])
     return None
@@ -153,7 +155,7 @@ class _SummaryLink(BaseOperatorLink):
 
 class MlflowRunLink(_SummaryLink):
     name = "MLflow run"
-    tasks = (*MODEL_TASKS, "gate")
+    tasks = (*MODEL_TASKS, *GATE_TASKS)
 
     def url(self, dag_id, task_id, run_id, summary):
         mlflow_run = mlflow_run_id(task_id, summary)
@@ -162,10 +164,10 @@ class MlflowRunLink(_SummaryLink):
 
 class MlflowModelVersionLink(_SummaryLink):
     name = "MLflow model version"
-    tasks = ("gate",)
+    tasks = GATE_TASKS
 
     def url(self, dag_id, task_id, run_id, summary):
-        found = model_version(summary)
+        found = model_version(summary, task_id)
         return mlflow_model_version_url(*found) if found else None
 
 

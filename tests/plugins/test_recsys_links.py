@@ -14,7 +14,7 @@ sys.path.insert(0, str(REPO / "plugins"))
 import recsys_links  # noqa: E402
 
 RUN_IDS = {"baseline": "b" * 32, "als": "a" * 32, "autorec": "c" * 32, "knn": "e" * 32, "blend": "f" * 32,
-           "gate": "d" * 32}
+           "implicit_als": "1" * 32, "ease": "2" * 32, "gate": "d" * 32, "ranking_gate": "3" * 32}
 
 
 def _summaries(data_docs: Path) -> dict:
@@ -23,9 +23,12 @@ def _summaries(data_docs: Path) -> dict:
         "validate": {"validation": {"success": True, "data_docs": str(data_docs)}, "timings_s": {"validate": 1.0}},
         "olap": {"olap": {"summary": "/x/summary.md"}, "timings_s": {"olap": 1.0}},
         **{name: {"models": {name: {"test_rmse": 0.9, "mlflow_run_id": RUN_IDS[name]}}, "timings_s": {name: 1.0}}
-           for name in ("baseline", "als", "autorec", "knn", "blend")},
+           for name in ("baseline", "als", "autorec", "knn", "blend", "implicit_als", "ease")},
         "gate": {"gate": {"registered_model": "movielens-recommender", "challenger": "autorec",
                           "challenger_version": "3", "challenger_run_id": RUN_IDS["gate"], "decision": "promote"}},
+        "ranking_gate": {"ranking_gate": {"registered_model": "movielens-ranker", "challenger": "ease",
+                                          "challenger_version": "2", "challenger_run_id": RUN_IDS["ranking_gate"],
+                                          "decision": "promote"}},
     }
 
 
@@ -102,7 +105,7 @@ def test_plugin_is_loaded_from_the_plugins_folder():
     assert any(app["url_prefix"] == recsys_links.DOCS_PREFIX for app in apps)
 
 
-@pytest.mark.parametrize("task_id", ["baseline", "als", "autorec", "knn", "blend", "gate"])
+@pytest.mark.parametrize("task_id", sorted(RUN_IDS))
 def test_model_tasks_link_to_their_mlflow_run(probe_run, monkeypatch, task_id):
     monkeypatch.setenv("RECSYS_MLFLOW_UI_URL", "http://mlflow.example:5001/")
     ti = probe_run.get_task_instance(task_id)
@@ -111,12 +114,15 @@ def test_model_tasks_link_to_their_mlflow_run(probe_run, monkeypatch, task_id):
     assert task.get_extra_links(ti, "MLflow run") == f"http://mlflow.example:5001/#/runs/{RUN_IDS[task_id]}"
 
 
-def test_gate_links_to_the_registered_challenger_version(probe_run, monkeypatch):
+def test_gates_link_to_the_registered_challenger_version(probe_run, monkeypatch):
     monkeypatch.delenv("RECSYS_MLFLOW_UI_URL", raising=False)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://mlflow.internal")  # a tracking server serves the UI
     ti = probe_run.get_task_instance("gate")
     url = _serialized_task("recsys_links_probe", "gate").get_extra_links(ti, "MLflow model version")
     assert url == "https://mlflow.internal/#/models/movielens-recommender/versions/3"
+    ti = probe_run.get_task_instance("ranking_gate")
+    url = _serialized_task("recsys_links_probe", "ranking_gate").get_extra_links(ti, "MLflow model version")
+    assert url == "https://mlflow.internal/#/models/movielens-ranker/versions/2"
 
 
 def test_validate_links_to_its_data_docs_and_others_get_no_link(probe_run, monkeypatch):
