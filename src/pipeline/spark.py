@@ -14,8 +14,8 @@ from pipeline.spark_logging import java_options, jvm_stderr_filter
 
 JVM_MEMORY_OPTIONS = "-XX:G1PeriodicGCInterval=3000 -XX:MinHeapFreeRatio=10 -XX:MaxHeapFreeRatio=30"
 # Native BLAS (Debian's OpenBLAS, `make install` / the image) runs single-threaded inside the JVMs: Spark already
-# runs a task per core, and OpenBLAS's own threads on top of them made a rank-128 implicit ALS fit 2.3x slower
-# than Java's BLAS at 1 M ratings instead of 2.4x faster (docs/measurements.md, session 6).
+# runs a task per core, and OpenBLAS's own threads on top of them made ALS fits slower than Java's BLAS
+# (docs/adr/0029-native-blas-one-thread-in-the-jvm.md).
 JVM_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
 _LOCK = threading.Lock()
 _SESSION = None  # the session get_spark made: SparkSession.getActiveSession() is per thread (None in a new one)
@@ -54,14 +54,15 @@ def _create(settings, app_name: str):
         .config("spark.ui.showConsoleProgress", "false")
         .config("spark.sql.adaptive.enabled", "true")
         # pandas <-> Spark through Arrow (the ALS stages' training rows, every model's factors): PySpark 4's
-        # default, pinned against a cluster's spark-defaults; row by row, 20 M training rows took 394 s, not 30 s
+        # default, pinned against a cluster's spark-defaults: row by row is an order of magnitude slower
+        # (docs/adr/0041-arrow-pinned-for-pandas-and-spark.md)
         .config("spark.sql.execution.arrow.pyspark.enabled", "true")
         .config("spark.sql.warehouse.dir", str(settings.home / "spark-warehouse"))
         # ALS's long lineage is serialized recursively: a bigger thread stack avoids StackOverflowError,
         # most of all on the py4j threads that run concurrent grid fits; the JVM's logging: spark_logging.
         # G1 gives its free heap back to the OS: a collection every few seconds while the JVM idles (the Python
-        # stages: AutoRec, kNN, EASE, ...) and a heap kept at most 30 % free; at 1 M ratings the idle driver
-        # JVM drops from ~1.5 GB to ~0.75 GB resident, next to the Python stages' own peaks.
+        # stages: AutoRec, kNN, EASE, ...) and a heap kept at most 30 % free, so that the idle driver JVM shrinks
+        # beside the Python stages' own peaks (docs/adr/0027-memory-handed-back-between-stages.md).
         .config("spark.executorEnv.OPENBLAS_NUM_THREADS", JVM_ENV["OPENBLAS_NUM_THREADS"])
         .config("spark.executorEnv.OMP_NUM_THREADS", JVM_ENV["OMP_NUM_THREADS"])
         .config("spark.driver.extraJavaOptions", f"-Xss32m -Dderby.system.home={settings.home / 'derby'} "
@@ -102,10 +103,9 @@ def frame_from_pandas(spark, frame, folder: Path | None = None) -> Iterator:
     """``frame`` (pandas) as a Spark DataFrame, for as long as the block runs.
 
     With ``folder`` -- a folder Spark reads from, as the run folder is (the ETL stage writes its splits there
-    with Spark) -- the rows go through a parquet file in it, removed afterwards: at 1 M ratings the ALS stages'
-    800,000 training rows took 1.4 s into a cached, repartitioned frame this way against 3.8 s through
-    ``spark.createDataFrame`` (Arrow batches turned into rows by the driver JVM; docs/measurements.md, session
-    13). Without a folder: ``spark.createDataFrame``."""
+    with Spark) -- the rows go through a parquet file in it, removed afterwards: pyarrow writes it and Spark reads
+    it in parallel, where ``spark.createDataFrame`` sends Arrow batches through the driver JVM, which turns them
+    into rows (docs/adr/0050-als-training-rows-through-parquet.md). Without a folder: ``spark.createDataFrame``."""
     if folder is None:
         yield spark.createDataFrame(frame)
         return

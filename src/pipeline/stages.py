@@ -265,14 +265,13 @@ def tune_malloc() -> bool:
 
     - Arenas capped at MALLOC_ARENAS for the threads started from now on (TensorFlow's pools, the scoring
       threads, Spark's gateway). Each thread otherwise gets an arena of its own, and the pages freed in them
-      stay resident: at 1 M ratings the kNN stage ended 520 MB above its single-threaded self and peaked
-      610 MB higher; with two arenas, 210 / 190 MB, at the same speed.
+      stay resident; two arenas keep the threads' speed without most of that memory
+      (docs/adr/0033-scoring-threads-and-malloc-arenas.md).
     - Arrays up to MMAP_THRESHOLD reused from the heap, which is trimmed only past TRIM_THRESHOLD. By default
       glibc maps each block above its threshold (128 KB, rising as blocks are freed, to at most 32 MB) on its
       own and unmaps it when freed, and hands the heap's free top back at once, so the next array of a loop
-      faults in fresh zeroed pages. On this VM faults are costly: the 1 M AutoRec stage spent 64 of its 96 s
-      in the kernel and took 49 s with these settings (3 s in the kernel), peaking 240 MB higher
-      (docs/measurements.md, session 9)."""
+      faults in fresh zeroed pages: where page faults are costly, a numpy-heavy stage spends most of its time
+      in the kernel (docs/adr/0038-large-arrays-on-the-malloc-heap.md)."""
     libc = _glibc()
     if libc is None:
         return False
@@ -291,11 +290,11 @@ def release_memory(freeze: bool | None = None) -> None:
 
     ``freeze`` (default: during ``run_pipeline``): what outlives a stage after the collection (modules, the
     Spark session, clients, caches) lives on through the run, so it is frozen out of the collector
-    (``gc.freeze``) and the later collections, this one's and Python's own, do not walk it again. With
-    TensorFlow, MLflow and Spark loaded that is ~640,000 objects: each collection here took 0.1-0.26 s, ~5 s
-    over a whole 1 M run, and takes ~1 ms now. Frozen objects are still freed by reference counting; only a cycle
-    among them dropped later would stay, and ``run_pipeline`` unfreezes them when it ends. A process that runs
-    one stage (an Airflow task) or a test suite calling stages freezes nothing."""
+    (``gc.freeze``) and the later collections, this one's and Python's own, do not walk it again: with
+    TensorFlow, MLflow and Spark loaded that is hundreds of thousands of objects
+    (docs/adr/0051-long-lived-heap-frozen-out-of-gc.md). Frozen objects are still freed by reference counting;
+    only a cycle among them dropped later would stay, and ``run_pipeline`` unfreezes them when it ends. A
+    process that runs one stage (an Airflow task) or a test suite calling stages freezes nothing."""
     gc.collect()
     if _FREEZE_SURVIVORS if freeze is None else freeze:
         gc.freeze()
@@ -380,9 +379,9 @@ def warm_up(ctx: RunContext, names: list[str]) -> WarmUp | None:
     and validate in a whole run), then MLflow (its import, the store's tables on a first run, the experiment:
     about 2.5 s) where stages come ahead of the first one that tracks (``baseline``, first of the models and
     the stages after them). One after the other: the JVM's start puts its one-thread BLAS variables in this
-    process's environment (``pipeline.spark``). A failure is only logged at debug level: the stage that needs
-    the session or the store meets it again and reports it. When the run ends first (a stage failed), the step
-    under way finishes and the others are skipped (``WarmUp.finish``)."""
+    process's environment (``pipeline.spark``; docs/adr/0055-warm-up-thread.md). A failure is only logged at
+    debug level: the stage that needs the session or the store meets it again and reports it. When the run ends
+    first (a stage failed), the step under way finishes and the others are skipped (``WarmUp.finish``)."""
     lanes = [STAGES[name].lane for name in names]
     tracked = [i for i, name in enumerate(names) if ORDER.index(name) >= ORDER.index(FIRST_TRACKED)]
     steps = []
@@ -406,8 +405,8 @@ SIDE_BY_SIDE_MIN_CORES = 4
 
 def side_by_side_by_default() -> bool:
     """Whether ``recsys run`` runs two stages at once unless told: with SIDE_BY_SIDE_MIN_CORES cores or more.
-    Each stage keeps about two cores busy by itself (Spark ``local[2]``, TensorFlow's and the scoring threads);
-    on 2 cores the pair shares them: 12 % faster at 1 M ratings, no faster at 10 M (docs/decisions.md)."""
+    Each stage keeps about two cores busy by itself (Spark ``local[2]``, TensorFlow's and the scoring threads),
+    so on 2 cores the pair mostly shares them (docs/adr/0037-stages-side-by-side-from-4-cores.md)."""
     return (os.cpu_count() or 1) >= SIDE_BY_SIDE_MIN_CORES
 
 

@@ -82,7 +82,7 @@ def test_the_stage_runner_reuses_large_arrays_from_the_heap():
     glibc raises its threshold as blocks are freed), faulted in and unmapped when freed; tuned, every array
     comes from the heap, which the first pair grows and the later pairs reuse. Counted with glibc's
     mallinfo2, not with page faults: how many faults a mapping costs depends on the kernel's transparent huge
-    pages at that moment (the default loop here took 7,000 to 18,000)."""
+    pages at that moment (docs/adr/0053-malloc-test-counts-mappings.md)."""
     default_mapped, default_heap = _malloc("default")
     tuned_mapped, tuned_heap = _malloc("tuned")
     assert default_mapped >= 20, (default_mapped, default_heap)  # one mapping per 64 MB array

@@ -96,7 +96,8 @@ def test_implicit_als_grid_halves_over_iterations_on_large_data(spark, tmp_path,
 
 def test_implicit_als_keeps_a_screen_fit_that_ranks_better_than_the_refits(spark, tmp_path, monkeypatch):
     """At 10 M and 25 M ratings a finalist's 3-iteration screen fit ranked better on validation than its
-    10-iteration refit: the screen's fit is then the model (its iterations chosen on validation)."""
+    10-iteration refit: the screen's fit is then the model, its iterations chosen on validation
+    (docs/adr/0040-implicit-als-chooses-among-every-fit.md)."""
     from pipeline.models import implicit_als
 
     def scored(model, split, **kwargs):  # fewer iterations rank better here; then the higher rank, lower reg

@@ -63,7 +63,8 @@ def test_task_stderr_holds_only_the_jvms_errors(session_run):
 
 @pytest.mark.spark
 def test_native_blas_runs_one_thread_in_the_jvm_only(session_run):
-    # Spark runs a task per core; OpenBLAS threads on top of them made implicit ALS fits 2.3x slower
+    # Spark runs a task per core; OpenBLAS threads on top of them made implicit ALS fits slower
+    # (docs/adr/0029-native-blas-one-thread-in-the-jvm.md)
     assert "jvm OPENBLAS_NUM_THREADS=1" in session_run.stdout
     assert "python OPENBLAS_NUM_THREADS=None" in session_run.stdout  # the driver's own environment is restored
 

@@ -26,8 +26,8 @@ def index_ids(ratings):
     most frequent first, ties in the ids' string order: the order of Spark's ``StringIndexer`` with
     ``stringOrderType="frequencyDesc"``, which indexed them before. One aggregation per column; its counts are
     numbered on the driver, where StringIndexer collects its labels too, and come back as a small local table
-    (StringIndexer's fit, its counts and its transform each aggregated the ratings again: 3.2 s of the ETL stage
-    at 1 M ratings, docs/measurements.md, session 16)."""
+    (StringIndexer's fit, its counts and its transform each aggregated the ratings again;
+    docs/adr/0056-etl-numbers-ids-on-the-driver.md)."""
     from pyspark.sql import functions as F
     from pyspark.sql.types import IntegerType, LongType, StructField, StructType
 

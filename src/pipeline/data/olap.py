@@ -190,7 +190,7 @@ def summarize_ratings(spark, validate_dir: Path, out_dir: Path, min_ratings: int
                              "path": str(out_dir / f"{name}.parquet")}
 
         # the queries at once: each is a handful of small Spark jobs whose scheduling gaps leave the cores idle
-        # (at 1 M ratings one at a time took 8.5-10.8 s, docs/measurements.md, session 16)
+        # (docs/adr/0057-olap-tables-three-at-a-time.md)
         with ThreadPoolExecutor(max_workers=QUERIES_AT_ONCE) as pool:
             list(pool.map(persist, tables))
         written = {name: written[name] for name in tables}  # in query order, not in the order they finished

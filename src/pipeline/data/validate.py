@@ -185,7 +185,9 @@ def validate_tables(ingest_dir: Path, out_dir: Path, quarantine_threshold: float
 
             row_result = _run_suite(context, table, "row", by_level["row"], df, parameters)
             bad = np.zeros(len(df), dtype=bool)
-            reasons: dict[int, list[str]] = {}  # the failing rows only: a list per row costs 72 MB per million
+            # the failing rows only: a list per row costs 72 MB per million rows
+            # (docs/adr/0058-quarantine-reasons-for-failing-rows-only.md)
+            reasons: dict[int, list[str]] = {}
             for r in row_result.results:
                 if r.success:
                     continue

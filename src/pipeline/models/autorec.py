@@ -16,9 +16,9 @@ parameters (2 x n_users x hidden_units, plus Adam's slots) plus one batch (its r
 is what lets ml-25m (162k users x 59k movies) fit.
 
 The training step and the encoder run compiled by XLA (``jit_compile``), which fuses the gathers, the sums
-and Adam's dense update into a few passes over memory: at the 10 M shape an epoch takes 3.2 s instead of
-6.6 s with TensorFlow's kernels one by one (docs/measurements.md). The dropout masks are drawn with numpy:
-XLA's random numbers cost as much as the rest of a step. XLA compiles one program per input shape, so a
+and Adam's dense update into a few passes over memory: an epoch takes about half the time of TensorFlow's
+kernels one by one (docs/adr/0034-autorec-under-xla.md). The dropout masks are drawn with numpy: XLA's random
+numbers cost as much as the rest of a step. XLA compiles one program per input shape, so a
 batch's entries are padded (``pad_batch``) to the next size of a short geometric series (``padded_size``):
 a padded entry has weight 0, value 0 and belongs to a dummy movie row, so it changes neither the loss nor any
 gradient. A run compiles a handful of shapes, about half a second each.
@@ -26,7 +26,7 @@ gradient. A run compiles a handful of shapes, about half a second each.
 Normalisation: the network models the residuals of the damped bias baseline (``normalization="baseline"``,
 the default) rather than the ratings minus the global mean (``"mean"``). A missing input is then read as
 "what the baseline predicts", and the network only has to learn the interactions. On ml-latest-small's
-validation split the residual version validates best (0.843 against 0.850 for the mean; see DEFAULTS).
+validation split the residual version validates best (docs/adr/0005-models-on-bias-baseline-residuals.md).
 
 The result is a ``FactorModel``: item_factors are the codes h of the training movies (computed from their full
 training vectors, no dropout; also the item embeddings for the similarity stage), user_factors the decoder's
@@ -58,12 +58,9 @@ log = logging.getLogger(__name__)
 
 NORMALIZATIONS = ("baseline", "mean")
 
-# The defaults are the Params' (pipeline.params.Params), chosen on ml-latest-small's validation split
-# (per-user random 80/10/10, seed 42; bias baseline 0.8647 on all validation rows). With the cold rows given
-# to the baseline, validation RMSE was 0.843 for them (~9 s on 2 cores); 0.845-0.849 for 300 or 500 hidden
-# units, l2 in {30, 100}, dropout in {0.3, 0.5}; 0.850 with mean normalisation, and 0.879 for the paper's
-# plain setting (mean, 500 units, no dropout), which does not beat the baseline. Batches of 512 movies gave
-# smoother, better curves than 32-128.
+# The defaults are the Params' (pipeline.params.Params), chosen on ml-latest-small's validation split against
+# larger codes, other L2, dropout and learning-rate schedules, mean normalisation and smaller batches
+# (docs/adr/0005-models-on-bias-baseline-residuals.md, docs/adr/0020-tuning-grids-outside-the-dag.md).
 _P = Params()
 DEFAULTS = {
     "hidden_units": _P.autorec_hidden_units,
@@ -82,7 +79,7 @@ _EVAL_CHUNK = 65536  # (movie, user) entries scored per numpy step when computin
 PAD_FLOOR = 1024  # the smallest padded batch (entries)
 PAD_GROWTH = 2 ** 0.25  # padded sizes grow by this factor: at most 19 % padding, ~4 sizes per doubling
 # training entries the per-epoch training-set RMSE is computed on (all below this): a fixed sample, so the curve
-# stays smooth; its standard error is ~0.2 % of the RMSE. 500,000 cost 3.7 s of a 1 M AutoRec stage's 36 s.
+# stays smooth; its standard error is ~0.2 % of the RMSE (docs/adr/0026-autorec-training-curve-on-a-sample.md).
 TRAIN_RMSE_SAMPLE = 100_000
 
 
@@ -308,7 +305,7 @@ def fit_autorec(train: pd.DataFrame, validation: pd.DataFrame, *, hidden_units: 
         return out
 
     # Training entries in CSR order, for the training-set RMSE: a fixed seeded sample of TRAIN_RMSE_SAMPLE of
-    # them on large data (the curve is a label, never a decision; all 8 M at 10 M ratings cost ~2 s an epoch).
+    # them on large data (the curve is a label, never a decision: docs/adr/0026-autorec-training-curve-on-a-sample.md).
     train_items = np.repeat(np.arange(n_items, dtype=np.int64), np.diff(rows.indptr))
     train_truth, train_base_sorted, train_users = ratings[rows.order], train_base[rows.order], rows.users
     if len(train_items) > TRAIN_RMSE_SAMPLE:

@@ -41,8 +41,8 @@ class ItemItemModel:
 
     def _history_scores(self, pairs: tuple[np.ndarray, np.ndarray], n_rows: int) -> np.ndarray:
         """``scores`` of histories given as (row, movie_id) pairs: the sparse 0/1 history rows times the weights
-        (scipy's sparse x dense product: histories fill 1-3 % of the catalogue, where it beats dense BLAS on
-        both cores, 0.18 against 0.42 s for 512 users at 10,000 movies, and the callers run batches on threads)."""
+        (scipy's sparse x dense product: histories fill 1-3 % of the catalogue, where it beats dense BLAS, and the
+        callers run batches on threads; docs/adr/0036-ease-sparse-histories.md)."""
         cols = self._movies.get_indexer(pairs[1])
         keep = cols >= 0
         rows = sp.csr_matrix((np.ones(int(keep.sum()), np.float32), (pairs[0][keep], cols[keep])),

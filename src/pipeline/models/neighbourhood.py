@@ -96,6 +96,7 @@ def neighbour_tables(z: sp.csr_matrix, shrinkages, k: int, block_entries: int = 
     zc = z.tocsc().astype(np.float64)  # blocks of movies are sliced from its columns
     # the right-hand sides of the products, in CSR: scipy converts any other format to CSR on every product,
     # which at 25 M ratings and 60 k movies (1,800 blocks) cost more than the products themselves
+    # (docs/adr/0039-knn-heavy-users-sampled.md)
     zr = zc.tocsr()
     ones, sq = same_pattern(zr, np.ones(zr.nnz)), same_pattern(zr, zr.data ** 2)
     k = max(1, min(int(k), max(n - 1, 1)))

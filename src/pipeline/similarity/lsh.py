@@ -11,7 +11,7 @@ projection into slabs and, measured (bench/similarity.py), find fewer neighbours
 
 Spark's ``approxSimilarityJoin`` OR-s the tables: it self-joins every pair that shares one hash value. Buckets of
 a single projection hold a large share of all items, so it enumerates most pairs and loses to the exact
-products (60-75 s against 4.5 s for 10,000 vectors, docs/NOTES.md). Here the candidates come instead from
+products (docs/adr/0010-lsh-hashes-on-the-driver.md). Here the candidates come instead from
 ``num_orderings`` orderings. An ordering sorts the items by a compound key, all hashes in its own permutation
 (leading hashes differing between orderings), Gray-decoded so that keys one hash apart are adjacent, and cuts
 the sorted items into blocks of at most ``block_size``. An item's candidates in an ordering are its block: its
