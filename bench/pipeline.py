@@ -2,17 +2,21 @@
 memory of the driver (the Python process tree) and of the Spark JVM.
 
     .venv/bin/python bench/pipeline.py [--sizes small,1m,10m] [--data-dir /tmp/recsys-bench/data]
-        [--work-dir /tmp/recsys-bench/runs] [--json docs/scale.json] [--plot JSON.png] [--param NAME=VALUE]
-        [--timeout SECONDS] [--side-by-side] [--baseline REV [--rounds N] [--baseline-wall SECONDS]]
+        [--work-dir /tmp/recsys-bench/runs] [--json docs/scale.json] [--plot JSON.png] [--page PAGE.md]
+        [--param NAME=VALUE] [--timeout SECONDS] [--side-by-side] [--baseline REV [--rounds N] [--baseline-wall S]]
+    .venv/bin/python bench/pipeline.py --render     # docs/benchmarks.md's tables from docs/scale.json, no run
 
 Sizes: ``small`` is ml-latest-small ($MOVIELENS_DIR, else ../shared/data/ml-latest-small); ``1m``, ``10m`` and
 ``25m`` are ``recsys synth`` folders of the ml-1m-like, ml-10m and ml-25m shapes (made once in --data-dir, seed
 42). Each size runs in a fresh RECSYS_HOME (an empty registry: the first run's gate). Stage times are the run's
 own ``timings_s``; memory is sampled from /proc every half second over the process tree (the JVM is the ``java``
 process, the driver everything else) and attributed to the stage whose start/done log lines enclose the
-sample (to both where two stages run side by side: a stage's peak is then the process's while it ran). Results
-merge into --json by size (measure sizes in separate calls), the plot is redrawn from all of them, and a table
-is printed.
+sample (to both where two stages run side by side: a stage's peak is then the process's while it ran). Each run
+records the commit it measured (HEAD's short hash, ``+dirty`` when src/, dags/ or bench/ differ from it) beside
+when it ended. Results merge into --json by size (measure sizes in separate calls), the plot is redrawn from all of
+them, and the tables are printed and written into --page between their markers (``<!-- scale-table
+(bench/pipeline.py) -->`` ... ``<!-- /scale-table -->``, and the same for ``scale-summary`` and
+``scale-targets``): docs/benchmarks.md for the default --json, no page for another one unless named.
 
 ``--baseline REV`` measures another commit's code beside this checkout's in the same hour: this machine's speed
 varies by day and by hour, so two versions are compared only when run alternately. REV's ``src/`` and
@@ -52,6 +56,10 @@ if __name__ == "pipeline":  # found by `import pipeline` from a script in bench/
     sys.modules[__name__] = importlib.import_module(__name__)  # what the pending import statement returns
 
 REPO = Path(__file__).resolve().parents[1]
+SCALE_JSON = REPO / "docs" / "scale.json"
+PAGE_MD = REPO / "docs" / "benchmarks.md"
+BLOCKS = ("scale-table", "scale-summary", "scale-targets")  # the page's generated blocks, between their markers
+CODE_DIRS = ("src", "dags", "bench")  # a run's commit is "+dirty" when these differ from it
 SIZES = {  # ratings, users, movies
     "1m": (1_000_000, 7_000, 5_000),
     "10m": (10_000_000, 70_000, 10_000),
@@ -145,11 +153,29 @@ def source_for(size: str, data_dir: Path) -> tuple[str, dict]:
     return str(folder), {"variant": f"synthetic {size}", **json.loads(meta.read_text())}
 
 
+def code_commit(rev: str | None = None) -> str | None:
+    """The short hash of ``rev``, or of HEAD with ``+dirty`` when src/, dags/ or bench/ have uncommitted changes
+    (untracked files included): the code a run measures. None outside a git checkout."""
+    def git(*words: str) -> str:
+        return subprocess.run(["git", "-C", str(REPO), *words], capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    try:
+        if rev is not None:
+            return git("rev-parse", "--short", f"{rev}^{{commit}}")
+        dirty = git("status", "--porcelain", "--", *CODE_DIRS)
+        return git("rev-parse", "--short", "HEAD") + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def measure(size: str, args, code: Path | None = None, tag: str = "") -> dict:
     """One ``recsys run`` of ``size``: this checkout's package, or the one under ``code`` (a source tree's
-    ``src``, first on the run's PYTHONPATH). ``tag`` names its work folder beside the size's."""
+    ``src``, first on the run's PYTHONPATH: the ``--baseline`` commit's). ``tag`` names its work folder beside
+    the size's."""
     from pipeline.stages import side_by_side_by_default
 
+    commit = code_commit(getattr(args, "baseline", None) if code is not None else None)
     source, data = source_for(size, args.data_dir)
     root = args.work_dir / f"{size}{tag}"
     shutil.rmtree(root, ignore_errors=True)
@@ -164,7 +190,8 @@ def measure(size: str, args, code: Path | None = None, tag: str = "") -> dict:
     if args.side_by_side:
         cmd.append("--side-by-side")
     log_path = root / "run.log"
-    print(f"bench: {size}: {' '.join(cmd)} (log {log_path})", file=sys.stderr)
+    print(f"bench: {size}: code at {commit or 'an unknown commit'}: {' '.join(cmd)} (log {log_path})",
+          file=sys.stderr)
     started = time.time()
     with open(log_path, "w") as log_file:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log_file, env=env, text=True,
@@ -225,7 +252,8 @@ def measure(size: str, args, code: Path | None = None, tag: str = "") -> dict:
             "stopped": {"after_s": args.timeout, "in_stage": ", ".join(unfinished)} if stopped else None,
             "peak": peaks(started, time.time()), "cores_busy": busy(started, time.time()), "stages": stages,
             "log": str(log_path),
-            "measured_at": datetime.utcnow().strftime("%Y-%m-%d %H:%M UTC"), "cpus": os.cpu_count()}
+            "measured_at": datetime.utcnow().strftime("%Y-%m-%d %H:%M UTC"), "commit": commit,
+            "cpus": os.cpu_count()}
 
 
 def table(runs: list[dict]) -> str:
@@ -250,11 +278,37 @@ def table(runs: list[dict]) -> str:
         f"{r['peak']['driver_mb'] / 1024:.1f} / {r['peak']['jvm_mb'] / 1024:.1f} GiB" for r in runs) + " |")
     lines.append("| cores busy (mean) | " + " | ".join(
         f"{r['cores_busy']:.2f} of {r['cpus']}" if r.get("cores_busy") is not None else "-" for r in runs) + " |")
-    # columns may come from different days (the JSON keeps the other sizes' last runs), and this machine's speed
-    # varies by day: each column says when it ran and how long the reference workload took around it
+    # columns may come from different days and commits (the JSON keeps the other sizes' last runs), and this
+    # machine's speed varies by day: each column says when it ran, which code, and the reference workload around it
     lines.append("| measured at (reference workload) | " + " | ".join(
-        f"{r.get('measured_at', '-')} ({', '.join(f'{x:.2f}' for x in r['reference_s'])} s)" if r.get("reference_s")
-        else r.get("measured_at", "-") for r in runs) + " |")
+        _when(r) + (f" ({', '.join(f'{x:.2f}' for x in r['reference_s'])} s)" if r.get("reference_s") else "")
+        for r in runs) + " |")
+    return "\n".join(lines)
+
+
+def _when(run: dict) -> str:
+    return run.get("measured_at", "-") + (f", {run['commit']}" if run.get("commit") else "")
+
+
+def _size_name(run: dict) -> str:
+    if run["size"] in SIZES:
+        return f"synthetic {run['size'].removesuffix('m')} M"
+    return run.get("variant") or run["size"]
+
+
+def _whole_run(run: dict) -> str:
+    wall = f"{run['wall_s']:,.0f} s" + (f" ({run['wall_s'] / 60:.1f} min)" if run["wall_s"] >= 600 else "")
+    if run.get("stopped"):
+        return f"{wall}, stopped in {run['stopped']['in_stage']}"
+    return wall if run["rc"] == 0 else f"{wall}, exit {run['rc']}"
+
+
+def summary(runs: list[dict]) -> str:
+    """The whole runs, one row per size: what the README's results copy."""
+    lines = ["| size | ratings | whole run | peak RSS | commit | measured |",
+             "| --- | ---: | ---: | ---: | --- | --- |"]
+    lines += [f"| {_size_name(r)} | {r['ratings'] or 0:,} | {_whole_run(r)} | {r['peak']['total_mb'] / 1024:.1f} "
+              f"GiB | {r.get('commit') or '-'} | {r.get('measured_at', '-')[:10]} |" for r in runs]
     return "\n".join(lines)
 
 
@@ -322,6 +376,20 @@ def targets(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def render_page(text: str, runs: list[dict]) -> str:
+    """``text`` (a Markdown page) with each generated block between its markers rewritten from ``runs``."""
+    bodies = {"scale-table": table(runs), "scale-summary": summary(runs),
+              "scale-targets": "\n".join(f"- {line}" for line in targets(runs).splitlines())}
+    for name in BLOCKS:
+        start, end = f"<!-- {name} (bench/pipeline.py) -->", f"<!-- /{name} -->"
+        before, found, rest = text.partition(start)
+        _, found_end, after = rest.partition(end)
+        if not (found and found_end):
+            raise ValueError(f"the page has no {start} ... {end} block")
+        text = f"{before}{start}\n{bodies[name]}\n{end}{after}"
+    return text
+
+
 def export_code(rev: str, into: Path) -> Path:
     """``rev``'s ``src/`` and ``expectations/`` (the settings look for it beside ``src/``) written under ``into``;
     the path to put first on PYTHONPATH."""
@@ -376,9 +444,14 @@ def main() -> int:
     parser.add_argument("--sizes", default="small,1m")
     parser.add_argument("--data-dir", type=Path, default=Path("/tmp/recsys-bench/data"))
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/recsys-bench/runs"))
-    parser.add_argument("--json", type=Path, default=REPO / "docs" / "scale.json")
+    parser.add_argument("--json", type=Path, default=SCALE_JSON)
     parser.add_argument("--plot", type=Path, default=None,
                         help="default: beside --json, with .png (docs/scale.png for the default --json)")
+    parser.add_argument("--page", type=Path, default=None,
+                        help="the Markdown page whose generated tables are rewritten (default: docs/benchmarks.md "
+                             "for the default --json, none for another)")
+    parser.add_argument("--render", action="store_true",
+                        help="measure nothing: rewrite --page's tables from --json and print them")
     parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
     parser.add_argument("--side-by-side", action="store_true",
                         help="recsys run --side-by-side: a Spark stage beside a Python stage (default: recsys "
@@ -402,6 +475,16 @@ def main() -> int:
         parser.error("--baseline-wall is one size's figure: give one size")
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
+    page = args.page or (PAGE_MD if args.json.resolve() == SCALE_JSON else None)  # a trial's JSON: no page
+    try:  # a page without its markers is refused before an hour of measuring, not after
+        if page:
+            render_page(page.read_text(), [])
+    except (OSError, ValueError) as exc:
+        parser.error(f"--page {page}: {exc}")
+    if args.render:
+        if not (args.json.exists() and page):
+            parser.error("--render needs an existing --json and a page (--page, for a --json other than the default)")
+        return render(args.json, page)
     previous = json.loads(args.json.read_text())["runs"] if args.json.exists() else []
     runs = {r["size"]: r for r in previous}
     with tempfile.TemporaryDirectory(prefix="recsys-baseline-") as folder:
@@ -415,11 +498,25 @@ def main() -> int:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"runs": ordered}, indent=2) + "\n")
     plot(ordered, args.plot or args.json.with_suffix(".png"))  # a trial's --json elsewhere leaves docs/ alone
+    if page:
+        page.write_text(render_page(page.read_text(), ordered))
     print(table(ordered))
+    print(summary(ordered))
     print(targets(ordered))
     for comparison in filter(None, comparisons):
         print(comparison["line"])
     return max(r["rc"] for r in ordered)
+
+
+def render(json_path: Path, page: Path) -> int:
+    """``page``'s generated tables rewritten from ``json_path``'s runs (no measurement); they are printed too."""
+    runs = sorted(json.loads(json_path.read_text())["runs"], key=lambda r: r["ratings"] or 0)
+    page.write_text(render_page(page.read_text(), runs))
+    print(f"bench: {page}: tables from {json_path}", file=sys.stderr)
+    print(table(runs))
+    print(summary(runs))
+    print(targets(runs))
+    return 0
 
 
 def run_size(size: str, args, runs: dict, code: Path | None) -> dict | None:

@@ -1,5 +1,6 @@
-"""bench/pipeline.py's report: the README's scale table and the targets' met/missed lines, on hand-made runs (the
-benchmark itself runs the whole pipeline at several sizes, far beyond a test's budget)."""
+"""bench/pipeline.py's report: docs/benchmarks.md's tables, the targets' met/missed lines and the commit each run
+records, on hand-made runs (the benchmark itself runs the whole pipeline at several sizes, far beyond a test's
+budget)."""
 
 from __future__ import annotations
 
@@ -120,6 +121,7 @@ def test_the_baselines_code_is_exported_and_first_on_its_runs_pythonpath(scale, 
         seen.update(cmd=cmd, env=env)
         raise Started
 
+    monkeypatch.setattr(scale, "code_commit", lambda rev=None: "abc1234")  # git, before the fake Popen
     monkeypatch.setattr(scale.subprocess, "Popen", popen)
     monkeypatch.setenv("PYTHONPATH", "/elsewhere")
     args = SimpleNamespace(data_dir=tmp_path / "data", work_dir=tmp_path / "runs", param=[], side_by_side=False,
@@ -142,13 +144,89 @@ def test_the_benchmark_refuses_a_baseline_that_is_not_a_commit(tmp_path):
 
 
 def test_the_plot_goes_beside_the_json_unless_one_is_named(scale, monkeypatch, tmp_path):
-    """A run measured into another JSON (a comparison, a trial) must not redraw the README's docs/scale.png."""
+    """A run measured into another JSON (a comparison, a trial) must not redraw docs/scale.png, nor rewrite
+    docs/benchmarks.md."""
     drawn = []
     monkeypatch.setattr(scale, "run_size", lambda size, args, runs, code: None)
     monkeypatch.setattr(scale, "plot", lambda runs, path: drawn.append(path))
+    monkeypatch.setattr(scale, "render_page", lambda text, runs: pytest.fail("a trial rewrote a page"))
     trial = tmp_path / "trial.json"
     trial.write_text(json.dumps({"runs": [_run("small", 100_836, 125.0, {"etl": 10.0})]}))
     for extra in ([], ["--plot", str(tmp_path / "named.png")]):
         monkeypatch.setattr(sys, "argv", ["pipeline.py", "--sizes", "small", "--json", str(trial), *extra])
         assert scale.main() == 0
     assert drawn == [tmp_path / "trial.png", tmp_path / "named.png"]
+
+
+def test_each_run_records_the_commit_it_measured_dirty_when_the_code_has_changes(scale, monkeypatch, tmp_path):
+    def git(*words):
+        return subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@example.com",
+                               *words], capture_output=True, text=True, check=True).stdout.strip()
+
+    git("init", "-q")
+    for folder in ("src", "bench", "docs"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "a.py").write_text("x = 1\n")
+    git("add", ".")
+    git("commit", "-q", "-m", "first")
+    head = git("rev-parse", "--short", "HEAD")
+    monkeypatch.setattr(scale, "REPO", tmp_path)
+    assert scale.code_commit() == head
+    (tmp_path / "docs" / "a.py").write_text("x = 2\n")  # outside the code: still the commit's code
+    assert scale.code_commit() == head
+    (tmp_path / "bench" / "a.py").write_text("x = 2\n")
+    assert scale.code_commit() == f"{head}+dirty"
+    git("checkout", "-q", "--", "bench")
+    (tmp_path / "src" / "new.py").write_text("")  # an untracked module is a change too
+    assert scale.code_commit() == f"{head}+dirty"
+    assert scale.code_commit("HEAD") == head  # a --baseline revision: its own commit, never dirty
+    monkeypatch.setattr(scale, "REPO", tmp_path / "not-a-checkout")
+    assert scale.code_commit() is None
+
+
+def test_the_commit_goes_beside_measured_at_and_into_both_tables(scale):
+    runs = [{**_run("small", 100_836, 124.6, {"etl": 10.0}), "variant": "ml-latest-small", "commit": "4ef0465"},
+            {**_run("10m", 9_954_296, 871.4, {"etl": 27.2}), "commit": "abc1234+dirty"},
+            _run("25m", 24_907_263, 2500.0, {"knn": 2400.0}, rc=-15, stopped={"after_s": 2400, "in_stage": "knn"})]
+    assert scale.table(runs).splitlines()[-1] == (
+        "| measured at (reference workload) | 2026-12-03 19:00 UTC, 4ef0465 (0.50, 0.50 s) | "
+        "2026-12-03 19:00 UTC, abc1234+dirty (0.50, 0.50 s) | 2026-12-03 19:00 UTC (0.50, 0.50 s) |")
+    assert scale.summary(runs).splitlines() == [
+        "| size | ratings | whole run | peak RSS | commit | measured |",
+        "| --- | ---: | ---: | ---: | --- | --- |",
+        "| ml-latest-small | 100,836 | 125 s | 3.0 GiB | 4ef0465 | 2026-12-03 |",
+        "| synthetic 10 M | 9,954,296 | 871 s (14.5 min) | 3.0 GiB | abc1234+dirty | 2026-12-03 |",
+        "| synthetic 25 M | 24,907,263 | 2,500 s (41.7 min), stopped in knn | 3.0 GiB | - | 2026-12-03 |"]
+
+
+def test_the_page_gets_its_generated_blocks_rewritten_and_nothing_else(scale, monkeypatch, tmp_path):
+    runs = [_run("1m", 994_300, 140.0, {"etl": 20.0})]
+    blocks = "".join(f"<!-- {name} (bench/pipeline.py) -->\nold {name}\n<!-- /{name} -->\n\nprose {name}\n"
+                     for name in scale.BLOCKS)
+    page = tmp_path / "page.md"
+    page.write_text("# Title\n\n" + blocks)
+    text = scale.render_page(page.read_text(), runs)
+    assert "old " not in text and text.startswith("# Title\n\n<!-- scale-table (bench/pipeline.py) -->\n| stage |")
+    assert scale.table(runs) in text and scale.summary(runs) in text
+    assert "- targets 1m: whole run 140.0 s (target 150 s: met)" in text
+    assert [line for line in text.splitlines() if line.startswith("prose")] == [f"prose {n}" for n in scale.BLOCKS]
+    assert scale.render_page(text, runs) == text
+    with pytest.raises(ValueError, match="no <!-- scale-summary"):
+        scale.render_page(text.replace("<!-- /scale-summary -->", ""), runs)
+    # --render: the page's tables from the JSON, no run; a JSON other than docs/scale.json needs --page
+    trial = tmp_path / "trial.json"
+    trial.write_text(json.dumps({"runs": runs}))
+    page.write_text("# Title\n\n" + blocks)
+    monkeypatch.setattr(scale, "measure", lambda *a, **k: pytest.fail("--render measured"))
+    monkeypatch.setattr(sys, "argv", ["pipeline.py", "--render", "--json", str(trial), "--page", str(page)])
+    assert scale.main() == 0
+    assert page.read_text() == text
+    monkeypatch.setattr(sys, "argv", ["pipeline.py", "--render", "--json", str(trial)])
+    with pytest.raises(SystemExit):
+        scale.main()
+    # a page without its blocks is refused before anything is measured
+    (tmp_path / "bare.md").write_text("# Title\n")
+    monkeypatch.setattr(sys, "argv", ["pipeline.py", "--sizes", "small", "--json", str(trial), "--page",
+                                      str(tmp_path / "bare.md")])
+    with pytest.raises(SystemExit):
+        scale.main()
