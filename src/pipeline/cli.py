@@ -2,7 +2,7 @@
 
     recsys run --source SRC --work-dir DIR [--stages a,b,...] [--param NAME=VALUE ...]
                [--side-by-side | --one-at-a-time]
-    recsys params
+    recsys params [--json | --markdown]
     recsys settings
     recsys synth --ratings N --users U --movies M --out DIR [--seed S]
     recsys similar --movie TITLE_OR_ID [-k 10] [--metric cosine|euclidean|lsh] [--json]
@@ -50,6 +50,11 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_params(args) -> int:
+    if args.markdown:  # docs/params.md
+        from pipeline.reference_docs import params_markdown
+
+        print(params_markdown(), end="")
+        return 0
     if args.json:
         print(json.dumps([{"name": p.name, "default": p.default, "section": p.section,
                            "description": p.description, **p.json_schema()} for p in PARAMS], indent=2))
@@ -144,7 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_cmd_run)
 
     params = sub.add_parser("params", help="list the Params with defaults and descriptions")
-    params.add_argument("--json", action="store_true")
+    shape = params.add_mutually_exclusive_group()
+    shape.add_argument("--json", action="store_true", help="a JSON list: each Param's default, section, description "
+                                                           "and JSON schema")
+    shape.add_argument("--markdown", action="store_true", help="the reference page docs/params.md")
     params.set_defaults(func=_cmd_params)
 
     settings = sub.add_parser("settings", help="print the effective settings")
