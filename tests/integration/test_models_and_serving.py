@@ -131,3 +131,21 @@ def test_query_commands_answer_from_the_served_tables(real_pipeline, monkeypatch
     assert len(cold) == 10 and not {1, 260} & {r["movie_id"] for r in cold}
     assert cli.main(["similar", "--movie", "Toy Stroy", "-k", "5"]) != 0
     assert "Toy Story (1995)" in capsys.readouterr().err
+
+
+def test_report_json_matches_docs_report_md(real_pipeline, first):
+    """docs/report.md documents every section and key these real reports have, and nothing, unless marked
+    optional, that the run of every stage with the defaults no longer writes (the sabotaged second run, with
+    AutoRec, kNN and the blend switched off, adds its own shapes)."""
+    from pathlib import Path
+
+    from pipeline.params import PARAMS
+    from pipeline.reference_docs import REPORT_PAGE, report_drift
+    from pipeline.stages import ORDER
+
+    page = (Path(__file__).resolve().parents[2] / REPORT_PAGE).read_text()
+    drift = report_drift(page, first, (real_pipeline["second"],))
+    assert not drift, f"{REPORT_PAGE} and report.json differ; update the page:\n" + "\n".join(drift)
+    # the sections keyed by name rather than documented key by key
+    assert set(first["params"]) == {p.name for p in PARAMS}
+    assert set(first["timings_s"]) == set(ORDER)
