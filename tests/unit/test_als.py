@@ -7,9 +7,11 @@ import pytest
 
 from pipeline.models.als import (
     SKIPPED_BY_RANK_WALK,
+    best_first,
     best_point,
     grid_points,
     halving_rungs,
+    improves,
     parallel_fits,
     rank_groups,
     reg_chains,
@@ -40,6 +42,44 @@ def test_als_learns_a_planted_low_rank_structure(spark, planted):
     als_rmse = rating_metrics(frames["test"], model.predict, base, frames["train"])["test_rmse"]
     base_rmse = rating_metrics(frames["test"], base.predict, base, frames["train"])["test_rmse"]
     assert als_rmse < 0.75 * base_rmse, (als_rmse, base_rmse)
+
+
+def test_a_diverged_first_fit_never_wins_the_grid(spark, planted, monkeypatch):
+    """Regression: the best-so-far test ``(rmse, i) < (best_rmse, best_i)`` is False against a NaN, so when the
+    grid's first fit diverged (validation RMSE NaN) nothing replaced it and the diverged fit was the model."""
+    from pipeline.models import als
+
+    _, frames = planted
+    base = BiasBaseline().fit(frames["train"])
+    scored = als.rating_metrics
+
+    def first_diverges(validation, predict, *args, **kwargs):
+        scores = scored(validation, predict, *args, **kwargs)
+        if predict.__self__.meta["params"]["rank"] == 1:
+            scores.update(val_rmse=float("nan"), val_mae=float("nan"))
+        return scores
+
+    monkeypatch.setattr(als, "rating_metrics", first_diverges)
+    points = grid_points([1, 2, 3], [0.05], [5])
+    results, model = search_grid(spark, frames["train"], frames["validation"], base, points)
+    assert results[0]["val_rmse"] != results[0]["val_rmse"]  # the first fit scored NaN
+    finite = min(results[1:], key=lambda r: r["val_rmse"])
+    assert model.meta["params"] == best_point(results) == {k: finite[k] for k in ("rank", "reg_param", "max_iter")}
+    assert best_point([{**results[0], "val_rmse": float("nan")}, {**results[1], "val_rmse": 0.9}])["rank"] == 2
+
+
+def test_a_diverged_fit_is_worse_than_every_score_and_the_line_searches_go_on_after_it():
+    nan = float("nan")
+    lower = lambda new, old: new < old  # noqa: E731
+    higher = lambda new, old: new > old  # noqa: E731
+    assert not improves(nan, 0.7, lower) and improves(0.7, nan, lower) and not improves(nan, nan, higher)
+    assert sorted([0.7, nan, 0.6], key=lambda s: best_first(s, False))[:2] == [0.6, 0.7]
+    assert sorted([0.1, nan, 0.2], key=lambda s: best_first(s, True))[:2] == [0.2, 0.1]
+    # the lowest regParam diverged: the chain goes on to the next one instead of stopping at it
+    assert list(walk_chain([0, 1, 2], lambda i: [nan, 0.7, 0.6][i], lower)) == [0, 1, 2]
+    assert list(walk_chain([0, 1, 2], lambda i: [nan, 0.1, 0.2][i], higher)) == [0, 1, 2]
+    # every fit of the lowest rank diverged: the walk goes on to the next rank
+    assert walk_ranks([[0], [1], [2]], lambda g: [[nan], [0.7], [0.6]][g[0]], lower) == [0, 1, 2]
 
 
 def test_halving_plan_screens_every_point_with_fewer_iterations_then_refits_the_best():

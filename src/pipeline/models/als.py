@@ -147,14 +147,30 @@ def reg_chains(points: list[dict]) -> list[list[int]]:
     return [sorted(chain, key=lambda i: (points[i]["reg_param"], i)) for chain in chains.values()]
 
 
+def is_nan(score) -> bool:
+    return score != score
+
+
+def improves(new: float, old: float, better) -> bool:
+    """``better(new, old)``, where the NaN of a diverged fit is worse than every score: a NaN never improves
+    on anything and every score improves on a NaN (``better(x, nan)`` alone is False, so a NaN would win)."""
+    return not is_nan(new) and (is_nan(old) or better(new, old))
+
+
+def best_first(score: float, higher: bool) -> tuple:
+    """Sort key: the best score first (``higher``: the highest), a diverged fit's NaN last."""
+    return (True, 0.0) if is_nan(score) else (False, -score if higher else score)
+
+
 def walk_chain(chain: list[int], score, better) -> dict[int, float]:
     """Score ``chain``'s points in order and stop after the first one that is not ``better`` than the one
-    before it (a diverged NaN score counts as worse); {index: score} of the points scored."""
+    before it (``improves``: a diverged NaN score counts as worse, and a point after one goes on); {index:
+    score} of the points scored."""
     scores: dict[int, float] = {}
     previous = None
     for i in chain:
         scores[i] = value = score(i)
-        if previous is not None and not better(value, previous):
+        if previous is not None and not improves(value, previous, better):
             break
         previous = value
     return scores
@@ -254,8 +270,8 @@ def search_grid(spark, train: pd.DataFrame, validation: pd.DataFrame, baseline, 
                 result.setdefault("rung_iters", []).append(iters)
             if full:
                 result.update(val_rmse=scores["val_rmse"], val_mae=scores["val_mae"])
-                if not best or (scores["val_rmse"], i) < (best["val_rmse"], best["i"]):
-                    best.update(val_rmse=scores["val_rmse"], model=fm, i=i)
+                if not best or (best_first(scores["val_rmse"], False), i) < best["key"]:
+                    best.update(key=(best_first(scores["val_rmse"], False), i), model=fm)
             metrics = {"val_rmse": scores["val_rmse"], "val_mae": scores["val_mae"]} if full else \
                 {f"rung{rung_no}_val_rmse": scores["val_rmse"]}
             records[i]({}, {**metrics, "fit_s": result["fit_s"]})
@@ -304,8 +320,7 @@ def search_grid(spark, train: pd.DataFrame, validation: pd.DataFrame, baseline, 
                 else:
                     scores = list(pool.map(lambda i: fit(rung_no, rung, i), alive))
                 # lowest RMSE first, the earlier grid point on a tie, a diverged point (NaN) last
-                order = sorted(range(len(alive)), key=lambda j: (scores[j] != scores[j],
-                                                                  scores[j] if scores[j] == scores[j] else 0, alive[j]))
+                order = sorted(range(len(alive)), key=lambda j: (best_first(scores[j], False), alive[j]))
                 alive = [alive[j] for j in order[:rung["keep"]]]
                 rung["seconds"] = round(time.perf_counter() - started, 2)
     finally:
@@ -354,9 +369,10 @@ def search_grid_naive(spark, train_path: str, validation: pd.DataFrame, baseline
 
 
 def best_point(results: list[dict]) -> dict:
-    """Lowest validation RMSE among the points fitted on all the data; the earlier grid point wins a tie."""
+    """Lowest validation RMSE among the points fitted on all the data (a diverged NaN last); the earlier grid
+    point wins a tie."""
     fitted = [j for j in range(len(results)) if results[j]["val_rmse"] is not None]
-    i = min(fitted, key=lambda j: (results[j]["val_rmse"], j))
+    i = min(fitted, key=lambda j: (best_first(results[j]["val_rmse"], False), j))
     return {k: results[i][k] for k in ("rank", "reg_param", "max_iter")}
 
 

@@ -32,9 +32,11 @@ from pipeline.models.als import (
     HALVING_MIN_ROWS,
     SKIPPED_BY_LINE_SEARCH,
     SKIPPED_BY_RANK_WALK,
+    best_first,
     factor_model,
     halving_rungs,
     id_maps,
+    is_nan,
     parallel_fits,
     rank_groups,
     reg_chains,
@@ -139,8 +141,9 @@ def run_implicit_als(ctx) -> dict:
                             # every fit is a candidate, a screen's too (the iterations chosen on validation); on a
                             # tie the fit with all its iterations, then the earlier grid point (the fits run side
                             # by side, so not the one that finished first)
-                            if best is None or (ndcg, full, -i) > best[0]:
-                                best = ((ndcg, full, -i), model, fitted)
+                            key = (not is_nan(ndcg), 0.0 if is_nan(ndcg) else ndcg, full, -i)  # NaN lowest
+                            if best is None or key > best[0]:
+                                best = (key, model, fitted)
                         return ndcg
 
                     groups = rank_groups(points, alive)
@@ -153,7 +156,7 @@ def run_implicit_als(ctx) -> dict:
                             results[i]["skipped"] = SKIPPED_BY_RANK_WALK
                     else:
                         list(pool.map(score, alive))
-                    alive = sorted(scores, key=lambda j: (-scores[j], j))[:rung["keep"]]
+                    alive = sorted(scores, key=lambda j: (best_first(scores[j], True), j))[:rung["keep"]]
         finally:
             spark.conf.set("spark.sql.shuffle.partitions", previous)
             frame.unpersist()
@@ -161,7 +164,7 @@ def run_implicit_als(ctx) -> dict:
         results = [r or {**q, "skipped": SKIPPED_BY_LINE_SEARCH}
                    for r, q in zip(results, points)]
         (folder / "grid.json").write_text(json.dumps(results, indent=2))
-        (ndcg, full, _), model, point = best
+        (_, ndcg, full, _), model, point = best
         if not full:
             log.info("implicit ALS: the %d-iteration screen fit of rank=%d reg=%g alpha=%g ranks best on validation "
                      "(NDCG@10 %.4f, above every fit with all its iterations): it is the model", point["max_iter"],
