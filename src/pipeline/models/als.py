@@ -27,6 +27,7 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -205,51 +206,89 @@ def rung_iters(point: dict, fraction: float) -> int:
     return point["max_iter"] if fraction >= 1.0 else max(1, min(point["max_iter"], round(point["max_iter"] * fraction)))
 
 
-def search_grid(spark, train: pd.DataFrame, validation: pd.DataFrame, baseline, points: list[dict], seed: int = 42,
-                workers: int = 0, num_blocks: int | None = None, track=None, strategy: str = "full", eta: int = 3,
-                min_rows: int = HALVING_MIN_ROWS, line_search: bool = False,
-                staging: Path | None = None) -> tuple[list[dict], FactorModel]:
-    """Search the grid; (results in grid order, the chosen FactorModel; its ``meta["search"]`` holds the plan:
-    per rung the share of iterations, seconds and the points fitted).
+@dataclass(frozen=True)
+class Objective:
+    """What a grid search is chosen on: the only things in which the explicit and the implicit grid differ."""
 
-    ``strategy``: "full" fits every point with all its iterations; "halving" is successive halving over
-    iterations (``halving_rungs``), the full grid under ``min_rows`` training rows. Each result holds the point,
-    ``val_rmse`` of its full fit (None for a point only fitted with fewer iterations), and under halving
-    ``rung_val_rmse`` (one value per rung it reached). ``workers``: fits side by side (0: ``parallel_fits``'s
-    choice by the data). ``line_search`` (halving only): the first rung walks
-    each rank's regParams upwards (``reg_chains``) and stops at the first point worse than the one before; the
-    points it skips are never fitted (no ``rung_val_rmse``). The last rung then fits its finalists rank by rank,
-    lowest first (``walk_ranks``), and stops after the first rank whose best is worse than the lower rank's
-    (the finalists left are marked ``SKIPPED_BY_RANK_WALK``). Every fit uses all the training data and is scored on
-    every validation row. ``track(point)``, if given, is a context manager yielding ``log(params, metrics)``:
-    the stage opens one MLflow child run per point with it, kept open across rungs. ``staging``: a folder Spark
-    can read, through which the training rows reach it (``pipeline.spark.frame_from_pandas``).
+    metric: str  # the validation score that ranks the fits (a key of the ``score`` function's dict)
+    higher_is_better: bool
+    full_metrics: tuple[str, ...] = ()  # more of the scores kept and logged for a fit with all its iterations
+    every_fit: bool = False  # choose among every fit, a screen's too; else among the fits with all their iterations
+    fit_s_per_fit: bool = False  # each fit logs its own seconds as ``fit_s``; else the point's seconds so far
+
+    def better(self, new: float, old: float) -> bool:
+        return new > old if self.higher_is_better else new < old
+
+    def best_first(self, score: float) -> tuple:
+        return best_first(score, self.higher_is_better)
+
+
+# the explicit grid: the lowest validation RMSE among the fits with all their iterations
+RMSE = Objective("val_rmse", higher_is_better=False, full_metrics=("val_mae",))
+# the implicit grid: the highest validation NDCG@10 of every fit, the screen's included (a finalist's 3-iteration
+# fit ranked better than its 10-iteration refit at 10 M and 25 M ratings: the iterations are chosen on validation)
+NDCG = Objective("val_ndcg_at_10", higher_is_better=True, every_fit=True, fit_s_per_fit=True)
+
+
+@dataclass
+class Searched:
+    """A grid search's outcome: ``results`` (one dict per point, in grid order), the chosen fit's ``model``,
+    ``point`` (its ``max_iter`` the iterations it ran), validation ``score`` and whether it ran ``full``, and
+    ``search`` (the plan as run: strategy, eta, line search, per rung the share of iterations, seconds and the
+    points fitted)."""
+
+    results: list[dict]
+    model: object
+    point: dict
+    score: float
+    full: bool
+    search: dict
+
+
+def search_rungs(rows: int, points: list[dict], strategy: str, eta: int, min_rows: int) -> list[dict]:
+    """The rungs a search runs: ``halving_rungs`` under ``strategy`` "halving" from ``min_rows`` training rows,
+    else one rung that fits every point with all its iterations."""
+    if strategy == "halving" and rows >= min_rows:
+        return halving_rungs(len(points), max(p["max_iter"] for p in points), eta)
+    return [{"fraction": 1.0, "points": len(points), "keep": 1}]
+
+
+def _ranked(scores: dict[int, float], objective: Objective) -> list[int]:
+    """The fitted indices best first, the earlier grid point on a tie, a diverged fit (NaN) last."""
+    return sorted(scores, key=lambda i: (objective.best_first(scores[i]), i))
+
+
+def _map(pool: ThreadPoolExecutor, fn, items: list) -> list:
+    return list(pool.map(fn, items))
+
+
+def run_search(points: list[dict], fit, score, objective: Objective, rungs: list[dict], *, line_search: bool = False,
+               workers: int = 1, track=None, label: str = "ALS") -> Searched:
+    """Search ``points`` rung by rung (``rungs``: ``search_rungs``), ``workers`` fits side by side.
+
+    ``fit(point, iters)`` fits one point with ``iters`` iterations and returns the model; ``score(model)``
+    its validation scores, ``objective.metric`` among them. Each result holds the point, the objective's
+    metrics of its fit with all its iterations (None for a point only fitted with fewer) and ``fit_s``; under
+    halving ``rung_<metric>`` and ``rung_iters`` (one value per rung it reached). ``line_search`` (halving
+    only): the first rung walks each rank's regParams upwards (``reg_chains``, ``walk_chain``) and stops at the
+    first point worse than the one before; the points it skips are never fitted (marked
+    ``SKIPPED_BY_LINE_SEARCH``). The last rung then fits its finalists rank by rank, lowest first
+    (``walk_ranks``), and stops after the first rank whose best is worse than the lower rank's (the finalists
+    left are marked ``SKIPPED_BY_RANK_WALK``). Each later rung fits the best ``keep`` of the one before. The
+    choice: the best score (``objective``; a diverged NaN never wins while a number is left), on a tie the fit
+    with all its iterations, then the earlier grid point, never the order in which the fits finished.
+    ``track(point)``, if given, is a context manager yielding ``log(params, metrics)``: one MLflow child run per
+    point, kept open across rungs.
     """
-    from pipeline.spark import frame_from_pandas
-
-    # imported before the worker threads: a first import racing in two of them leaves a half-initialised
-    # ``pyspark.ml`` that MLflow's Param check then trips over (AttributeError)
-    importlib.import_module("pyspark.ml.recommendation")
-
-    parallelism = spark.sparkContext.defaultParallelism
-    num_blocks = num_blocks or max(1, min(parallelism, 4))
-    workers = parallel_fits(workers, len(train), len(reg_chains(points)))
-    halving = strategy == "halving" and len(train) >= min_rows
-    rungs = halving_rungs(len(points), max(p["max_iter"] for p in points), eta) if halving else \
-        [{"fraction": 1.0, "points": len(points), "keep": 1}]
     halving = len(rungs) > 1
     line_search = line_search and halving
-    inputs = contextlib.ExitStack()
-    frame = inputs.enter_context(frame_from_pandas(spark, residual_frame(train, baseline), staging))
-    frame = frame.repartition(num_blocks).cache()
-    frame.count()
-    maps = id_maps(train)
+    metric, kept = objective.metric, (objective.metric, *objective.full_metrics)
+    results = [{**p, **dict.fromkeys(kept), "fit_s": 0.0} for p in points]
     lock = threading.Lock()
-    results = [{**p, "val_rmse": None, "val_mae": None, "fit_s": 0.0} for p in points]
     records: dict = {}
     best: dict = {}
 
-    def fit(rung_no: int, rung: dict, i: int) -> float:
+    def fit_one(stack: contextlib.ExitStack, rung_no: int, rung: dict, scored: dict, i: int) -> float:
         point = points[i]
         with lock:
             if i not in records:
@@ -258,84 +297,144 @@ def search_grid(spark, train: pd.DataFrame, validation: pd.DataFrame, baseline, 
         full = rung["fraction"] >= 1.0
         iters = rung_iters(point, rung["fraction"])
         started = time.perf_counter()
-        model = _als({**point, "max_iter": iters}, seed, num_blocks).fit(frame)
-        fm = factor_model(model, train, baseline, meta={"params": point}, maps=maps)
+        model = fit(point, iters)
         fit_s = time.perf_counter() - started
-        scores = rating_metrics(validation, fm.predict, baseline, train, split="val")  # the protocol's
+        scores = score(model)
+        value = scores[metric]
         with lock:
+            scored[i] = value
             result = results[i]
             result["fit_s"] = round(result["fit_s"] + fit_s, 3)
             if halving:
-                result.setdefault("rung_val_rmse", []).append(scores["val_rmse"])
+                result.setdefault(f"rung_{metric}", []).append(value)
                 result.setdefault("rung_iters", []).append(iters)
             if full:
-                result.update(val_rmse=scores["val_rmse"], val_mae=scores["val_mae"])
-                if not best or (best_first(scores["val_rmse"], False), i) < best["key"]:
-                    best.update(key=(best_first(scores["val_rmse"], False), i), model=fm)
-            metrics = {"val_rmse": scores["val_rmse"], "val_mae": scores["val_mae"]} if full else \
-                {f"rung{rung_no}_val_rmse": scores["val_rmse"]}
-            records[i]({}, {**metrics, "fit_s": result["fit_s"]})
+                result.update({k: scores[k] for k in kept})
+            logged = {k: scores[k] for k in kept} if full else {f"rung{rung_no}_{metric}": value}
+            records[i]({}, {**logged, "fit_s": fit_s if objective.fit_s_per_fit else result["fit_s"]})
             rung["done"] += 1
-            log.info("ALS %s point %d/%d%s (rank=%d reg=%.3g iters=%d): validation RMSE %.4f (%.1f s)",
+            log.info("%s %s point %d/%d%s (%s, %d iterations): %s %.4f (%.1f s)", label,
                      f"halving rung {rung_no + 1}/{len(rungs)}" if halving else "grid", rung["done"],
-                     len(rung["fit"]), " at most" if rung.get("line_search") or rung.get("rank_walk") else "",
-                     point["rank"], point["reg_param"], iters, scores["val_rmse"], fit_s)
-        return scores["val_rmse"]
+                     len(rung["fit"]), " at most" if rung["line_search"] or rung["rank_walk"] else "",
+                     " ".join(f"{k}={v:g}" for k, v in point.items() if k != "max_iter"), iters, metric, value, fit_s)
+            if full or objective.every_fit:
+                key = (objective.best_first(value), not full, i)
+                if not best or key < best["key"]:
+                    best.update(key=key, model=model, point={**point, "max_iter": iters}, score=value, full=full)
+        return value
 
-    previous = spark.conf.get("spark.sql.shuffle.partitions")
-    spark.conf.set("spark.sql.shuffle.partitions", str(max(2, parallelism)))
     alive = list(range(len(points)))
-    try:
-        with contextlib.ExitStack() as stack, ThreadPoolExecutor(max_workers=workers) as pool:
-            for rung_no, rung in enumerate(rungs):
-                started = time.perf_counter()
-                groups = rank_groups(points, alive) if line_search and rung_no == len(rungs) - 1 else []
-                rung.update(fit=list(alive), done=0, line_search=line_search and rung_no == 0,
-                            rank_walk=len(groups) > 1)
-                if halving:
-                    log.info("ALS halving rung %d/%d: %s%d points at %.0f %% of their iterations, %d training rows",
-                             rung_no + 1, len(rungs), "line search over regParam, at most " if rung["line_search"]
-                             else "line search over rank, at most " if rung["rank_walk"] else "", len(alive),
-                             100 * rung["fraction"], len(train))
-                if rung["line_search"]:  # one chain per rank, the chains on the workers
-                    walked: dict[int, float] = {}
-                    for part in pool.map(lambda chain: walk_chain(chain, lambda i: fit(rung_no, rung, i),
-                                                                  lambda new, old: new < old), reg_chains(points)):
-                        walked.update(part)
-                    alive = rung["fit"] = sorted(walked)
-                    scores = [walked[i] for i in alive]
-                elif rung["rank_walk"]:  # the finalists rank by rank, each rank's side by side
-                    fitted: dict[int, float] = {}
-
-                    def score_group(group: list[int]) -> list[float]:
-                        values = list(pool.map(lambda i: fit(rung_no, rung, i), group))
-                        fitted.update(zip(group, values))
-                        return values
-
-                    walk_ranks(groups, score_group, lambda new, old: new < old)
-                    for i in set(alive) - set(fitted):
-                        results[i]["skipped"] = SKIPPED_BY_RANK_WALK
-                    alive = rung["fit"] = sorted(fitted)
-                    scores = [fitted[i] for i in alive]
-                else:
-                    scores = list(pool.map(lambda i: fit(rung_no, rung, i), alive))
-                # lowest RMSE first, the earlier grid point on a tie, a diverged point (NaN) last
-                order = sorted(range(len(alive)), key=lambda j: (best_first(scores[j], False), alive[j]))
-                alive = [alive[j] for j in order[:rung["keep"]]]
-                rung["seconds"] = round(time.perf_counter() - started, 2)
-    finally:
-        spark.conf.set("spark.sql.shuffle.partitions", previous)
-        frame.unpersist()
-        inputs.close()
+    with contextlib.ExitStack() as stack, ThreadPoolExecutor(max_workers=workers) as pool:
+        for rung_no, rung in enumerate(rungs):
+            started = time.perf_counter()
+            scored: dict[int, float] = {}
+            fit_alive = functools.partial(fit_one, stack, rung_no, rung, scored)
+            groups = rank_groups(points, alive) if line_search and rung_no == len(rungs) - 1 else []
+            rung.update(fit=list(alive), done=0, line_search=line_search and rung_no == 0, rank_walk=len(groups) > 1)
+            if halving:
+                log.info("%s halving rung %d/%d: %s%d points at %.0f %% of their iterations", label, rung_no + 1,
+                         len(rungs), "line search over regParam, at most " if rung["line_search"] else
+                         "line search over rank, at most " if rung["rank_walk"] else "", len(alive),
+                         100 * rung["fraction"])
+            if rung["line_search"]:  # one chain per rank, the chains on the workers
+                chains = [[alive[j] for j in chain] for chain in reg_chains([points[i] for i in alive])]
+                _map(pool, functools.partial(walk_chain, score=fit_alive, better=objective.better), chains)
+                rung["fit"] = sorted(scored)
+            elif rung["rank_walk"]:  # the finalists rank by rank, each rank's side by side
+                walk_ranks(groups, functools.partial(_map, pool, fit_alive), objective.better)
+                for i in set(alive) - set(scored):
+                    results[i]["skipped"] = SKIPPED_BY_RANK_WALK
+                rung["fit"] = sorted(scored)
+            else:
+                _map(pool, fit_alive, alive)
+            alive = _ranked(scored, objective)[:rung["keep"]]
+            rung["seconds"] = round(time.perf_counter() - started, 2)
     for result in results:
-        if line_search and "rung_val_rmse" not in result:
+        if "rung_iters" not in result and result[metric] is None:  # never fitted
             result["skipped"] = SKIPPED_BY_LINE_SEARCH
-    model = best["model"]
-    model.meta["search"] = {"strategy": "halving" if halving else "full", "eta": eta if halving else None,
-                            "line_search": line_search,
-                            "rungs": [{"fraction": r["fraction"], "seconds": r["seconds"], "points": r["fit"]}
-                                      for r in rungs]}
-    return results, model
+    search = {"strategy": "halving" if halving else "full", "eta": None, "line_search": line_search,
+              "rungs": [{"fraction": r["fraction"], "seconds": r["seconds"], "points": r["fit"]} for r in rungs]}
+    return Searched(results, best["model"], best["point"], best["score"], best["full"], search)
+
+
+def blocks(spark) -> int:
+    """ALS's user/item blocks (and the training frame's partitions): the cores, at most 4."""
+    return max(1, min(spark.sparkContext.defaultParallelism, 4))
+
+
+@contextlib.contextmanager
+def training_frame(spark, rows: pd.DataFrame, num_blocks: int, staging: Path | None = None):
+    """``rows`` as the Spark frame every fit of a grid trains on: staged once (``staging``: a folder Spark can
+    read, ``pipeline.spark.frame_from_pandas``), repartitioned into ``num_blocks`` and cached; while it lasts
+    the session shuffles into a partition per core instead of Spark's 200."""
+    from pipeline.spark import frame_from_pandas
+
+    # imported before the fits' threads: a first import racing in two of them leaves a half-initialised
+    # ``pyspark.ml`` that MLflow's Param check then trips over (AttributeError)
+    importlib.import_module("pyspark.ml.recommendation")
+    with frame_from_pandas(spark, rows, staging) as staged:
+        frame = staged.repartition(num_blocks).cache()
+        frame.count()
+        previous = spark.conf.get("spark.sql.shuffle.partitions")
+        spark.conf.set("spark.sql.shuffle.partitions", str(max(2, spark.sparkContext.defaultParallelism)))
+        try:
+            yield frame
+        finally:
+            spark.conf.set("spark.sql.shuffle.partitions", previous)
+            frame.unpersist()
+
+
+def grid_search(spark, rows: pd.DataFrame, points: list[dict], fit, score, objective: Objective, *,
+                strategy: str = "full", eta: int = 3, min_rows: int = HALVING_MIN_ROWS, line_search: bool = False,
+                workers: int = 0, at_scale: int = FITS_AT_ONCE, num_blocks: int | None = None, track=None,
+                staging: Path | None = None, label: str = "ALS") -> Searched:
+    """The grid search of both ALS stages: ``rows`` (the training rows ALS fits) staged once
+    (``training_frame``), the rungs of ``strategy`` (``search_rungs``) run by ``run_search``.
+
+    ``fit(frame, point, iters, num_blocks)`` fits one point on the staged frame; ``score``, ``objective``,
+    ``line_search`` and ``track``: ``run_search``. ``workers``: fits side by side (0: ``parallel_fits``'s
+    choice by the data, ``at_scale`` from FIXED_COST_MAX_ROWS training rows).
+    """
+    num_blocks = num_blocks or blocks(spark)
+    workers = parallel_fits(workers, len(rows), len(reg_chains(points)), at_scale)
+    rungs = search_rungs(len(rows), points, strategy, eta, min_rows)
+    log.info("%s grid: %d points, %d training rows, %d fits at once", label, len(points), len(rows), workers)
+    with training_frame(spark, rows, num_blocks, staging) as frame:
+        searched = run_search(points, functools.partial(fit, frame, num_blocks=num_blocks), score, objective,
+                              rungs, line_search=line_search, workers=workers, track=track, label=label)
+    if len(rungs) > 1:
+        searched.search["eta"] = eta
+    return searched
+
+
+def search_grid(spark, train: pd.DataFrame, validation: pd.DataFrame, baseline, points: list[dict], seed: int = 42,
+                workers: int = 0, num_blocks: int | None = None, track=None, strategy: str = "full", eta: int = 3,
+                min_rows: int = HALVING_MIN_ROWS, line_search: bool = False,
+                staging: Path | None = None) -> tuple[list[dict], FactorModel]:
+    """The explicit grid (``grid_search`` on ``RMSE``): ALS fitted on the baseline's residuals, each fit scored
+    on every validation row by the shared evaluation; (results in grid order, the chosen FactorModel, its
+    ``meta["search"]`` the plan as run).
+
+    ``strategy``: "full" fits every point with all its iterations; "halving" is successive halving over
+    iterations (``halving_rungs``), the full grid under ``min_rows`` training rows. Each result holds the point,
+    ``val_rmse`` and ``val_mae`` of its full fit (None for a point only fitted with fewer iterations), and under
+    halving ``rung_val_rmse`` (one value per rung it reached). ``workers``, ``line_search``, ``track``,
+    ``staging``: ``grid_search``.
+    """
+    maps = id_maps(train)
+
+    def fit(frame, point: dict, iters: int, num_blocks: int) -> FactorModel:
+        model = _als({**point, "max_iter": iters}, seed, num_blocks).fit(frame)
+        return factor_model(model, train, baseline, meta={"params": point}, maps=maps)
+
+    def score(model: FactorModel) -> dict:
+        return rating_metrics(validation, model.predict, baseline, train, split="val")  # the protocol's
+
+    searched = grid_search(spark, residual_frame(train, baseline), points, fit, score, RMSE, strategy=strategy,
+                           eta=eta, min_rows=min_rows, line_search=line_search, workers=workers,
+                           num_blocks=num_blocks, track=track, staging=staging)
+    searched.model.meta["search"] = searched.search
+    return searched.results, searched.model
 
 
 def search_grid_naive(spark, train_path: str, validation: pd.DataFrame, baseline, points: list[dict],
