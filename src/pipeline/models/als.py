@@ -437,36 +437,6 @@ def search_grid(spark, train: pd.DataFrame, validation: pd.DataFrame, baseline, 
     return searched.results, searched.model
 
 
-def search_grid_naive(spark, train_path: str, validation: pd.DataFrame, baseline, points: list[dict],
-                      seed: int = 42) -> list[dict]:
-    """The naive way, for the benchmark only: a sequential loop of ``ALS.fit`` + ``transform`` + evaluator
-    with Spark's defaults (200 shuffle partitions, 10 blocks, the training data read for every point)."""
-    from pyspark.ml.evaluation import RegressionEvaluator
-    from pyspark.sql import functions as F
-
-    previous = spark.conf.get("spark.sql.shuffle.partitions")
-    spark.conf.set("spark.sql.shuffle.partitions", "200")
-    val = validation[["user_id", "movie_id", "user_idx", "movie_idx", "rating"]].copy()
-    val["base"] = baseline.predict(val["user_id"].to_numpy(), val["movie_id"].to_numpy())
-    val_sdf = spark.createDataFrame(val)
-    results = []
-    try:
-        for point in points:
-            started = time.perf_counter()
-            train = spark.read.parquet(train_path)
-            model = _als(point, seed).fit(train)
-            scored = model.transform(val_sdf).withColumn(
-                # cold pairs come back NaN: residual 0, i.e. the baseline (Spark orders NaN above every number,
-                # so NaN must be replaced before clipping or least() would turn it into 5.0)
-                "pred", F.least(F.greatest(F.nanvl(F.col("prediction"), F.lit(0.0)) + F.col("base"), F.lit(0.5)),
-                                F.lit(5.0)))
-            val_rmse = RegressionEvaluator(metricName="rmse", labelCol="rating", predictionCol="pred").evaluate(scored)
-            results.append({**point, "val_rmse": val_rmse, "fit_s": round(time.perf_counter() - started, 3)})
-    finally:
-        spark.conf.set("spark.sql.shuffle.partitions", previous)
-    return results
-
-
 def best_point(results: list[dict]) -> dict:
     """Lowest validation RMSE among the points fitted on all the data (a diverged NaN last); the earlier grid
     point wins a tie."""
