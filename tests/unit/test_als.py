@@ -266,7 +266,8 @@ def test_the_grid_imports_spark_ml_before_its_worker_threads_start(tmp_path):
 
 def test_pandas_reaches_spark_through_arrow_even_where_spark_defaults_turn_it_off(tmp_path):
     """The ALS stages hand Spark their training rows as pandas frames and collect every model's factors back:
-    row by row, 20 M rows took 394 s instead of 30 s (docs/measurements.md, session 11)."""
+    without Arrow, row by row, 20 M rows take 394 s instead of 30 s
+    (docs/adr/0041-arrow-pinned-for-pandas-and-spark.md)."""
     import os
     import subprocess
     import sys

@@ -2,19 +2,26 @@
 validation RMSE.
 
 ALS has no bias terms, so it factorises what the damped user+item baseline leaves unexplained; predictions
-add the baseline back (a biased matrix factorisation). Selection uses validation RMSE only, computed by the
-shared evaluation (every validation row, cold pairs from the baseline).
+add the baseline back (a biased matrix factorisation, docs/adr/0005-models-on-bias-baseline-residuals.md).
+Selection uses validation RMSE only, computed by the shared evaluation (every validation row, cold pairs from
+the baseline).
 
-Where the naive grid search spends its time, and what ``search_grid`` does instead (``bench/als_grid.py``
-measures both on the same grid and split):
-- Spark's 200 default shuffle partitions for a few-MB table: every ALS iteration shuffles factor blocks
-  through 200 tiny tasks; the session runs with a handful instead, and ALS gets ``num_blocks`` = the
-  cores' count of user/item blocks (default 10 each).
-- the training frame re-read and re-planned for every point: it is built once, repartitioned and cached;
-- scoring through ``model.transform(validation)`` (a join) and a Spark evaluator per point: the factors
-  (a few MB) are collected once and the validation rows scored in numpy;
-- one fit at a time leaves cores idle while the driver collects and schedules: two fits run concurrently,
-  and below 2 M training rows (where a fit is mostly fixed cost) every rank's regParam chain at once.
+The grid search (``grid_search``, ``run_search``) is shared with the implicit stage (``implicit_als``), which
+passes another ``Objective``: successive halving over iterations (docs/adr/0021-als-successive-halving.md,
+docs/adr/0025-halving-eta-5.md), a line search over regParam in the screen
+(docs/adr/0031-regparam-line-search.md) and a walk over the finalists' ranks
+(docs/adr/0035-rank-walk-over-finalists.md). What it does instead of a naive loop of fits (that loop is
+``bench/als_grid.py``'s baseline):
+- Spark's 200 default shuffle partitions for a few-MB table make every ALS iteration shuffle factor blocks
+  through 200 tiny tasks: the Spark session runs the search with a partition per core, and ALS gets
+  ``num_blocks`` = the cores' count of user/item blocks (default 10 each).
+- the training frame is staged once, repartitioned and cached, not re-read and re-planned for every point
+  (docs/adr/0050-als-training-rows-through-parquet.md);
+- the factors (a few MB) are collected once and the validation rows scored in numpy, not through
+  ``model.transform(validation)`` (a join) and a Spark evaluator per point;
+- one fit at a time leaves cores idle while the driver collects and schedules: two fits run side by side,
+  and below 2 M training rows, where a fit is mostly fixed cost, every rank's regParam chain
+  (docs/adr/0054-als-chains-side-by-side-below-2m-rows.md).
 """
 
 from __future__ import annotations
@@ -87,7 +94,7 @@ def factor_model(als_model, train: pd.DataFrame, baseline, name: str = "als", me
     )
 
 
-HALVING_MIN_ROWS = 100_000  # under this many training rows halving is the full grid (which then takes a minute)
+HALVING_MIN_ROWS = 100_000  # under this many training rows halving is the full grid, which is cheap there
 HALVING_MIN_ITERS = 3  # a first rung's fits run at least this many ALS iterations
 FITS_AT_ONCE = 2  # ALS fits side by side from FIXED_COST_MAX_ROWS training rows (the compute-bound fits)
 FIXED_COST_MAX_ROWS = 2_000_000  # below this a fit is mostly fixed cost: every rank's chain side by side
@@ -100,7 +107,8 @@ def parallel_fits(requested: int, train_rows: int, chains: int, at_scale: int = 
     fixed cost: Spark blocks the ratings anew and runs a dozen small jobs, which leave the cores idle between
     them, so every rank's regParam chain runs at once (``chains``, at least FITS_AT_ONCE, at most
     FITS_AT_ONCE_MAX). From there on a fit keeps the cores busy by itself, and more fits at once only add
-    memory: ``at_scale`` (the explicit grid's FITS_AT_ONCE; the implicit grid's larger ranks take 1)."""
+    memory: ``at_scale`` (the explicit grid's FITS_AT_ONCE; the implicit grid's larger ranks take 1;
+    docs/adr/0054-als-chains-side-by-side-below-2m-rows.md)."""
     if requested > 0:
         return requested
     return max(FITS_AT_ONCE, min(chains, FITS_AT_ONCE_MAX)) if train_rows < FIXED_COST_MAX_ROWS else at_scale
@@ -115,8 +123,8 @@ def halving_rungs(n_points: int, max_iter: int, eta: int = 3, min_iters: int = H
     at ``min_iters``: implicit ALS's 10 iterations at eta 5 are screened at 3); the first
     rung fits every point, each later one the best ``1/eta`` of the previous rung; the last rung fits its
     points with all their iterations, and the best of those is the model. Every rung fits on all the training
-    data: ranking on a sample of users was tried first and chose a regParam too high (a smaller sample favours
-    stronger regularisation; docs/decisions.md).
+    data: ranked on a sample of users, the points favour too high a regParam, since a smaller sample gives every
+    movie fewer ratings (docs/adr/0021-als-successive-halving.md).
     """
     rungs = 1
     while max_iter / eta ** rungs >= min_iters:
@@ -154,7 +162,8 @@ def is_nan(score) -> bool:
 
 def improves(new: float, old: float, better) -> bool:
     """``better(new, old)``, where the NaN of a diverged fit is worse than every score: a NaN never improves
-    on anything and every score improves on a NaN (``better(x, nan)`` alone is False, so a NaN would win)."""
+    on anything and every score improves on a NaN (``better(x, nan)`` alone is False: a NaN kept first would
+    never be replaced)."""
     return not is_nan(new) and (is_nan(old) or better(new, old))
 
 
@@ -189,13 +198,14 @@ def rank_groups(points: list[dict], indices: list[int]) -> list[list[int]]:
 def walk_ranks(groups: list[list[int]], score_group, better) -> list[int]:
     """Fit the finalists rank by rank (``score_group(group)`` -> their scores) and stop after the first rank
     whose best is not ``better`` than the lower rank's best (validation error is U-shaped in the rank at a
-    tuned regParam: past the rank the data supports, more factors overfit); the indices fitted."""
+    tuned regParam: past the rank the data supports, more factors overfit;
+    docs/adr/0035-rank-walk-over-finalists.md); the indices fitted."""
     fitted: list[int] = []
 
     def score(g: int) -> float:
         values = score_group(groups[g])
         fitted.extend(groups[g])
-        finite = [v for v in values if v == v]  # a diverged fit (NaN) is no rank's best
+        finite = [v for v in values if not is_nan(v)]  # a diverged fit is no rank's best
         return functools.reduce(lambda a, b: b if better(b, a) else a, finite) if finite else float("nan")
 
     walk_chain(list(range(len(groups))), score, better)
@@ -225,8 +235,8 @@ class Objective:
 
 # the explicit grid: the lowest validation RMSE among the fits with all their iterations
 RMSE = Objective("val_rmse", higher_is_better=False, full_metrics=("val_mae",))
-# the implicit grid: the highest validation NDCG@10 of every fit, the screen's included (a finalist's 3-iteration
-# fit ranked better than its 10-iteration refit at 10 M and 25 M ratings: the iterations are chosen on validation)
+# the implicit grid: the highest validation NDCG@10 of every fit, the screen's included, so that the iterations
+# are chosen on validation (docs/adr/0040-implicit-als-chooses-among-every-fit.md)
 NDCG = Objective("val_ndcg_at_10", higher_is_better=True, every_fit=True, fit_s_per_fit=True)
 
 
@@ -366,7 +376,7 @@ def blocks(spark) -> int:
 def training_frame(spark, rows: pd.DataFrame, num_blocks: int, staging: Path | None = None):
     """``rows`` as the Spark frame every fit of a grid trains on: staged once (``staging``: a folder Spark can
     read, ``pipeline.spark.frame_from_pandas``), repartitioned into ``num_blocks`` and cached; while it lasts
-    the session shuffles into a partition per core instead of Spark's 200."""
+    the Spark session shuffles into a partition per core instead of its default 200."""
     from pipeline.spark import frame_from_pandas
 
     # imported before the fits' threads: a first import racing in two of them leaves a half-initialised

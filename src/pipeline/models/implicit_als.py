@@ -3,12 +3,13 @@
 Every rating is an observed interaction (preference 1) whose confidence grows with the rating:
 ``c = 1 + alpha * rating``. A low rating still says "watched", which is what predicts the next movies a
 user rates; the value only weighs it. (Keeping only ratings >= 4 as positives ranks worse on ml-latest-small:
-it throws away most of the watching signal.) A grid over rank, regParam and alpha is chosen on validation
-NDCG@10, one MLflow child run per point, by the explicit grid's search (``pipeline.models.als.grid_search``
-with the ``NDCG`` objective: successive halving over iterations from 100,000 training rows, the same line
-searches). Under halving the choice is the best validation NDCG@10 of every fit, the screen's included: a
-finalist's 3-iteration fit ranked better than its 10-iteration refit at 10 M and 25 M ratings, so the
-iterations are chosen on validation like the other parameters.
+it throws away most of the watching signal; docs/adr/0011-ranking-track.md.) A grid over rank, regParam and
+alpha is chosen on validation NDCG@10, one MLflow child run per point, by the explicit grid's search
+(``pipeline.models.als.grid_search`` with the ``NDCG`` objective: successive halving over iterations from
+100,000 training rows, the same line searches). Under halving the choice is the best validation NDCG@10 of
+every fit, the screen's included: a finalist's 3-iteration fit can rank better than its 10-iteration refit
+(it did at 10 M and 25 M ratings), so the iterations are chosen on validation like the other parameters
+(docs/adr/0040-implicit-als-chooses-among-every-fit.md).
 
 The model is a ``FactorModel`` whose scores are preferences, not ratings: it has no baseline and no clipping
 range, and it is a candidate of the ranking gate only.
@@ -76,6 +77,7 @@ def run_implicit_als(ctx) -> dict:
         started = time.perf_counter()
         # the Params of the explicit grid (als_search, als_halving_eta, als_line_search, als_parallel_fits); from
         # FIXED_COST_MAX_ROWS training rows the larger ranks' fits keep the cores busy by themselves: one at a time
+        # (docs/adr/0054-als-chains-side-by-side-below-2m-rows.md)
         searched = grid_search(get_spark(ctx.settings), split.train[["user_idx", "movie_idx", "rating"]], points,
                                fit_one, score, NDCG, strategy=p.als_search, eta=p.als_halving_eta,
                                min_rows=HALVING_MIN_ROWS, line_search=p.als_line_search, workers=p.als_parallel_fits,
