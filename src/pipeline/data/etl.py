@@ -1,11 +1,12 @@
 """Stage ``etl`` (Spark): dense user/movie indices and the persisted train/validation/test split.
 
 Indices follow the seed's ``userIndex``/``movieIndex``: dense, most frequent first (ties in the ids' string
-order, as Spark's StringIndexer orders them), numbered on the driver and kept as mapping tables. The split is per user: each user's ratings are ordered by a
-seeded hash of (user, movie) -- or by time, newest first, for the temporal strategy -- and the first
-``round(n * test_fraction)`` go to test, the next ``round(n * validation_fraction)`` to validation, the rest
-to train (never fewer than one training row per user). A hash, unlike ``rand()``, gives the same split
-whatever the partitioning, so the split is reproducible on any cluster.
+order, as Spark's StringIndexer orders them), numbered on the driver and kept as mapping tables. The split is
+per user: each user's ratings are ordered by a seeded hash of (user, movie) -- or by time, newest first, for
+the temporal strategy -- and the first ``round(n * test_fraction)`` go to test, the next
+``round(n * validation_fraction)`` to validation, the rest to train (never fewer than one training row per
+user). A hash, unlike ``rand()``, gives the same split whatever the partitioning, so the split is reproducible
+on any cluster.
 """
 
 from __future__ import annotations
