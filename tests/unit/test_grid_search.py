@@ -5,6 +5,7 @@ one (higher validation NDCG@10 is better)."""
 from __future__ import annotations
 
 import contextlib
+import json
 
 import pytest
 from test_ranking import clustered_choices
@@ -16,6 +17,10 @@ from pipeline.models.als import NDCG, RMSE, SKIPPED_BY_LINE_SEARCH, halving_rung
 from stage_inputs import write_split
 
 NAN = float("nan")
+
+
+def _refuse(constant):
+    raise ValueError(f"not strict JSON: {constant}")
 IMPLICIT_GRID = implicit_als.grid_points([2, 8], [0.1, 1.0], [1.0], [9])
 
 
@@ -143,3 +148,5 @@ def test_the_implicit_search_never_chooses_a_diverged_fit_and_breaks_a_tie_by_th
     assert grid[0]["rung_iters"] == [3]  # the diverged screen fit is cut, however NaN compares
     assert [g["rung_iters"] for g in grid[1:]] == [[3, 9], [3, 9], [3]]
     assert searches == [NDCG]  # the explicit grid's search, with the implicit objective
+    written = json.loads((tmp_path / "run" / "implicit_als" / "grid.json").read_text(), parse_constant=_refuse)
+    assert written[0]["rung_val_ndcg_at_10"] == [None]  # strict JSON: the diverged score is null, not NaN

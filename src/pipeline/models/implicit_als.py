@@ -18,13 +18,12 @@ range, and it is a candidate of the ranking gate only.
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import time
 
 import pandas as pd
 
-from pipeline import tracking
+from pipeline import storage, tracking
 from pipeline.models.als import HALVING_MIN_ROWS, NDCG, SKIPPED_BY_LINE_SEARCH, factor_model, grid_search, id_maps
 from pipeline.models.factor_model import FactorModel
 from pipeline.models.protocol import Fitted, run_candidate
@@ -84,7 +83,7 @@ def run_implicit_als(ctx) -> dict:
                                at_scale=1, track=track, staging=folder, label="implicit ALS")
         results = [{**q, "skipped": r["skipped"]} if r.get("skipped") == SKIPPED_BY_LINE_SEARCH else r
                    for r, q in zip(searched.results, points)]  # a point never fitted: no scores, no seconds
-        (folder / "grid.json").write_text(json.dumps(results, indent=2))
+        (folder / "grid.json").write_text(storage.strict_json(results, indent=2))  # a diverged fit: null
         point = searched.point
         if not searched.full:
             log.info("implicit ALS: the %d-iteration screen fit of rank=%d reg=%g alpha=%g ranks best on validation "
