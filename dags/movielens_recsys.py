@@ -31,7 +31,8 @@ from pipeline.data.watch import ASSET_NAME, ASSET_URI
 from pipeline.gate import keep_champion, promote
 from pipeline.params import PARAMS
 
-# The graph's boxes: each task group holds these stages' tasks (task ids stay the stage names).
+# The graph's boxes: each task group holds these stages' tasks; task ids stay the stage names
+# (docs/adr/0061-dag-tasks-from-the-pipeline-definition-in-groups.md).
 GROUPS = {
     "data": ("ingest", "validate", "etl", "olap"),
     "rating_models": ("baseline", "als", "autorec", "knn", "blend"),
@@ -123,6 +124,8 @@ def movielens_recsys():
                 else:
                     t[name] = stage_task(name)
     t["report"] = stage_task("report")
+
+    # the edges the definition does not already imply (tests/dags holds the two to the same order)
 
     t["ingest"] >> t["validate"] >> t["etl"] >> [t["olap"], t["baseline"]]
     t["baseline"] >> [t["als"], t["autorec"], t["knn"], t["implicit_als"], t["ease"]]
