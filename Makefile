@@ -12,11 +12,21 @@ export AIRFLOW__CORE__PLUGINS_FOLDER ?= $(CURDIR)/plugins
 export AIRFLOW__CORE__LOAD_EXAMPLES ?= False
 export AIRFLOW__CORE__UNIT_TEST_MODE ?= False
 export TF_CPP_MIN_LOG_LEVEL ?= 2
+# Sized for a small (2-core) machine: the LocalExecutor forks [core] parallelism workers when it starts (Airflow's
+# default 32), so two tasks at a time; one process parses the DAG files.
+export AIRFLOW__CORE__PARALLELISM ?= 2
+export AIRFLOW__DAG_PROCESSOR__PARSING_PROCESSES ?= 1
+# Where make airflow / mlflow / ui listen (127.0.0.1).
+export AIRFLOW_PORT ?= 8080
+export MLFLOW_PORT ?= 5000
 
-.PHONY: help install java blas run test test-fast lint lock clean
+.PHONY: help install java blas run airflow mlflow ui test test-fast lint lock clean
 
 help:
 	@echo "make run    set up, then run the whole DAG (airflow dags test movielens_recsys)"
+	@echo "make airflow   the Airflow UI on http://127.0.0.1:$(AIRFLOW_PORT) (user admin; AIRFLOW_PORT=... for another port)"
+	@echo "make mlflow    the MLflow UI on the run store, http://127.0.0.1:$(MLFLOW_PORT) (MLFLOW_PORT=...)"
+	@echo "make ui        both at once; Ctrl-C stops both"
 	@echo "make test   set up, then run the test suite"
 	@echo "make test-fast   the unit tests only (no real dataset, no servers)"
 	@echo "make lint   ruff (rules in pyproject.toml)"
@@ -51,9 +61,19 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 
 install: java blas $(STAMP)
 
+# scripts/: what is too long for a recipe (starting, waiting for and stopping the servers these targets need).
 run: install
 	$(BIN)/airflow db migrate >/dev/null
 	$(BIN)/airflow dags test movielens_recsys
+
+airflow: $(STAMP)
+	@$(BIN)/python scripts/servers.py airflow
+
+mlflow: $(STAMP)
+	@$(BIN)/python scripts/servers.py mlflow
+
+ui: $(STAMP)
+	@$(BIN)/python scripts/servers.py airflow mlflow
 
 test: install
 	$(BIN)/python -m pytest
