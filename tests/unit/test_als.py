@@ -5,21 +5,18 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.models.als import (
+from pipeline.models.als import best_point, grid_points, parallel_fits, search_grid
+from pipeline.models.baseline import BiasBaseline
+from pipeline.models.grid_search import (
     SKIPPED_BY_RANK_WALK,
     best_first,
-    best_point,
-    grid_points,
     halving_rungs,
     improves,
-    parallel_fits,
     rank_groups,
     reg_chains,
-    search_grid,
     walk_chain,
     walk_ranks,
 )
-from pipeline.models.baseline import BiasBaseline
 from pipeline.models.metrics import rating_metrics
 from stage_inputs import planted_ratings, write_split
 

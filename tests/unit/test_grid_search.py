@@ -13,7 +13,7 @@ from test_ranking import clustered_choices
 from pipeline import stages
 from pipeline.config import load_settings
 from pipeline.models import als, implicit_als
-from pipeline.models.als import NDCG, RMSE, SKIPPED_BY_LINE_SEARCH, halving_rungs, run_search
+from pipeline.models.grid_search import NDCG, RMSE, SKIPPED_BY_LINE_SEARCH, halving_rungs, run_search
 from stage_inputs import write_split
 
 NAN = float("nan")

@@ -5,11 +5,11 @@ Every rating is an observed interaction (preference 1) whose confidence grows wi
 user rates; the value only weighs it. (Keeping only ratings >= 4 as positives ranks worse on ml-latest-small:
 it throws away most of the watching signal; docs/adr/0011-ranking-track.md.) A grid over rank, regParam and
 alpha is chosen on validation NDCG@10, one MLflow child run per point, by the explicit grid's search
-(``pipeline.models.als.grid_search`` with the ``NDCG`` objective: successive halving over iterations from
-100,000 training rows, the same line searches). Under halving the choice is the best validation NDCG@10 of
-every fit, the screen's included: a finalist's 3-iteration fit can rank better than its 10-iteration refit
-(it did at 10 M and 25 M ratings), so the iterations are chosen on validation like the other parameters
-(docs/adr/0040-implicit-als-chooses-among-every-fit.md).
+(``pipeline.models.als.grid_search`` with the ``NDCG`` objective of ``pipeline.models.grid_search``:
+successive halving over iterations from 100,000 training rows, the same line searches). Under halving the
+choice is the best validation NDCG@10 of every fit, the screen's included: a finalist's 3-iteration fit can
+rank better than its 10-iteration refit (it did at 10 M and 25 M ratings), so the iterations are chosen on
+validation like the other parameters (docs/adr/0040-implicit-als-chooses-among-every-fit.md).
 
 The model is a ``FactorModel`` whose scores are preferences, not ratings: it has no baseline and no clipping
 range, and it is a candidate of the ranking gate only.
@@ -24,8 +24,9 @@ import time
 import pandas as pd
 
 from pipeline import storage, tracking
-from pipeline.models.als import HALVING_MIN_ROWS, NDCG, SKIPPED_BY_LINE_SEARCH, factor_model, grid_search, id_maps
+from pipeline.models.als import factor_model, grid_search, id_maps
 from pipeline.models.factor_model import FactorModel
+from pipeline.models.grid_search import HALVING_MIN_ROWS, NDCG, SKIPPED_BY_LINE_SEARCH
 from pipeline.models.protocol import Fitted, run_candidate
 from pipeline.models.ranking import evaluate_ranking
 
