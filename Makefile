@@ -84,7 +84,7 @@ test-fast: install
 	$(BIN)/python -m pytest -m "not integration and not service" tests/unit tests/plugins
 
 lint: $(STAMP)
-	$(BIN)/ruff check src dags plugins tests bench
+	$(BIN)/ruff check src dags plugins tests bench scripts
 
 lock:
 	rm -rf /tmp/recsys-lock && $(PYTHON) -m venv /tmp/recsys-lock

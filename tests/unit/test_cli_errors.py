@@ -239,6 +239,6 @@ def test_exit_codes_are_the_documented_ones():
     assert [errors.ConfigError.exit_code, errors.SourceError.exit_code, errors.DataFormatError.exit_code,
             errors.DataValidationError.exit_code, errors.StageError.exit_code, errors.RunLockedError.exit_code,
             errors.ServiceError.exit_code] == [2, 3, 4, 5, 6, 7, 8]
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    page = (Path(__file__).resolve().parents[2] / "docs" / "errors.md").read_text()
     for code in range(1, 9):
-        assert f"| {code} |" in readme, f"exit code {code} is missing from the README's error table"
+        assert f"| {code} |" in page, f"exit code {code} is missing from docs/errors.md's table"
