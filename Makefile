@@ -28,7 +28,7 @@ help:
 	@echo "make mlflow    the MLflow UI on the run store, http://127.0.0.1:$(MLFLOW_PORT) (MLFLOW_PORT=...)"
 	@echo "make ui        both at once; Ctrl-C stops both"
 	@echo "make test   set up, then run the test suite"
-	@echo "make test-fast   the unit tests only (no real dataset, no servers)"
+	@echo "make test-fast   the unit tests that need no Spark, data or servers (under 3 minutes)"
 	@echo "make lint   ruff (rules in pyproject.toml)"
 	@echo "make lock   re-resolve setup.cfg's ranges into constraints.txt"
 
@@ -79,9 +79,9 @@ ui: $(STAMP)
 test: install
 	$(BIN)/python -m pytest
 
-# Unit tests on tiny generated data: no real dataset, no Airflow servers, no browser.
+# Unit tests on tiny generated data that need no Spark session, no real dataset, no servers (under 3 minutes).
 test-fast: install
-	$(BIN)/python -m pytest -m "not integration and not service" tests/unit tests/plugins
+	$(BIN)/python -m pytest -m "not integration and not service and not spark" tests/unit tests/plugins
 
 lint: $(STAMP)
 	$(BIN)/ruff check src dags plugins tests bench scripts
