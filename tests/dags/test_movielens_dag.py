@@ -178,6 +178,8 @@ def dag_run(airflow_db, dagbag, real_movielens, tmp_path_factory):
 
 @pytest.mark.integration
 def test_dag_test_runs_end_to_end_on_a_sample(dag_run):
+    from pipeline.storage import safe_run_id
+
     run, report, sample, settings = dag_run["run"], dag_run["report"], dag_run["sample"], dag_run["settings"]
     expected = pd.read_csv(sample / "ratings.csv")
     assert run.state == "success"
@@ -212,10 +214,28 @@ def test_dag_test_runs_end_to_end_on_a_sample(dag_run):
     assert report["gate"]["decision"] == "promote", report["gate"]["reason"]
     assert tis["promote"] == "success" and tis["keep_champion"] == "skipped"
     assert tis["similarity"] == tis["recommend"] == tis["report"] == "success"
+    assert _return_value(run, "report") == str(settings.runs_dir / safe_run_id(run.run_id) / "report.json")
     assert report["promotion"]["decision"] == "promoted" and report["promotion"]["champion_version"] == "1"
     assert report["similarity"]["lsh_recall_at_k"] >= 0.95
     assert report["recommendations"]["users"] == 610
     assert (settings.serving_dir / "current" / "similar_movies.parquet").exists()
+
+
+def _return_value(run, task_id: str):
+    """A task's XCom return value, as the REST API and the extra links read it."""
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        row = session.execute(XComModel.get_many(key="return_value", run_id=run.run_id, dag_ids=DAG_ID,
+                                                 task_ids=task_id).with_only_columns(XComModel.value)).first()
+    value = row.value
+    if isinstance(value, (str, bytes)):  # JSON text on some backends, the value itself on others
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
 
 
 def _shape(value, depth: int = 2):
