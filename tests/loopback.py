@@ -6,6 +6,7 @@ One copy for every test that needs them (tests/deploy/test_s3_server.py, tests/i
 
 from __future__ import annotations
 
+import http.client
 import os
 import random
 import signal
@@ -50,7 +51,7 @@ def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 90) 
         try:
             with urllib.request.urlopen(url, timeout=2):
                 return
-        except OSError:
+        except (OSError, http.client.HTTPException):  # a server still starting may answer half a status line
             time.sleep(0.3)
     pytest.fail(f"{url} not up after {timeout} s:\n{log.read_text()[-3000:]}")
 
