@@ -10,8 +10,6 @@ function of a ``RunContext`` returning the report sections it adds (small, JSON-
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import logging
 import os
 import queue
@@ -20,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pipeline import lineage, locks, report, storage
+from pipeline import lineage, locks, memory, report, storage
 from pipeline.config import RunContext, make_context
 from pipeline.errors import ChampionUnavailableError, ConfigError, RecsysError
 from pipeline.services import service_error
@@ -238,7 +236,7 @@ def run_stage(name: str, ctx: RunContext, fn: Callable[[RunContext], dict] | Non
     Holds the stage's lock (``pipeline.locks``), refuses stale inputs and marks the stages downstream stale
     (``pipeline.lineage``), and turns a service outage into a ``ServiceError``."""
     log.info("stage %s: starting (run %s, folder %s)", name, ctx.run_id, ctx.run_dir)
-    tune_malloc()
+    memory.tune_malloc()
     with locks.stage_lock(ctx.run_dir, name):
         with _BOOKKEEPING:
             inputs = _prepare(name, ctx)
@@ -250,66 +248,9 @@ def run_stage(name: str, ctx: RunContext, fn: Callable[[RunContext], dict] | Non
             lineage.record(ctx.run_dir, name, inputs, wall)
             report.write_summary(ctx.run_dir, name, summary)
             report.write_report(ctx, ORDER)
-    release_memory()
+    memory.release_memory()
     log.info("stage %s: done in %.1f s", name, seconds)
     return summary
-
-
-MALLOC_ARENAS = 2  # glibc's default is 8 per core
-MMAP_THRESHOLD = 256 << 20  # blocks below this come from the heap, and are reused there
-TRIM_THRESHOLD = 1 << 30  # free heap kept until the stage ends (release_memory trims it then)
-
-
-def tune_malloc() -> bool:
-    """Set glibc's malloc for the stages' large numpy arrays and threads; True where applied (glibc only).
-
-    - Arenas capped at MALLOC_ARENAS for the threads started from now on (TensorFlow's pools, the scoring
-      threads, Spark's gateway). Each thread otherwise gets an arena of its own, and the pages freed in them
-      stay resident; two arenas keep the threads' speed without most of that memory
-      (docs/adr/0033-scoring-threads-and-malloc-arenas.md).
-    - Arrays up to MMAP_THRESHOLD reused from the heap, which is trimmed only past TRIM_THRESHOLD. By default
-      glibc maps each block above its threshold (128 KB, rising as blocks are freed, to at most 32 MB) on its
-      own and unmaps it when freed, and hands the heap's free top back at once, so the next array of a loop
-      faults in fresh zeroed pages: where page faults are costly, a numpy-heavy stage spends most of its time
-      in the kernel (docs/adr/0038-large-arrays-on-the-malloc-heap.md)."""
-    libc = _glibc()
-    if libc is None:
-        return False
-    return (libc.mallopt(-8, MALLOC_ARENAS) == 1  # M_ARENA_MAX
-            and libc.mallopt(-3, MMAP_THRESHOLD) == 1  # M_MMAP_THRESHOLD
-            and libc.mallopt(-1, TRIM_THRESHOLD) == 1)  # M_TRIM_THRESHOLD
-
-
-_FREEZE_SURVIVORS = False  # set while run_pipeline runs a whole run in this process (recsys run)
-
-
-def release_memory(freeze: bool | None = None) -> None:
-    """Hand the memory a stage freed back to the OS. glibc keeps freed heap pages (and raises its mmap threshold
-    after large frees, so later large arrays land on the heap too): without this the process's resident size
-    carries every earlier stage's peak into the next one (``recsys run`` runs all stages in one process).
-
-    ``freeze`` (default: during ``run_pipeline``): what outlives a stage after the collection (modules, the
-    Spark session, clients, caches) lives on through the run, so it is frozen out of the collector
-    (``gc.freeze``) and the later collections, this one's and Python's own, do not walk it again: with
-    TensorFlow, MLflow and Spark loaded that is hundreds of thousands of objects
-    (docs/adr/0051-long-lived-heap-frozen-out-of-gc.md). Frozen objects are still freed by reference counting;
-    only a cycle among them dropped later would stay, and ``run_pipeline`` unfreezes them when it ends. A
-    process that runs one stage (an Airflow task) or a test suite calling stages freezes nothing."""
-    gc.collect()
-    if _FREEZE_SURVIVORS if freeze is None else freeze:
-        gc.freeze()
-    libc = _glibc()
-    if libc is not None:
-        libc.malloc_trim(0)
-
-
-def _glibc():
-    """glibc, for its malloc tuning calls; None elsewhere (macOS, musl): nothing to tune."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
-    except OSError:
-        return None
 
 
 def _prepare(name: str, ctx: RunContext) -> dict:
@@ -348,24 +289,21 @@ def run_pipeline(ctx: RunContext, stages: list[str], fresh: bool = False, concur
     is rewritten after each one. ``fresh``: start a new report (a run from ingest). ``concurrent``: a Spark
     stage and a Python stage at once (``run_lanes``); False: one at a time, in pipeline order; None: by the
     cores (``side_by_side_by_default``)."""
-    global _FREEZE_SURVIVORS
     if concurrent is None:
         concurrent = side_by_side_by_default()
     with locks.run_folder_lock(ctx.run_dir):
         if fresh:
             report.clear_summaries(ctx.run_dir)
         names = parse_stages(",".join(stages))
-        _FREEZE_SURVIVORS = True  # release_memory
         warming = warm_up(ctx, names)
         try:
-            if concurrent:
-                run_lanes(names, lambda name: run_stage(name, ctx))
-            else:
-                for name in names:
-                    run_stage(name, ctx)
+            with memory.survivors_frozen():
+                if concurrent:
+                    run_lanes(names, lambda name: run_stage(name, ctx))
+                else:
+                    for name in names:
+                        run_stage(name, ctx)
         finally:
-            _FREEZE_SURVIVORS = False
-            gc.unfreeze()
             if warming is not None:
                 # a run that failed early ends after the warm-up's step under way, not within it: stderr is a pipe
                 # while the JVM starts, and MLflow may be creating its tables

@@ -9,14 +9,14 @@ import textwrap
 
 import pytest
 
-from pipeline import stages
+from pipeline import memory
 
 THREADS = textwrap.dedent("""
     import ctypes, sys, threading
     import numpy as np
-    from pipeline import stages
+    from pipeline import memory
     if sys.argv[1] == "capped":
-        assert stages.tune_malloc()
+        assert memory.tune_malloc()
     barrier = threading.Barrier(8)
     def work():
         kept = [np.ones(2000) for _ in range(20)]  # 16 KB each: malloc'd from this thread's arena
@@ -40,13 +40,13 @@ def _arenas(mode: str) -> int:
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
 def test_the_stage_runner_caps_glibcs_malloc_arenas_for_threads():
     assert _arenas("default") >= 8  # each concurrent thread got an arena of its own
-    assert _arenas("capped") <= stages.MALLOC_ARENAS
+    assert _arenas("capped") <= memory.MALLOC_ARENAS
 
 
 LOOP = textwrap.dedent("""
     import ctypes, sys
     import numpy as np
-    from pipeline import stages
+    from pipeline import memory
 
     class MallInfo2(ctypes.Structure):  # glibc >= 2.33
         _fields_ = [(name, ctypes.c_size_t) for name in (
@@ -56,7 +56,7 @@ LOOP = textwrap.dedent("""
     mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
     mallinfo2.restype = MallInfo2
     if sys.argv[1] == "tuned":
-        assert stages.tune_malloc()
+        assert memory.tune_malloc()
     before = mallinfo2()
     mapped, heap = 0, 0
     for i in range(20):  # a training or scoring loop: arrays of tens of MB made and dropped
@@ -94,7 +94,7 @@ def test_the_stage_runner_reuses_large_arrays_from_the_heap():
 FREEZE = textwrap.dedent("""
     import gc, weakref
     import numpy as np
-    from pipeline import stages
+    from pipeline import memory
 
     class Holder:
         pass
@@ -105,14 +105,14 @@ FREEZE = textwrap.dedent("""
     gone = weakref.ref(garbage)
     del garbage
     gc.disable()  # no automatic collection: release_memory's own must find the cycle
-    stages.release_memory()  # outside run_pipeline: nothing frozen
+    memory.release_memory()  # outside run_pipeline: nothing frozen
     assert gone() is None and gc.get_freeze_count() == 0
 
     garbage = Holder()
     garbage.cycle = garbage
     gone = weakref.ref(garbage)
     del garbage
-    stages.release_memory(freeze=True)  # what run_pipeline's stages do
+    memory.release_memory(freeze=True)  # what run_pipeline's stages do
     assert gone() is None, "the dropped cycle was frozen instead of collected"
     assert gc.get_freeze_count() >= len(kept), gc.get_freeze_count()
     assert not any(o is kept[0] for o in gc.get_objects())  # the survivors are out of the collector's walk

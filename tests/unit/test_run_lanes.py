@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from pipeline import lineage, stages
+from pipeline import lineage, memory, stages
 
 
 class Recorder:
@@ -86,14 +86,14 @@ def test_one_at_a_time_keeps_pipeline_order(tmp_path, monkeypatch):
 
     def run_stage(name, ctx):
         calls.append(name)
-        freezing.append(stages._FREEZE_SURVIVORS)  # a whole run: release_memory freezes what outlives a stage
-        stages.release_memory()
+        freezing.append(memory._FREEZE_SURVIVORS)  # a whole run: release_memory freezes what outlives a stage
+        memory.release_memory()
 
     monkeypatch.setattr(stages, "run_stage", run_stage)
     ctx = stages.make_context(run_id="r1", work_dir=tmp_path / "run", params={})
     stages.run_pipeline(ctx, ["ease", "als", "etl"], concurrent=False)
     assert calls == ["etl", "als", "ease"]
-    assert all(freezing) and not stages._FREEZE_SURVIVORS and gc.get_freeze_count() == 0  # unfrozen at the end
+    assert all(freezing) and not memory._FREEZE_SURVIVORS and gc.get_freeze_count() == 0  # unfrozen at the end
     calls.clear()
     stages.run_pipeline(ctx, ["ease", "als", "etl"], concurrent=True)
     assert calls[0] == "etl" and sorted(calls) == ["als", "ease", "etl"]
