@@ -498,24 +498,25 @@ def main() -> int:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"runs": ordered}, indent=2) + "\n")
     plot(ordered, args.plot or args.json.with_suffix(".png"))  # a trial's --json elsewhere leaves docs/ alone
-    if page:
-        page.write_text(render_page(page.read_text(), ordered))
-    print(table(ordered))
-    print(summary(ordered))
-    print(targets(ordered))
+    show(ordered, page)
     for comparison in filter(None, comparisons):
         print(comparison["line"])
     return max(r["rc"] for r in ordered)
 
 
-def render(json_path: Path, page: Path) -> int:
-    """``page``'s generated tables rewritten from ``json_path``'s runs (no measurement); they are printed too."""
-    runs = sorted(json.loads(json_path.read_text())["runs"], key=lambda r: r["ratings"] or 0)
-    page.write_text(render_page(page.read_text(), runs))
-    print(f"bench: {page}: tables from {json_path}", file=sys.stderr)
+def show(runs: list[dict], page: Path | None) -> None:
+    """The tables of ``runs`` (smallest first) printed, and written into ``page``'s generated blocks if given."""
+    if page:
+        page.write_text(render_page(page.read_text(), runs))
     print(table(runs))
     print(summary(runs))
     print(targets(runs))
+
+
+def render(json_path: Path, page: Path) -> int:
+    """``page``'s generated tables rewritten from ``json_path``'s runs (no measurement); they are printed too."""
+    print(f"bench: {page}: tables from {json_path}", file=sys.stderr)
+    show(sorted(json.loads(json_path.read_text())["runs"], key=lambda r: r["ratings"] or 0), page)
     return 0
 
 
