@@ -128,7 +128,7 @@ def mlflow(env: dict) -> Server:
     store = settings.mlflow_tracking_uri
     if store.startswith(("http://", "https://")):
         sys.exit(f"MLFLOW_TRACKING_URI is a tracking server ({store}): its UI is there")
-    artifacts = str(settings.home / "mlartifacts")  # where the pipeline keeps an embedded store's artifacts
+    artifacts = str(settings.mlflow_artifacts_dir)
     settings.home.mkdir(parents=True, exist_ok=True)
     # MLflow's job runners (GenAI scorers, trace archival) are 8 more processes, 2.5 GB with the server instead of 0.5
     env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")

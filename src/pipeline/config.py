@@ -63,6 +63,11 @@ class Settings:
         return self.data_root / "serving"
 
     @property
+    def mlflow_artifacts_dir(self) -> Path:
+        """Where an embedded (SQLite) MLflow store keeps its artifacts: beside the store."""
+        return self.home / "mlartifacts"
+
+    @property
     def suites_dir(self) -> Path:
         """Where the GX expectation suites are read from."""
         if self.expectations_dir:

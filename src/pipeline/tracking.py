@@ -63,7 +63,7 @@ def _configure(settings) -> str:
     if experiment is None:
         artifact_location = None
         if settings.mlflow_tracking_uri.startswith("sqlite:///"):  # keep artifacts beside the embedded store
-            artifact_location = (settings.home / "mlartifacts").as_uri()
+            artifact_location = settings.mlflow_artifacts_dir.as_uri()
         experiment_id = mlflow.create_experiment(settings.mlflow_experiment, artifact_location=artifact_location)
     else:
         experiment_id = experiment.experiment_id
