@@ -122,6 +122,39 @@ def test_bad_ratings_are_clear_errors(home, capsys, ratings, message):
     assert re.search(message, capsys.readouterr().err)
 
 
+@pytest.mark.parametrize("text", ["\u0661", "\uff11", "\u0967", "1.0", "-1", "+1", "0x1", "", "1 2"],
+                         ids=["arabic-indic", "fullwidth", "devanagari", "decimal", "negative", "plus", "hex", "empty",
+                              "two"])
+def test_an_id_is_ascii_digits_only(text):
+    with pytest.raises(errors.ConfigError, match=re.escape(f"a user id is a whole number written in the digits "
+                                                           f"0-9, got {text!r}")):
+        query.ascii_id(text, "a user id")
+    assert query.ascii_id(" 042 ", "a user id") == 42 and query.ascii_id(7, "a user id") == 7
+
+
+def test_digits_of_another_script_name_no_movie_and_no_user(home):
+    served = serving.open_served(load_settings().serving_dir)
+    with pytest.raises(errors.UnknownMovieError, match="no movie titled '\u0661'.*written in the digits 0-9"):
+        query.resolve_movie(served.movies, "\u0661")
+    with pytest.raises(errors.ConfigError, match="got '\u0661'"):
+        query.recommend_user(served, "\u0661")
+    assert query.resolve_movie(served.movies, "1") == 1
+
+
+@pytest.mark.parametrize("text", ["\u0661:5", "1:\u0665", "\uff11:4", "1:nan", "1:inf", "1:-inf", "1:1e0"])
+def test_ratings_take_ascii_digits_and_finite_numbers_only(text):
+    with pytest.raises(errors.ConfigError, match=re.escape(f"cannot read {text!r} in --ratings")):
+        query.parse_ratings(text)
+
+
+def test_ratings_given_as_a_mapping_are_checked_too(home):
+    served = serving.open_served(load_settings().serving_dir)
+    with pytest.raises(errors.ConfigError, match="rating nan for movie 1 in ratings is outside 0.5..5"):
+        query.recommend_ratings(served, {1: float("nan")})
+    with pytest.raises(errors.ConfigError, match="a rated movie id is a whole number"):
+        query.recommend_ratings(served, {"\u0661": 5.0})
+
+
 def test_popular_movies_within_genres_and_unknown_genres(home, capsys):
     recs = _run_json(capsys, "recommend", "--popular", "--genres", "Comedy,children", "-k", "3")
     assert [r["title"] for r in recs] == ["Toy Story (1995)", "Sabrina (1995)", "Toy Story 2 (1999)"]

@@ -20,8 +20,31 @@ from pipeline.serving import recommend
 from pipeline.serving.publish import ServedTables
 
 MAX_SUGGESTIONS = 5
+RATING_RANGE = (0.5, 5.0)
+_ASCII_DIGITS = re.compile(r"[0-9]+")
 _ARTICLE = re.compile(r"^(?P<name>.*), (?P<article>the|a|an|les|la|le|l'|il|el|der|die|das)(?P<rest> \(.*)?$",
                       re.IGNORECASE)
+
+
+# --- ids and ratings as typed ------------------------------------------------------------------------------
+
+
+def ascii_id(text: str | int, what: str) -> int:
+    """An id as typed: ASCII digits only (``int()`` also reads "\u0661" or "\uff11" as 1, which would
+    answer for another movie or user); ConfigError naming ``what`` and the text otherwise."""
+    typed = str(text).strip()
+    if not _ASCII_DIGITS.fullmatch(typed):
+        raise ConfigError(f"{what} is a whole number written in the digits 0-9, got {str(text)!r}")
+    return int(typed)
+
+
+def check_rating(movie_id: int, rating: float, where: str = "--ratings") -> float:
+    """A rating a new user gave: a finite number in ``RATING_RANGE``; ConfigError naming the movie otherwise."""
+    low, high = RATING_RANGE
+    rating = float(rating)
+    if not low <= rating <= high:  # NaN fails both comparisons
+        raise ConfigError(f"rating {rating:g} for movie {movie_id} in {where} is outside {low:g}..{high:g}")
+    return rating
 
 
 # --- movies by title ---------------------------------------------------------------------------------------
@@ -42,7 +65,7 @@ def resolve_movie(movies: pd.DataFrame, text: str | int) -> int:
     """The movie id for a title (exact, case-insensitive) or an id; UnknownMovieError with suggestions otherwise."""
     text = str(text).strip()
     ids = movies["movie_id"].to_numpy(np.int64)
-    if re.fullmatch(r"\d+", text):
+    if _ASCII_DIGITS.fullmatch(text):
         movie_id = int(text)
         if movie_id not in set(ids.tolist()):
             raise UnknownMovieError(f"no movie with id {movie_id} in the served catalog")
@@ -57,6 +80,8 @@ def resolve_movie(movies: pd.DataFrame, text: str | int) -> int:
         raise UnknownMovieError(f"{text!r} names {len(exact)} movies ({listed}); pass the movie id instead")
     suggestions = suggest_titles(titles, text)
     hint = ("; did you mean: " + "; ".join(suggestions)) if suggestions else ""
+    if text.isdigit():  # digits of another script: not an id
+        hint += "; a movie id is written in the digits 0-9"
     raise UnknownMovieError(f"no movie titled {text!r} in the served catalog{hint}")
 
 
@@ -126,10 +151,7 @@ def recommend_user(served: ServedTables, user_id: int | str, k: int = 10,
                    genres: str | Iterable[str] | None = None) -> pd.DataFrame:
     """A known user's served top-N (at most the k the stage stored), within ``genres`` when given."""
     k = check_k(k)
-    try:
-        user_id = int(str(user_id).strip())
-    except ValueError:
-        raise ConfigError(f"a user id is a whole number, got {user_id!r}") from None
+    user_id = ascii_id(user_id, "a user id (--user)")
     if not -2**63 <= user_id < 2**63:  # beyond any stored id (and beyond what a parquet filter takes)
         raise UnknownUserError(f"user {user_id} has no served recommendations: user ids are 64-bit integers; "
                                f"for a new user pass --ratings 'MOVIE_ID:RATING,...' or ask for --popular movies")
@@ -166,13 +188,12 @@ def parse_ratings(text: str) -> dict[int, float]:
     parts = [p.strip() for p in str(text).split(",") if p.strip()]
     if not parts:
         raise ConfigError(f"--ratings is empty: give MOVIE_ID:RATING pairs separated by commas, {example}")
-    for part in parts:
-        match = re.fullmatch(r"(\d+)\s*[:=]\s*(\d+(?:\.\d*)?|\.\d+)", part)
+    for part in parts:  # ASCII digits only: no "\u0661:5", "1:nan", "1:inf" or "1:1e1"
+        match = re.fullmatch(r"([0-9]+)\s*[:=]\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)", part, re.ASCII)
         if not match:
-            raise ConfigError(f"cannot read {part!r} in --ratings: expected MOVIE_ID:RATING, {example}")
-        movie_id, rating = int(match[1]), float(match[2])
-        if not 0.5 <= rating <= 5.0:
-            raise ConfigError(f"rating {match[2]} for movie {movie_id} in --ratings is outside 0.5..5")
+            raise ConfigError(f"cannot read {part!r} in --ratings: expected MOVIE_ID:RATING, a movie id and a "
+                              f"rating in the digits 0-9, {example}")
+        movie_id, rating = int(match[1]), check_rating(int(match[1]), float(match[2]))
         if movie_id in rated:
             raise ConfigError(f"movie {movie_id} is rated twice in --ratings")
         rated[movie_id] = rating
@@ -182,7 +203,10 @@ def parse_ratings(text: str) -> dict[int, float]:
 def recommend_ratings(served: ServedTables, ratings: str | dict, k: int = 10,
                       genres: str | Iterable[str] | None = None, metric: str = "cosine") -> pd.DataFrame:
     """Item-based cold start for a new user given as ``"movie_id:rating,..."`` (or a dict)."""
-    rated = parse_ratings(ratings) if isinstance(ratings, str) else {int(m): float(r) for m, r in ratings.items()}
+    if isinstance(ratings, str):
+        rated = parse_ratings(ratings)
+    else:
+        rated = {ascii_id(m, "a rated movie id"): check_rating(m, r, "ratings") for m, r in ratings.items()}
     known = set(served.movies["movie_id"].astype(np.int64).tolist())
     unknown = sorted(set(rated) - known)
     if unknown:
