@@ -11,14 +11,16 @@ Two registered models go through the same code, with the metric and its directio
   against popularity; its champion serves the per-user lists.
 
 For each: the challenger is registered as a new version with the alias ``challenger``, promoted or not (the
-registry is the audit trail of the gate). The champion is loaded back from the registry and scored on the
-same test rows by the same protocol. ``decide``: promote iff the challenger beats the baseline and beats the
-champion by at least the margin (strictly); with no champion, beating the baseline is enough. A champion that
-cannot be loaded or scored (deleted artifacts, an incompatible version) is recorded, not fatal: the
-challenger is judged against the baseline alone, so the registry heals itself, and the reason names the
-broken version. The alias moves by compare-and-set (``registry.move_champion``). The DAG branches between
-``promote`` and ``keep_champion`` for the rating model; the command line (and the ranker's task) applies
-whichever the gate decided. Decisions are tags on the version, files under ``gate/`` and report sections.
+registry is the audit trail of the gate); the version is tagged with the run id, so a retried gate (Airflow
+retries the task) reuses the version its run registered from the same model instead of adding one. The
+champion is loaded back from the registry and scored on the same test rows by the same protocol. ``decide``:
+promote iff the challenger beats the baseline and beats the champion by at least the margin (strictly); with
+no champion, beating the baseline is enough. A champion that cannot be loaded or scored (deleted artifacts, an
+incompatible version) is recorded, not fatal: the challenger is judged against the baseline alone, so the
+registry heals itself, and the reason names the broken version. The alias moves by compare-and-set
+(``registry.move_champion``). The DAG branches between ``promote`` and ``keep_champion`` for the rating model;
+the command line (and the ranker's task) applies whichever the gate decided. Decisions are tags on the
+version, files under ``gate/`` and report sections.
 """
 
 from __future__ import annotations
@@ -118,7 +120,8 @@ def evaluate_challenger(ctx, spec: GateSpec = RATING) -> dict:
             champion_error = f"champion v{before} cannot be loaded or scored ({type(exc).__name__}: {exc})"
             log.warning("%s: %s; judging the challenger against the baseline alone", spec.gate_section,
                         champion_error)
-    version = registry.register_challenger(settings, name, challenger["model_uri"], spec.description)
+    version = registry.register_challenger(settings, name, challenger["model_uri"], spec.description,
+                                          run_id=ctx.run_id)
     promote, reason = decide(challenger_score, champion_score, baseline_score, margin, spec.lower_is_better)
     if champion_error:
         reason = f"{champion_error}; {reason}"

@@ -72,17 +72,38 @@ def load_champion(settings, name: str | None = None) -> tuple[FactorModel, str] 
             f"the served tables were left as they were") from exc
 
 
-def register_challenger(settings, name: str, model_uri: str, description: str) -> str:
-    """Register ``model_uri`` as a new version of ``name`` (created if needed) with the ``challenger`` alias."""
+RUN_TAG, MODEL_URI_TAG = "recsys.run_id", "recsys.model_uri"
+
+
+def register_challenger(settings, name: str, model_uri: str, description: str, run_id: str | None = None) -> str:
+    """Register ``model_uri`` as a new version of ``name`` (created if needed) with the ``challenger`` alias.
+
+    With ``run_id``, the version is tagged with it and the model URI, and a version this run already registered
+    for the same model is reused: a retried gate task (Airflow retries it) adds no second version."""
     import mlflow
 
     client = tracking.client(settings)
     if not client.search_registered_models(filter_string=f"name = '{name}'"):
         client.create_registered_model(name, description=description)
-    with tracking.quiet_mlflow():
-        version = str(mlflow.register_model(model_uri, name).version)
+    version = registered_for_run(client, name, run_id, model_uri) if run_id else None
+    if version is not None:
+        log.info("%s v%s was registered by an earlier attempt of run %s: reusing it", name, version, run_id)
+    else:
+        tags = {RUN_TAG: run_id, MODEL_URI_TAG: model_uri} if run_id else None
+        with tracking.quiet_mlflow():
+            version = str(mlflow.register_model(model_uri, name, tags=tags).version)
     client.set_registered_model_alias(name, CHALLENGER, version)
     return version
+
+
+def registered_for_run(client, name: str, run_id: str, model_uri: str) -> str | None:
+    """The version of ``name`` that run ``run_id`` registered from ``model_uri``, or None."""
+    query = f"name = '{name}'"
+    if "'" not in run_id:  # narrowed by the store where the id quotes cleanly; the tags are checked here anyway
+        query += f" and tags.`{RUN_TAG}` = '{run_id}'"
+    found = [v for v in client.search_model_versions(query)
+             if v.tags.get(RUN_TAG) == run_id and v.tags.get(MODEL_URI_TAG) == model_uri]
+    return str(min(int(v.version) for v in found)) if found else None
 
 
 def tag_version(settings, name: str, version: str, tags: dict) -> None:

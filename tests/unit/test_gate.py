@@ -4,7 +4,7 @@ import mlflow
 import numpy as np
 import pytest
 
-from pipeline import stages, storage, tracking
+from pipeline import registry, stages, storage, tracking
 from pipeline.config import load_settings
 from pipeline.gate import apply_decision, decide, evaluate_challenger, promote
 from pipeline.models.baseline import BiasBaseline
@@ -157,3 +157,38 @@ def test_a_champion_that_cannot_be_loaded_does_not_block_the_gate(world):
     assert gate["champion_version_before"] == v1 and gate["champion_test_rmse_before"] is None
     assert f"champion v{v1} cannot be loaded" in gate["reason"] and gate["decision"] == "promote"
     assert apply_decision(second)["promotion"]["champion_version"] == gate["challenger_version"]
+
+
+def test_a_retried_gate_reuses_the_version_its_first_attempt_registered(world):
+    """Airflow retries the gate task (retries=2): the retry finds this run's version instead of adding one."""
+    ctx, _ = _run(world, "retried", quality=1.0)
+    first = evaluate_challenger(ctx)["gate"]
+    retry = evaluate_challenger(ctx)["gate"]
+    assert retry["challenger_version"] == first["challenger_version"]
+    client = mlflow.MlflowClient()
+    name = ctx.settings.registered_model
+    assert [str(v.version) for v in client.search_model_versions(f"name = '{name}'")] == [first["challenger_version"]]
+    assert str(client.get_model_version_by_alias(name, CHALLENGER).version) == first["challenger_version"]
+    assert apply_decision(ctx)["promotion"]["champion_version"] == first["challenger_version"]
+
+
+@pytest.mark.parametrize("model", ["rating", "ranker"])
+def test_registering_twice_for_one_run_keeps_one_version_per_challenger(world, model):
+    """The registering function itself (both gates use it): same run and model once; another run or another
+    model of the same run registers anew."""
+    settings, _, tmp_path = world
+    name = settings.registered_model if model == "rating" else settings.registered_ranker
+    ctx, _ = _run(world, f"register-{model}", quality=1.0)
+    uri = protocol_candidate(ctx)["model_uri"]
+    first = registry.register_challenger(settings, name, uri, "d", run_id="run-1")
+    assert registry.register_challenger(settings, name, uri, "d", run_id="run-1") == first
+    assert registry.register_challenger(settings, name, uri, "d", run_id="run-2") != first
+    other, _ = _run(world, f"other-{model}", quality=0.5)
+    assert registry.register_challenger(settings, name, protocol_candidate(other)["model_uri"], "d",
+                                        run_id="run-1") != first
+    client = mlflow.MlflowClient()
+    assert len(client.search_model_versions(f"name = '{name}'")) == 3
+
+
+def protocol_candidate(ctx) -> dict:
+    return storage.read_json(ctx.run_dir / "als" / storage.MANIFEST)["candidate"]
