@@ -155,14 +155,20 @@ def _pyfunc_class():
     return RatingModelPyfunc
 
 
+def input_example(model, rows: int = 3) -> pd.DataFrame:
+    """Up to ``rows`` (user_id, movie_id) pairs the model knows, also when it knows fewer users or movies."""
+    n = min(rows, max(len(model.user_ids), len(model.movie_ids)))
+    return pd.DataFrame({"user_id": np.resize(model.user_ids, n).astype(np.int64),
+                         "movie_id": np.resize(model.movie_ids, n).astype(np.int64)})
+
+
 def log_rating_model(model, name: str = "model", registered_model_name: str | None = None):
     """Log a rating model of any kind (factor model, item kNN, blend: ``pipeline.models.saved``) as a pyfunc
     with signature, input example and explicit pip requirements."""
     import mlflow
     from mlflow.models import infer_signature
 
-    example = pd.DataFrame({"user_id": model.user_ids[:3].astype(np.int64),
-                            "movie_id": model.movie_ids[:3].astype(np.int64)})
+    example = input_example(model)
     signature = infer_signature(example, model.predict_all(example.user_id, example.movie_id))
     with tempfile.TemporaryDirectory() as tmp:
         folder = model.save(Path(tmp) / "rating_model")
