@@ -10,6 +10,10 @@ also holds its last holder (pid, host, what, since) for the message of a refused
   stage ``<run>/.locks/<stage>.lock`` exclusively: the parallel tasks of one DAG run (olap, als, autorec) work
   side by side, while a second writer of the same stage, or a ``recsys run`` on that folder, is refused.
 - **Serving**: ``serving.publish`` waits for ``<data_root>/.serving.publish.lock`` (publishing takes seconds).
+
+The MLflow runs a stage has open are noted the same way, one holder file each under
+``<run>/.locks/mlflow-runs/`` (``pipeline.tracking``): the next run in the folder ends those a dead process left
+RUNNING as KILLED.
 """
 
 from __future__ import annotations
@@ -39,7 +43,8 @@ _held: dict[str, str] = {}  # lock file -> "exclusive" | "shared", held by this 
 _guard = threading.Lock()
 
 
-def _holder(path: Path) -> dict:
+def read_holder(path: Path) -> dict:
+    """The holder a lock (or open-run) file names, {} when it is empty or unreadable."""
     try:
         return json.loads(Path(path).read_text() or "{}")
     except (OSError, ValueError):
@@ -53,7 +58,13 @@ def describe_holder(holder: dict) -> str:
             f"since {holder.get('since', '?')})")
 
 
-def _alive(holder: dict) -> bool:
+def this_holder(what: str) -> dict:
+    """This process as a holder: pid, host, what it does, since when."""
+    return {"pid": os.getpid(), "host": socket.gethostname(), "what": what,
+            "since": datetime.now(UTC).isoformat(timespec="seconds")}
+
+
+def holder_alive(holder: dict) -> bool:
     """False only when the holder ran on this host and its pid is gone."""
     if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
         return True
@@ -92,16 +103,15 @@ def hold(path: Path, what: str, *, shared: bool = False, wait_s: float = 0.0,
                 break
             except BlockingIOError:
                 if time.monotonic() >= deadline:
-                    holder = _holder(path)
+                    holder = read_holder(path)
                     raise RunLockedError(f"{refused or 'locked'}: {path} is held by {describe_holder(holder)}"
                                          ) from None
                 time.sleep(0.2)
-        previous = _holder(path)
-        if previous and not _alive(previous):
+        previous = read_holder(path)
+        if previous and not holder_alive(previous):
             log.warning("taking over the lock %s left by %s: that process is gone", path, describe_holder(previous))
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "what": what,
-              "since": datetime.now(UTC).isoformat(timespec="seconds")}
-        if not shared or not previous or not _alive(previous):
+        me = this_holder(what)
+        if not shared or not previous or not holder_alive(previous):
             handle.seek(0)
             handle.truncate()
             handle.write(json.dumps(me) + "\n")

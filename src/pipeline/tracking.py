@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.config import restored_environment
+from pipeline import locks
+from pipeline.config import mask_secrets, restored_environment
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +84,22 @@ def client(settings):
 @contextmanager
 def start_run(ctx, run_name: str, split: dict | None = None, nested: bool = False):
     """An MLflow run of this pipeline run, opened before the work it records and closed after it (so the
-    durations the UI shows are the work's own), tagged with the run id, folder and test rows."""
+    durations the UI shows are the work's own), tagged with the run id, folder and test rows.
+
+    While it is open the run folder records it (``open_run_record``); first, the runs a killed process left
+    open in the folder are ended KILLED (``close_abandoned_runs``)."""
     import mlflow
 
     configure(ctx.settings)
-    with mlflow.start_run(run_name=run_name, tags=run_tags(ctx, split), nested=nested) as run:
-        yield run
+    close_abandoned_runs(ctx.settings, ctx.run_dir)
+    record = None
+    try:
+        with mlflow.start_run(run_name=run_name, tags=run_tags(ctx, split), nested=nested) as run:
+            record = open_run_record(ctx.run_dir, run.info.run_id, run_name)
+            yield run
+    finally:
+        if record is not None:  # removed once the run has ended
+            record.unlink(missing_ok=True)
 
 
 @contextmanager
@@ -102,6 +113,7 @@ def child_run(parent, ctx, run_name: str, split: dict | None = None):
     mlflow_client = client(ctx.settings)
     run = mlflow_client.create_run(parent.info.experiment_id, run_name=run_name,
                                    tags={"mlflow.parentRunId": parent.info.run_id, **run_tags(ctx, split)})
+    record = open_run_record(ctx.run_dir, run.info.run_id, run_name)
 
     def log(params: dict, metrics: dict) -> None:
         now = int(time.time() * 1000)
@@ -114,6 +126,52 @@ def child_run(parent, ctx, run_name: str, split: dict | None = None):
         status = "FINISHED"
     finally:
         mlflow_client.set_terminated(run.info.run_id, status)
+        record.unlink(missing_ok=True)
+
+
+OPEN_RUNS = Path(locks.STAGE_LOCKS) / "mlflow-runs"  # in the run folder: <mlflow run id>.json per open run
+
+
+def open_run_record(run_dir, run_id: str, run_name: str) -> Path:
+    """Note in the run folder that this process has the MLflow run ``run_id`` open (its pid and host, as a lock
+    holder): a process killed with SIGKILL cannot end its runs, the next one can (``close_abandoned_runs``)."""
+    from pipeline import storage
+
+    return storage.write_json_atomic(Path(run_dir) / OPEN_RUNS / f"{run_id}.json",
+                                     locks.this_holder(f"MLflow run {run_name!r}"))
+
+
+def close_abandoned_runs(settings, run_dir) -> list[str]:
+    """End KILLED the MLflow runs still RUNNING that a process gone from this host left open in ``run_dir``
+    (killed with SIGKILL, OOM-killed); returns their ids, named in a warning. Never raises: a run that cannot be
+    ended now (the store is away) keeps its record for the next try, with a warning."""
+    folder = Path(run_dir) / OPEN_RUNS
+    abandoned = [(path, holder) for path in (sorted(folder.glob("*.json")) if folder.is_dir() else [])
+                 if not locks.holder_alive(holder := locks.read_holder(path))]
+    if not abandoned:
+        return []
+    from mlflow.exceptions import MlflowException
+
+    killed, by = [], {}
+    for path, holder in abandoned:
+        run_id = path.stem
+        try:
+            mlflow_client = client(settings)
+            if mlflow_client.get_run(run_id).info.status == "RUNNING":
+                mlflow_client.set_terminated(run_id, "KILLED")
+                killed.append(run_id)
+                by.setdefault(f"pid {holder.get('pid')} on host {holder.get('host')}", []).append(run_id)
+        except Exception as exc:
+            if not (isinstance(exc, MlflowException) and exc.error_code == "RESOURCE_DOES_NOT_EXIST"):
+                log.warning("cannot mark the MLflow run %s left open by %s KILLED yet: %s", run_id,
+                            locks.describe_holder(holder), exc)
+                continue
+            log.warning("the MLflow run %s left open by %s is not in the store %s: forgetting it", run_id,
+                        locks.describe_holder(holder), mask_secrets(settings.mlflow_tracking_uri))
+        path.unlink(missing_ok=True)
+    for process, runs in by.items():
+        log.warning("marked the MLflow run(s) %s KILLED: left RUNNING by %s, which is gone", ", ".join(runs), process)
+    return killed
 
 
 def run_tags(ctx, split: dict | None = None) -> dict:

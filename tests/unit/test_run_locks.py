@@ -214,3 +214,51 @@ def test_two_runs_racing_for_the_champion_alias_cannot_both_win(tmp_path, monkey
     assert len(winners) == 1
     assert {current for _, current in results} == {str(winners[0])}
     assert registry.champion_version(client, "m") == str(winners[0])
+
+
+_OPEN_MLFLOW_RUNS = textwrap.dedent("""
+    import sys, time
+    from pipeline import locks, stages, tracking
+    from pipeline.config import load_settings
+    ctx = stages.make_context(run_id="killed", work_dir=sys.argv[1], settings=load_settings())
+    with locks.stage_lock(ctx.run_dir, "als"), tracking.start_run(ctx, "als") as parent:
+        with tracking.child_run(parent, ctx, "als rank=2"):
+            print(parent.info.run_id, flush=True)
+            time.sleep(120)
+""")
+
+
+def test_the_mlflow_runs_of_a_stage_killed_with_sigkill_are_marked_killed_by_the_next_run(tmp_path, caplog):
+    """kill -9 leaves the stage's MLflow runs RUNNING; the next run that opens one in the folder (after taking
+    the lock over) ends them KILLED and names them; a live process's open runs are left alone."""
+    import logging
+
+    from pipeline import stages, tracking
+
+    home, run = tmp_path / "home", tmp_path / "run"
+    settings = load_settings({"RECSYS_HOME": str(home)})
+    client = tracking.client(settings)  # the store's tables exist before two processes open it
+    task = subprocess.Popen([sys.executable, "-c", _OPEN_MLFLOW_RUNS, str(run)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "RECSYS_HOME": str(home)})
+    try:
+        parent = task.stdout.readline().strip()
+        assert parent, task.stderr.read()
+        (child,) = client.search_runs([client.get_run(parent).info.experiment_id],
+                                      f"tags.mlflow.parentRunId = '{parent}'")
+        ctx = stages.make_context(run_id="next", work_dir=run, settings=settings)
+        with tracking.start_run(ctx, "baseline"):  # beside a live stage: its runs are its own
+            pass
+        assert {client.get_run(r).info.status for r in (parent, child.info.run_id)} == {"RUNNING"}
+    finally:
+        task.send_signal(signal.SIGKILL)
+        task.wait(timeout=30)
+    with caplog.at_level(logging.WARNING), locks.stage_lock(run, "als"), tracking.start_run(ctx, "als") as again:
+        pass
+    assert client.get_run(parent).info.status == client.get_run(child.info.run_id).info.status == "KILLED"
+    assert client.get_run(again.info.run_id).info.status == "FINISHED"
+    warning = next(r.getMessage() for r in caplog.records if "KILLED" in r.getMessage())
+    assert parent in warning and child.info.run_id in warning and f"pid {task.pid}" in warning
+    caplog.clear()
+    with caplog.at_level(logging.WARNING), tracking.start_run(ctx, "als"):
+        pass
+    assert "KILLED" not in caplog.text  # marked once
