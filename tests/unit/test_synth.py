@@ -120,3 +120,56 @@ def test_cli_writes_the_folder_and_refuses_a_foreign_one(tmp_path, capsys):
     assert recsys(["synth", "--ratings", "1500", "--users", "60", "--movies", "100", "--out",
                    str(tmp_path / "mine")]) == ConfigError.exit_code
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def _small(out, seed: int = 1) -> dict:
+    return write_synthetic(out, 1500, 60, 100, seed=seed)
+
+
+def test_only_a_folder_synth_wrote_is_written_again(tmp_path):
+    _small(tmp_path / "s")
+    assert _small(tmp_path / "s", seed=2)["seed"] == 2  # synth's own folder: replaced
+
+    csvs_only = tmp_path / "dataset"  # the same CSV names, but no synth.json: someone's dataset
+    csvs_only.mkdir()
+    for name in FILES:
+        (csvs_only / name).write_bytes((tmp_path / "s" / name).read_bytes())
+    foreign_marker = tmp_path / "foreign"
+    foreign_marker.mkdir()
+    (foreign_marker / "ratings.csv").write_text("userId,movieId,rating,timestamp\n")
+    (foreign_marker / "synth.json").write_text('{"made by": "a person"}')
+    for folder, why in ((csvs_only, "no synth.json"), (foreign_marker, "a synth.json that synth did not write")):
+        before = {p.name: p.read_bytes() for p in folder.iterdir()}
+        with pytest.raises(ConfigError, match=f"synth --out {folder}: is not a folder synth wrote .*{why}"):
+            _small(folder)
+        assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+@pytest.mark.parametrize("out, message", [
+    ("{file}", "is a file, not a folder"),
+    ("{file}/s", "a part of the path is a file"),
+    ("/proc/recsys-synth", r"cannot be written here \(No such file or directory\)"),
+], ids=["a-file", "under-a-file", "in-proc"])
+def test_an_unusable_out_is_a_config_error_naming_it(tmp_path, out, message):
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    out = out.replace("{file}", str(afile))
+    with pytest.raises(ConfigError, match=f"synth --out {out}: {message}"):
+        _small(out)
+    assert afile.read_text() == "keep me"
+
+
+def test_a_failed_synth_leaves_the_earlier_folder_as_it_was(tmp_path, monkeypatch):
+    from pipeline.data import synth
+
+    _small(tmp_path / "s")
+    before = _digest(tmp_path / "s")
+
+    def fail(self, rng, first, last):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(synth._World, "block", fail)
+    with pytest.raises(OSError, match="No space left"):
+        _small(tmp_path / "s", seed=2)
+    assert _digest(tmp_path / "s") == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]  # no half-written temporary folder left

@@ -10,14 +10,21 @@ over each user's active years between 1996 and 2023. Deterministic by seed: the 
 parameters come from ``seed``, each block of users from ``(seed, block)``.
 
 Written in blocks of users: memory grows with users x rank and movies, never with the number of ratings.
+
+``--out`` is written whole or not at all (a temporary folder beside it, renamed into place), and only where
+nothing else can be lost: a new or empty folder, or one synth wrote before (its ``synth.json``, the marker,
+records how). A folder holding anything else (a real dataset) or an unusable path is a ConfigError naming it.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import logging
+import os
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +45,9 @@ _TAG_WORDS = ("funny", "atmospheric", "twist ending", "visually appealing", "dar
 MIN_USER_RATINGS = 20  # as in every MovieLens release
 FIRST_TS = 820_454_400  # 1996-01-01
 LAST_TS = 1_696_118_400  # 2023-10-01: fixed, so that the output does not depend on today
-OUTPUT_FILES = ("ratings.csv", "movies.csv", "tags.csv", "links.csv", "synth.json")
+MARKER = "synth.json"  # the summary synth writes last: a folder with it (as synth writes it) is synth's
+OUTPUT_FILES = ("ratings.csv", "movies.csv", "tags.csv", "links.csv", MARKER)
+_MARKER_KEYS = {"ratings", "users", "movies", "seed", "shape"}
 BLOCK_RATINGS = 500_000  # ratings per written block (about 40 MB of working memory)
 
 
@@ -167,6 +176,54 @@ def _title(i: int, year: int) -> str:
     return f"Synthetic Movie {i}, The ({year})" if i % 17 == 0 else f"Synthetic Movie {i} ({year})"
 
 
+def writable_out(out: Path | str) -> Path:
+    """``out`` as a folder synth may (re)write: a new or empty folder, or one synth wrote; its parent is made and
+    must take a file. ConfigError naming the path otherwise, before anything is written."""
+    given = out
+    out = Path(os.path.abspath(out))
+    if out == out.parent:
+        raise ConfigError(f"synth --out {given}: the root folder cannot be replaced; give a folder for the files")
+    if out.is_symlink():
+        raise ConfigError(f"synth --out {given}: is a link; give the folder itself (synth replaces --out whole, "
+                          f"which would replace the link, not the folder it points to)")
+    if os.path.lexists(out) and not out.is_dir():
+        raise ConfigError(f"synth --out {given}: is a file, not a folder; give a new folder or one synth wrote")
+    try:
+        held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    except OSError as exc:
+        raise ConfigError(f"synth --out {given}: cannot be listed ({exc.strerror or exc})") from exc
+    if held and not _written_by_synth(out, held):
+        shown = ", ".join(held[:6]) + (", ..." if len(held) > 6 else "")
+        why = (f"no {MARKER}" if MARKER not in held else
+               "files synth does not write" if any(name not in OUTPUT_FILES for name in held) else
+               f"a {MARKER} that synth did not write")
+        raise ConfigError(f"synth --out {given}: is not a folder synth wrote (it holds {shown}: {why}); it may be a "
+                          f"real dataset, so it is left as it is: give a new or empty folder, or one synth wrote")
+    try:  # the temporary folder goes beside ``out``: its parent must take one
+        out.parent.mkdir(parents=True, exist_ok=True)
+        probe = out.parent / f".synth-probe-{uuid.uuid4().hex[:8]}"
+        probe.mkdir()
+        probe.rmdir()
+    except (FileExistsError, NotADirectoryError) as exc:
+        raise ConfigError(f"synth --out {given}: a part of the path is a file, not a folder") from exc
+    except OSError as exc:
+        raise ConfigError(f"synth --out {given}: cannot be written here ({exc.strerror or exc}); choose a folder "
+                          f"on a writable disk") from exc
+    return out
+
+
+def _written_by_synth(folder: Path, held: list[str]) -> bool:
+    """Whether ``folder`` (holding ``held``) is one synth wrote: only its files, and its marker as synth writes
+    it. A dataset with a synth.json of its own, or with any other file, is not."""
+    if MARKER not in held or any(name not in OUTPUT_FILES for name in held):
+        return False
+    try:
+        marker = json.loads((folder / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(marker, dict) and _MARKER_KEYS <= set(marker)
+
+
 def write_synthetic(out: Path, ratings: int, users: int, movies: int, seed: int = 42,
                     shape: SynthShape = SynthShape()) -> dict:
     """Write ratings.csv, movies.csv, tags.csv and links.csv (ml-latest CSV format) into ``out``; a summary."""
@@ -175,10 +232,7 @@ def write_synthetic(out: Path, ratings: int, users: int, movies: int, seed: int 
     if ratings > users * movies // 3:
         raise ConfigError(f"synth: {ratings} ratings do not fit {users} users x {movies} movies "
                           f"(at most a third filled)")
-    out = Path(out)
-    stray = sorted(p.name for p in out.iterdir() if p.name not in OUTPUT_FILES) if out.is_dir() else []
-    if stray or (out.exists() and not out.is_dir()):
-        raise ConfigError(f"synth: {out} exists and holds other files ({stray[:5]}); give a new or a synth folder")
+    out = writable_out(out)
     started = time.perf_counter()
     world = _World(ratings, users, movies, seed, shape)
     with storage.atomic_dir(out) as tmp:
