@@ -123,6 +123,81 @@ def test_reading_before_anything_is_published_says_to_run_the_pipeline(serving_d
     assert serving.current_fingerprint(serving_dir) is None
 
 
+def test_publish_reads_back_what_it_wrote_before_moving_current(serving_dir, monkeypatch):
+    old = serving.publish(serving_dir, _tables())["serving_fingerprint"]
+    real_write = serving.pq.write_table
+
+    def write_truncated(table, path, **kwargs):  # a write that "succeeds" but leaves half a file
+        real_write(table, path, **kwargs)
+        if Path(path).name == "recommendations.parquet":
+            data = Path(path).read_bytes()
+            Path(path).write_bytes(data[: len(data) // 2])
+
+    monkeypatch.setattr(serving.pq, "write_table", write_truncated)
+    new = None
+    with pytest.raises(errors.StageError, match=r"does not read back, so .*current was left as it was: "
+                                                r".*/versions/\w+/recommendations\.parquet: table 'recommendations'"):
+        new = serving.publish(serving_dir, _tables(shift=0.05))
+    assert new is None
+    assert serving.current_fingerprint(serving_dir) == old
+    assert sorted(p.name for p in (serving_dir / "versions").iterdir()) == [old]  # nothing half-written kept
+    assert serving.open_served(serving_dir).recommendations["movie_id"].tolist() == [3, 2]
+
+
+def test_a_manifest_that_does_not_read_back_stops_the_publish(serving_dir, monkeypatch):
+    def broken_manifest(folder, stage, tables, **extra):
+        (Path(folder) / "manifest.json").write_text('{"stage": "serving", "tables": {')
+
+    monkeypatch.setattr(serving.storage, "write_manifest", broken_manifest)
+    with pytest.raises(errors.StageError, match=r"versions/\w+/manifest\.json: does not read back"):
+        serving.publish(serving_dir, _tables())
+    assert serving.current_fingerprint(serving_dir) is None
+    assert list((serving_dir / "versions").iterdir()) == []
+
+
+def test_a_kept_version_damaged_since_is_written_again(serving_dir):
+    first = serving.publish(serving_dir, _tables(), keep=3)["serving_fingerprint"]
+    serving.publish(serving_dir, _tables(shift=0.01), keep=3)
+    damaged = serving_dir / "versions" / first / "similar_movies.parquet"
+    damaged.write_bytes(b"not parquet")
+
+    back = serving.publish(serving_dir, _tables(), keep=3)
+    assert back["published"] is True and serving.current_fingerprint(serving_dir) == first
+    assert serving.open_served(serving_dir).similar_movies["score"].max() == pytest.approx(0.9)
+
+    damaged.write_bytes(b"not parquet")  # the current set itself: republishing the same content mends it
+    again = serving.publish(serving_dir, _tables(), keep=3)
+    assert again["published"] is True
+    assert serving.open_served(serving_dir).similar_movies["score"].max() == pytest.approx(0.9)
+
+
+@pytest.mark.parametrize("target, message", [
+    ("versions/gone", r"current points to versions/gone, which does not exist"),
+    ("/elsewhere/versions/x", r"current points to /elsewhere/versions/x, which does not exist"),
+    ("current", r"current points to current, a loop of links"),
+], ids=["dangling", "absolute", "loop"])
+def test_a_broken_current_link_is_named_and_the_next_publish_mends_it(serving_dir, target, message):
+    serving_dir.mkdir(parents=True)
+    (serving_dir / "current").symlink_to(target)
+    with pytest.raises(errors.StageError, match=message) as raised:
+        serving.open_served(serving_dir)
+    assert "nothing has been published yet" not in str(raised.value)
+    assert serving.current_fingerprint(serving_dir) is None
+
+    fp = serving.publish(serving_dir, _tables())["serving_fingerprint"]
+    assert serving.open_served(serving_dir).fingerprint == fp
+
+
+def test_a_folder_in_place_of_current_is_refused_not_replaced(serving_dir):
+    (serving_dir / "current").mkdir(parents=True)
+    (serving_dir / "current" / "notes.txt").write_text("keep me")
+    with pytest.raises(errors.StageError, match=r"current is a folder, not a link"):
+        serving.open_served(serving_dir)
+    with pytest.raises(errors.StageError, match=r"current is a folder, not the link publish switches.*move it away"):
+        serving.publish(serving_dir, _tables())
+    assert (serving_dir / "current" / "notes.txt").read_text() == "keep me"
+
+
 @pytest.fixture
 def s3_settings(tmp_path, monkeypatch):
     import boto3
