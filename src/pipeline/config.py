@@ -84,7 +84,10 @@ class Settings:
         return out
 
 
-_URI_PASSWORD = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<password>[^@/\s]+)@")
+# The password runs to the last "@" before the host (a raw "@" or space inside it is common in hand-written URIs);
+# it never holds "/", so "http://host:8080/path ... a@b" is left alone.
+_URI_PASSWORD = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<password>[^/\n]+)@"
+                           r"(?=[^\s@/]+(?:[/\s?#]|$))")
 
 
 @contextlib.contextmanager
@@ -132,6 +135,10 @@ _ENV = {
     "schedule": ["RECSYS_SCHEDULE"],
 }
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+_FILE_TYPES = {"spark_shuffle_partitions": int, "spark_ui": bool}  # in the TOML file; every other setting is text
+_TOML_NAMES = {str: "a string", int: "an integer", bool: "true or false", float: "a number", list: "an array",
+               dict: "a table"}
+MAX_SHUFFLE_PARTITIONS = 100_000
 SCHEDULES = ("weekly", "asset", "both")
 
 
@@ -144,9 +151,20 @@ def _from_file(path: str) -> dict:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"settings file {path}: not valid TOML ({exc})") from exc
     data = data.get("recsys", data)
+    if not isinstance(data, dict):
+        raise ConfigError(f"settings file {path}: [recsys] must be a table of settings, got {data!r}")
     unknown = sorted(set(data) - set(_ENV))
     if unknown:
         raise ConfigError(f"settings file {path}: unknown settings {unknown}; known: {sorted(_ENV)}")
+    for key, value in data.items():
+        kind = _FILE_TYPES.get(key, str)
+        if isinstance(value, bool) is not (kind is bool) or not isinstance(value, kind):
+            raise ConfigError(f"settings file {path}: {key} = {value!r} ({_TOML_NAMES.get(type(value), 'a value')}): "
+                              f"expected {_TOML_NAMES[kind]}")
+    partitions = data.get("spark_shuffle_partitions", 1)
+    if not 1 <= partitions <= MAX_SHUFFLE_PARTITIONS:
+        raise ConfigError(f"settings file {path}: spark_shuffle_partitions = {partitions}: expected an integer from 1 "
+                          f"to {MAX_SHUFFLE_PARTITIONS}")
     return data
 
 
@@ -168,12 +186,11 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     if not values.get("mlflow_tracking_uri"):
         values["mlflow_tracking_uri"] = f"sqlite:///{home / 'mlflow.db'}"
     if "spark_shuffle_partitions" in values:
-        try:
-            values["spark_shuffle_partitions"] = int(values["spark_shuffle_partitions"])
-        except ValueError as exc:
-            raise ConfigError(
-                f"spark_shuffle_partitions must be an integer, got {values['spark_shuffle_partitions']!r}"
-            ) from exc
+        text = str(values["spark_shuffle_partitions"]).strip()
+        if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_SHUFFLE_PARTITIONS:
+            raise ConfigError(f"spark_shuffle_partitions must be an integer from 1 to {MAX_SHUFFLE_PARTITIONS}, got "
+                              f"{values['spark_shuffle_partitions']!r}")
+        values["spark_shuffle_partitions"] = int(text)
     if "spark_ui" in values and not isinstance(values["spark_ui"], bool):
         text = str(values["spark_ui"]).strip().lower()
         if text not in _TRUE + _FALSE:

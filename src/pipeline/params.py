@@ -46,7 +46,7 @@ class Params:
         "run stops (0.001 = 0.1 %).", minimum=0.0, maximum=1.0)
     olap_min_ratings: int = _param(
         10, "integer", "data", "Minimum number of ratings for a movie to enter the popularity / mean-rating table.",
-        minimum=1)
+        minimum=1, maximum=1_000_000)
     split_strategy: str = _param(
         "random", "string", "split",
         "How test/validation rows are chosen per user: 'random' (stratified by user, seeded) or 'temporal' "
@@ -291,6 +291,18 @@ def resolve_params(overrides: Mapping | Params | None = None) -> Params:
             "Params validation_fraction + test_fraction must leave at least 10 % of the ratings for training"
         )
     return Params(**values)
+
+
+def parse_cli_params(texts: list[str]) -> dict[str, Any]:
+    """Every ``--param NAME=VALUE``; a Param given twice is refused (a later value silently winning hides the
+    mistake of the earlier one)."""
+    params: dict[str, Any] = {}
+    for text in texts:
+        name, value = parse_cli_param(text)
+        if name in params:
+            raise ConfigError(f"Param {name} is given twice (--param {name}=...): give each Param once")
+        params[name] = value
+    return params
 
 
 def parse_cli_param(text: str) -> tuple[str, Any]:

@@ -73,6 +73,20 @@ def test_every_param_has_a_description_and_a_default_that_passes_its_own_check()
         json.dumps(spec.json_schema())
 
 
+def test_every_numeric_param_is_bounded_on_both_sides():
+    for spec in PARAMS:
+        if {"integer", "number"} & {spec.type, spec.item_type}:
+            assert spec.minimum is not None and spec.maximum is not None, spec.name
+
+
+def test_a_param_given_twice_is_refused_not_settled_by_the_last():
+    from pipeline.params import parse_cli_params
+
+    assert parse_cli_params(["seed=1", "test_fraction=0.2"]) == {"seed": 1, "test_fraction": 0.2}
+    with pytest.raises(ConfigError, match="seed is given twice"):
+        parse_cli_params(["seed=1", "seed=2"])
+
+
 def test_params_reach_stages_as_a_typed_frozen_object():
     p = resolve_params({"als_ranks": [4, 8]})
     assert isinstance(p, Params) and p.als_ranks == (4, 8) and p.to_dict()["als_ranks"] == [4, 8]
