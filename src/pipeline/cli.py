@@ -23,8 +23,8 @@ from pathlib import Path
 
 from pipeline import __version__, storage
 from pipeline.config import mask_secrets
-from pipeline.errors import RecsysError
-from pipeline.params import PARAMS, SECTIONS, parse_cli_param
+from pipeline.errors import RecsysError, machine_error
+from pipeline.params import PARAMS, SECTIONS, parse_cli_params, resolve_params
 from pipeline.similarity import METRICS as SIMILARITY_METRICS
 
 
@@ -32,21 +32,39 @@ def _cmd_run(args) -> int:
     from pipeline import report, stages
     from pipeline.config import load_settings
 
-    params = dict(parse_cli_param(p) for p in args.param)
+    params = parse_cli_params(args.param)
     if args.source:
         params["source"] = args.source
+    params = resolve_params(params)  # every Param checked before any folder is made
     names = stages.parse_stages(args.stages)
+    settings = load_settings()
     work_dir = Path(args.work_dir).resolve() if args.work_dir else None
+    for what, folder in (("--work-dir", work_dir), ("the home folder (RECSYS_HOME)", settings.home),
+                         ("the data root (RECSYS_DATA_ROOT)", settings.data_root),
+                         ("the cache folder (RECSYS_CACHE_DIR)", settings.cache_dir)):
+        if folder is not None:  # checked before any stage writes, so a bad path is a bad argument, not a crash
+            storage.writable_dir(folder, what)
     run_id = args.run_id
     if run_id is None and work_dir and "ingest" not in names and (work_dir / report.REPORT).exists():
-        run_id = storage.read_json(work_dir / report.REPORT).get("run_id")  # continue that run
-    ctx = stages.make_context(run_id=run_id, work_dir=work_dir, params=params, settings=load_settings())
-    # a run from ingest on starts a fresh report (cleared under the run folder's lock)
+        run_id = _report_run_id(work_dir / report.REPORT)  # continue that run
+    ctx = stages.make_context(run_id=run_id, work_dir=work_dir, params=params, settings=settings)
+    # a run from ingest on starts a fresh report: the earlier one is dropped once ingest has succeeded
     concurrent = True if args.side_by_side else False if args.one_at_a_time else None  # None: by the cores
     result = stages.run_pipeline(ctx, names, fresh="ingest" in names, concurrent=concurrent)
     print(json.dumps({"report": str(ctx.run_dir / report.REPORT), "run_id": ctx.run_id,
                       "timings_s": result.get("timings_s", {})}, indent=2))
     return 0
+
+
+def _report_run_id(path: Path) -> str | None:
+    from pipeline.errors import StageError
+
+    try:
+        data = storage.read_json(path)
+    except (OSError, ValueError) as exc:
+        raise StageError(f"{path}: cannot be read to continue its run ({exc}); give --run-id, or run from ingest "
+                         f"to start the folder afresh") from exc
+    return data.get("run_id") if isinstance(data, dict) else None
 
 
 def _cmd_params(args) -> int:
@@ -212,7 +230,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("recsys: interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # not a user error: show where, and say so
+    except Exception as exc:  # not a user error: the machine's (disk full), else a bug: show where, and say so
+        machine = machine_error(exc)
+        if machine is not None:
+            print(f"recsys: error: {mask_secrets(str(machine))}", file=sys.stderr)
+            return machine.exit_code
         import traceback
 
         traceback.print_exc()

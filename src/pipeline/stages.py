@@ -219,22 +219,30 @@ _BOOKKEEPING = threading.Lock()  # the run folder's shared files (lineage, summa
 
 
 def parse_stages(text: str | None) -> list[str]:
-    """Stage names from ``a,b,c`` (all when empty), always in pipeline order."""
-    if not text:
+    """Stage names from ``a,b,c`` (all when None), always in pipeline order. A text naming no stage (``""``,
+    e.g. an empty shell variable) is refused: it must not mean "the whole pipeline, promotion included"."""
+    if text is None:
         return list(ORDER)
     names = [s.strip() for s in text.split(",") if s.strip()]
+    if not names:
+        raise ConfigError(f"--stages {text!r} names no stage: leave --stages out to run them all, or name them "
+                          f"from: {', '.join(ORDER)}")
     unknown = [s for s in names if s not in STAGES]
     if unknown:
         raise ConfigError(f"unknown stages {unknown}; available, in order: {', '.join(ORDER)}")
     return [s for s in ORDER if s in names]
 
 
-def run_stage(name: str, ctx: RunContext, fn: Callable[[RunContext], dict] | None = None) -> dict:
+def run_stage(name: str, ctx: RunContext, fn: Callable[[RunContext], dict] | None = None,
+              fresh: bool = False) -> dict:
     """Run one stage (or ``fn`` in its place, e.g. one branch of it); leave its summary in the run folder,
-    rebuild ``report.json``, and return the summary with ``timings_s``.
+    rebuild ``report.json``, and return the summary with ``timings_s``. ``fresh``: the stage starts a new run
+    in the folder; once it has succeeded, the earlier run's summaries are dropped.
 
-    Holds the stage's lock (``pipeline.locks``), refuses stale inputs and marks the stages downstream stale
-    (``pipeline.lineage``), and turns a service outage into a ``ServiceError``."""
+    Holds the stage's lock (``pipeline.locks``), refuses stale inputs, marks the stages downstream stale once
+    it has succeeded (``pipeline.lineage``), and turns a service outage into a ``ServiceError``. A stage that
+    fails leaves the folder's report, summaries and lineage as they were: its outputs are written atomically,
+    so what the last good run left still describes the files there."""
     log.info("stage %s: starting (run %s, folder %s)", name, ctx.run_id, ctx.run_dir)
     memory.tune_malloc()
     with locks.stage_lock(ctx.run_dir, name):
@@ -245,6 +253,9 @@ def run_stage(name: str, ctx: RunContext, fn: Callable[[RunContext], dict] | Non
         seconds = round(time.perf_counter() - started, 2)
         summary = {**sections, "timings_s": {name: seconds}}
         with _BOOKKEEPING:
+            if fresh:
+                report.clear_summaries(ctx.run_dir)
+            _mark_downstream_stale(name, ctx)
             lineage.record(ctx.run_dir, name, inputs, wall)
             report.write_summary(ctx.run_dir, name, summary)
             report.write_report(ctx, ORDER)
@@ -254,18 +265,22 @@ def run_stage(name: str, ctx: RunContext, fn: Callable[[RunContext], dict] | Non
 
 
 def _prepare(name: str, ctx: RunContext) -> dict:
-    """Before a stage runs (under its lock): leftovers of a killed attempt removed, inputs checked, and the
-    stages downstream marked stale (their report sections dropped). Returns the inputs' lineage."""
+    """Before a stage runs (under its lock): leftovers of a killed attempt removed and inputs checked.
+    Returns the inputs' lineage."""
     removed = storage.remove_leftovers(ctx.run_dir, name)
     if removed:
         log.info("stage %s: removed %s left by an interrupted attempt", name, ", ".join(removed))
-    inputs = lineage.check_inputs(ctx.run_dir, name, STAGES[name].upstream)
+    return lineage.check_inputs(ctx.run_dir, name, STAGES[name].upstream)
+
+
+def _mark_downstream_stale(name: str, ctx: RunContext) -> None:
+    """After a stage succeeded: the stages downstream were built from its previous output, so they are stale
+    (their report sections dropped) until they run again."""
     below = [s for s in lineage.downstream(name, UPSTREAM, ORDER) if s != "report"]  # report.json is rebuilt
     stale = lineage.mark_stale(ctx.run_dir, name, below)
     if stale:
         report.clear_summaries(ctx.run_dir, stale)
         log.warning("stage %s: re-running it makes %s stale until they run again", name, ", ".join(stale))
-    return inputs
 
 
 def _call(name: str, ctx: RunContext, fn: Callable[[RunContext], dict]) -> dict:
@@ -292,17 +307,20 @@ def run_pipeline(ctx: RunContext, stages: list[str], fresh: bool = False, concur
     if concurrent is None:
         concurrent = side_by_side_by_default()
     with locks.run_folder_lock(ctx.run_dir):
-        if fresh:
-            report.clear_summaries(ctx.run_dir)
         names = parse_stages(",".join(stages))
+        first = names[0]  # a fresh run drops the earlier run's report only once its first stage succeeded
+
+        def run(name: str) -> dict:
+            return run_stage(name, ctx, fresh=fresh and name == first)
+
         warming = warm_up(ctx, names)
         try:
             with memory.survivors_frozen():
                 if concurrent:
-                    run_lanes(names, lambda name: run_stage(name, ctx))
+                    run_lanes(names, run)
                 else:
                     for name in names:
-                        run_stage(name, ctx)
+                        run(name)
         finally:
             if warming is not None:
                 # a run that failed early ends after the warm-up's step under way, not within it: stderr is a pipe

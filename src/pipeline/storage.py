@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
-from pipeline.errors import SourceError, StageError
+from pipeline.errors import ConfigError, SourceError, StageError
 
 MANIFEST = "manifest.json"
 
@@ -34,6 +34,26 @@ def new_run_id() -> str:
 
 def stage_dir(run_dir: Path, stage: str) -> Path:
     return Path(run_dir) / stage
+
+
+def writable_dir(path: Path, what: str) -> Path:
+    """``path`` as a folder this process can write: created if missing, then a probe file written and removed.
+    A path that is a file, lies under a file or a read-only or virtual file system (``/proc``), or is not
+    writable is a ``ConfigError`` naming ``what`` and the path, before any stage has written anything."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-probe-{uuid.uuid4().hex[:8]}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except FileExistsError as exc:
+        raise ConfigError(f"{what} {path}: {exc.filename or path} is a file, not a folder") from exc
+    except NotADirectoryError as exc:
+        raise ConfigError(f"{what} {path}: a part of the path is a file, not a folder") from exc
+    except OSError as exc:
+        raise ConfigError(f"{what} {path}: cannot be written here ({exc.strerror or exc}): choose a folder on a "
+                          f"writable disk") from exc
+    return path
 
 
 @contextlib.contextmanager
