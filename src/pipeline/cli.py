@@ -24,7 +24,7 @@ from pathlib import Path
 from pipeline import __version__, storage
 from pipeline.config import mask_secrets
 from pipeline.errors import RecsysError, machine_error
-from pipeline.params import PARAMS, SECTIONS, parse_cli_params, resolve_params
+from pipeline.params import JAVA_INT_MAX, PARAMS, SECTIONS, parse_cli_params, resolve_params
 from pipeline.similarity import METRICS as SIMILARITY_METRICS
 
 
@@ -144,8 +144,37 @@ def _cmd_recommend(args) -> int:
     return 0
 
 
+MAX_K = 1_000_000  # results per query: the served lists are far shorter; a bigger k is a typo
+MAX_SYNTH = 1_000_000_000  # ratings, users or movies of a synthetic dataset (ml-32m has 32 M ratings)
+
+
+def _count(maximum: int, minimum: int = 1):
+    """An argparse type: a whole number in ASCII digits within [minimum, maximum] (``int()`` alone also reads
+    "\u0661" as 1 and takes any size)."""
+
+    def parse(text: str) -> int:
+        typed = text.strip()
+        if not (typed.isascii() and typed.isdigit()) or not minimum <= int(typed) <= maximum:
+            raise argparse.ArgumentTypeError(f"expected a whole number from {minimum} to {maximum} in the digits "
+                                             f"0-9, got {text!r}")
+        return int(typed)
+
+    parse.__name__ = "count"
+    return parse
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors in the one-line form of every other error: ``recsys: error: ...``, exit 2."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        command = self.prog.removeprefix("recsys").strip()
+        print(f"recsys: error: {command + ': ' if command else ''}{message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="recsys", description="MovieLens recommender pipeline")
+    parser = _Parser(prog="recsys", description="MovieLens recommender pipeline")
     parser.add_argument("--version", action="version", version=f"recsys {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -178,18 +207,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     synth = sub.add_parser("synth", help="write a synthetic MovieLens-CSV folder (power-law popularity and "
                                          "activity, a planted low-rank taste structure)")
-    synth.add_argument("--ratings", type=int, required=True, help="how many ratings (about: heavy users may "
-                                                                    "fall a few short)")
-    synth.add_argument("--users", type=int, required=True)
-    synth.add_argument("--movies", type=int, required=True)
+    synth.add_argument("--ratings", type=_count(MAX_SYNTH), required=True,
+                       help="how many ratings (about: heavy users may fall a few short)")
+    synth.add_argument("--users", type=_count(MAX_SYNTH), required=True)
+    synth.add_argument("--movies", type=_count(MAX_SYNTH), required=True)
     synth.add_argument("--out", required=True, help="the folder to write (a new one, or an earlier synth folder)")
-    synth.add_argument("--seed", type=int, default=42, help="same seed and sizes, same files (default 42)")
+    synth.add_argument("--seed", type=_count(JAVA_INT_MAX, minimum=0), default=42,
+                       help="same seed and sizes, same files (default 42)")
     synth.set_defaults(func=_cmd_synth)
 
     similar = sub.add_parser("similar", help="movies similar to one movie, from the served tables")
     similar.add_argument("--movie", required=True, metavar="TITLE_OR_ID",
                          help='a title as in the catalog, e.g. "Toy Story (1995)", or a movie id')
-    similar.add_argument("-k", type=int, default=10, help="how many (default 10)")
+    similar.add_argument("-k", type=_count(MAX_K), default=10, help="how many (default 10)")
     similar.add_argument("--metric", choices=SIMILARITY_METRICS, default="cosine",
                          help="similarity table to read (default cosine)")
     similar.add_argument("--json", action="store_true", help="print JSON records instead of a table")
@@ -197,11 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     rec = sub.add_parser("recommend", help="recommendations for a known user, a new user's ratings, or anyone")
     who = rec.add_mutually_exclusive_group(required=True)
-    who.add_argument("--user", type=int, metavar="ID", help="a user the model knows")
+    who.add_argument("--user", metavar="ID", help="a user the model knows")  # checked by query.ascii_id
     who.add_argument("--ratings", metavar='"ID:RATING,..."',
                      help='a new user\'s ratings, e.g. "1:5,260:4.5" (item-based cold start)')
     who.add_argument("--popular", action="store_true", help="popular movies (a user with no ratings)")
-    rec.add_argument("-k", type=int, default=10, help="how many (default 10)")
+    rec.add_argument("-k", type=_count(MAX_K), default=10, help="how many (default 10)")
     rec.add_argument("--genres", metavar="G1,G2", help="only movies of any of these genres (case-insensitive)")
     rec.add_argument("--metric", choices=SIMILARITY_METRICS, default="cosine",
                      help="similarity table used for --ratings (default cosine)")
@@ -211,7 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, --version (0) or a bad argument (2, already printed)
+        return exc.code if isinstance(exc.code, int) else 2
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

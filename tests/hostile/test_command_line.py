@@ -174,3 +174,23 @@ def test_a_second_run_on_a_busy_folder_is_refused_naming_the_holder(tmp_path, so
         holder.wait()
     outcome.refused(7, str(holder.pid), "another recsys run")
     assert not (work / "ingest").exists()
+
+
+# --- arguments argparse reads --------------------------------------------------------------------------------
+
+ARGUMENTS = [
+    pytest.param(["similar", "--movie", "1", "-k", "\u0661"], ["-k", "0-9"], id="k-arabic-indic"),
+    pytest.param(["similar", "--movie", "1", "-k", "0"], ["-k"], id="k-zero"),
+    pytest.param(["recommend", "--popular", "-k", "99999999999"], ["-k"], id="k-huge"),
+    pytest.param(["synth", "--ratings", "\uff11\uff10", "--users", "5", "--movies", "5", "--out", "x"],
+                 ["--ratings"], id="synth-fullwidth"),
+    pytest.param(["synth", "--ratings", "10", "--users", "1e9", "--movies", "5", "--out", "x"], ["--users"],
+                 id="synth-float"),
+    pytest.param(["run", "--no-such-option"], ["--no-such-option"], id="unknown-option"),
+    pytest.param(["recommend"], ["one of the arguments"], id="recommend-whom"),
+]
+
+
+@pytest.mark.parametrize("args, named", ARGUMENTS)
+def test_an_argument_argparse_refuses_is_one_error_line(args, named):
+    recsys(*args).refused(2, *named)

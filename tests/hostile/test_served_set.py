@@ -256,7 +256,6 @@ def test_an_odd_query_is_refused_naming_what_was_given(home, argv, code, named):
     recsys(*argv, env={"RECSYS_HOME": home}).refused(code, *named)
 
 
-@pytest.mark.xfail(strict=True, reason="needs cli wiring: --user is parsed by argparse's type=int")
 @pytest.mark.parametrize("user", ["\u0661", "\uff15", "abc", "1.0"],
                          ids=["arabic-indic", "fullwidth", "letters", "decimal"])
 def test_a_user_id_not_in_ascii_digits_is_refused(home, user):
