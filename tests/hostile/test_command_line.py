@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from hostile.conftest import recsys, tree_digest
+from hostile.conftest import recsys, recsys_process, tree_digest
 
 # --- refused before any stage runs --------------------------------------------------------------------------
 
@@ -194,3 +194,18 @@ ARGUMENTS = [
 @pytest.mark.parametrize("args, named", ARGUMENTS)
 def test_an_argument_argparse_refuses_is_one_error_line(args, named):
     recsys(*args).refused(2, *named)
+
+
+def test_no_secret_reaches_the_output_or_the_run_folder(tmp_path, source_copy):
+    secret = "hostile-Secret-0f3a"
+    env = {"RECSYS_HOME": tmp_path / "home", "AWS_SECRET_ACCESS_KEY": secret, "AWS_ACCESS_KEY_ID": "AKIAHOSTILE",
+           "RECSYS_GROUPLENS_URL": f"https://user:{secret}@files.example.org/movielens"}
+    work = tmp_path / "run"
+    outcome = recsys_process("-v", "run", "--source", source_copy, "--work-dir", work, "--stages", "ingest,validate",
+                             env=env)  # a process of its own: its log lines reach its stderr
+    outcome.succeeded()
+    assert "DEBUG" in outcome.stderr and secret not in outcome.stdout + outcome.stderr
+    settings = recsys("settings", env=env)
+    assert secret not in settings.stdout and "user:***@files.example.org" in settings.stdout
+    for path in [p for p in work.rglob("*") if p.is_file()]:
+        assert secret.encode() not in path.read_bytes(), path
