@@ -150,4 +150,9 @@ def run_ease(ctx) -> dict:
                   f"ease_max_items={p.ease_max_items:,} (its item x item matrices would not fit comfortably)")
         log.warning("ease: skipped: %s", reason)
         return {"models": {"ease": {"skipped": reason}}}
+    if len(movie_ids) == 0:  # too few users (2 users: no movie has 3 training ratings)
+        reason = (f"no movie has {p.ease_min_ratings} or more training ratings (ease_min_ratings="
+                  f"{p.ease_min_ratings}): EASE has no catalogue to rank")
+        log.warning("ease: skipped: %s", reason)
+        return {"models": {"ease": {"skipped": reason}}}
     return run_candidate(ctx, "ease", fit, kind="ranking")

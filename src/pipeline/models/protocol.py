@@ -2,6 +2,8 @@
 
 - ``load_split``: the run's persisted train/validation/test rows (the ETL stage's parquet).
 - ``load_baseline``: the damped bias baseline fitted by the ``baseline`` stage, the fallback for cold rows.
+- ``require_enough_data``: the least a split must hold for the protocol to run, checked by the ``baseline``
+  stage before any model trains (docs/adr/0065-minimum-data-for-the-models.md).
 - ``evaluate``: RMSE/MAE on every test row (cold rows from the baseline), the cold rows' count and RMSE, and
   the ranking metrics of the model's top-10 lists (``pipeline.models.ranking``: validation and test, the
   same protocol for every candidate).
@@ -23,16 +25,17 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline import storage
+from pipeline.errors import DataValidationError
 from pipeline.models.factor_model import FactorModel
 from pipeline.models.item_item import ItemItemModel
-from pipeline.models.metrics import rating_metrics
+from pipeline.models.metrics import RELEVANCE_THRESHOLD, rating_metrics
 from pipeline.models.ranking import RANKING_K, Seen, evaluate_ranking, histories
 from pipeline.models.saved import load_model
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RANKING_K", "Fitted", "Split", "compare_models", "evaluate", "load_baseline", "load_model", "load_split",
-           "manifest_entries", "run_candidate"]
+__all__ = ["RANKING_K", "Fitted", "Split", "compare_models", "evaluate", "known_pairs", "load_baseline", "load_model",
+           "load_split", "manifest_entries", "require_enough_data", "run_candidate"]
 SPLITS = ("train", "validation", "test")
 
 
@@ -66,6 +69,61 @@ def load_baseline(ctx, needed_by: str):
     """The bias baseline the ``baseline`` stage fitted on this split (its damping chosen on validation)."""
     manifest = storage.read_manifest(ctx.stage_dir("baseline"), needed_by)
     return FactorModel.load(manifest["candidate"]["model_path"]).baseline
+
+
+def known_pairs(train: pd.DataFrame, rows: pd.DataFrame) -> pd.Series:
+    """Which of ``rows`` have both their user and their movie in ``train`` (what a trained model can predict)."""
+    return rows["user_id"].isin(train["user_id"]) & rows["movie_id"].isin(train["movie_id"])
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
+
+
+def require_enough_data(split: Split, etl_dir: Path) -> dict:
+    """The split's counts the protocol needs; DataValidationError (exit 5) naming each one that is 0.
+
+    At least one of each: validation ratings (every model's parameters are chosen on them) of which one has a
+    user and movie seen in training (else no rating model is chosen on anything it predicts), test ratings (the
+    gates score on them), and a user with a relevant (>= 4) validation and test rating (rankers are chosen and
+    gated on them). Tiny data (1 user, 1 or 2 movies, a test_fraction of 0) stops here, before any model trains,
+    instead of part-way through the run."""
+    train, validation, test = split.train, split.validation, split.test
+    ratings = pd.concat([train, validation, test])
+    fractions = storage.read_manifest(etl_dir, "baseline").get("fractions", {})
+    most = int(ratings["user_id"].value_counts().max()) if len(ratings) else 0
+
+    def held_out(name: str) -> str:
+        share = f"{fractions[name]:g}" if isinstance(fractions.get(name), (int, float)) else "?"
+        return (f"{name}_fraction={share} of each user's ratings, rounded, is held out; the users here have at "
+                f"most {_plural(most, 'rating')}")
+
+    def relevant(rows: pd.DataFrame) -> int:
+        return int(rows.loc[rows["rating"] >= RELEVANCE_THRESHOLD, "user_id"].nunique())
+
+    counts = {
+        "validation": (len(validation), "validation ratings", f"models are chosen on them; {held_out('validation')}"),
+        "test": (len(test), "test ratings", f"the gates score on them; {held_out('test')}"),
+        "validation_known": (int(known_pairs(train, validation).sum()),
+                             "validation ratings whose user and movie are in the training split",
+                             "the rating models are chosen on ratings they can predict"),
+        "validation_relevant_users": (relevant(validation),
+                                      f"users with a validation rating >= {RELEVANCE_THRESHOLD:g}",
+                                      "the rankers are chosen on them"),
+        "test_relevant_users": (relevant(test), f"users with a test rating >= {RELEVANCE_THRESHOLD:g}",
+                                "the ranking gate scores on them"),
+    }
+    empty = {key for key in ("validation", "test") if counts[key][0] == 0}
+    within = {"validation_known": "validation", "validation_relevant_users": "validation",
+              "test_relevant_users": "test"}  # what an empty split also leaves at 0 is not named twice
+    short = [f"{count:,} {what} (at least 1: {why})" for key, (count, what, why) in counts.items()
+             if count < 1 and within.get(key) not in empty]
+    if short:
+        raise DataValidationError(
+            f"too little data for the models in {etl_dir}: {_plural(ratings['user_id'].nunique(), 'user')}, "
+            f"{_plural(ratings['movie_id'].nunique(), 'movie')}, {len(ratings):,} ratings ({len(train):,} "
+            f"training, {len(validation):,} validation, {len(test):,} test); " + "; ".join(short))
+    return {key: count for key, (count, _, _) in counts.items()}
 
 
 def evaluate(model, split: Split, fallback, lists_path: Path | None = None) -> dict:

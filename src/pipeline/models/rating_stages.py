@@ -19,7 +19,7 @@ import numpy as np
 
 from pipeline import storage, tracking
 from pipeline.models.metrics import metrics_of_predictions, rating_metrics
-from pipeline.models.protocol import Fitted, manifest_entries, run_candidate
+from pipeline.models.protocol import Fitted, known_pairs, load_split, manifest_entries, run_candidate
 from pipeline.models.saved import load_model
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,15 @@ def blend_members(ctx) -> dict:
     return {name: load_model(entries[name]["model_path"]) for name in names}
 
 
+def _validation_known(ctx) -> int:
+    """The validation ratings whose user and movie are in training: the baseline stage counted them."""
+    counts = storage.read_manifest(ctx.stage_dir(REFERENCE), BLEND).get("split_counts")
+    if counts is None:  # a baseline output from before it counted
+        split = load_split(ctx, BLEND)
+        return int(known_pairs(split.train, split.validation).sum())
+    return counts["validation_known"]
+
+
 def run_blend(ctx) -> dict:
     """Stage ``blend``: weights on validation (ridge by K-fold), scored out of fold on validation and on test."""
     from pipeline.models.blend import fit_blend
@@ -97,6 +106,12 @@ def run_blend(ctx) -> dict:
     members = blend_members(ctx)
     if len([n for n in members if n != REFERENCE]) < 1:
         reason = f"no rating model besides the baseline to blend (found {sorted(members) or 'none'})"
+        log.warning("blend: skipped: %s", reason)
+        return {"models": {BLEND: {"skipped": reason}}}
+    known = _validation_known(ctx)
+    if known < 2 * p.blend_folds:
+        reason = (f"{known:,} validation rating{'' if known == 1 else 's'} whose user and movie are in the training "
+                  f"split; its weights' K-fold needs at least {2 * p.blend_folds} (2 x blend_folds={p.blend_folds})")
         log.warning("blend: skipped: %s", reason)
         return {"models": {BLEND: {"skipped": reason}}}
 

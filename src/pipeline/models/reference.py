@@ -16,7 +16,7 @@ from pipeline.models.baseline import GlobalMean, fit_best_damping
 from pipeline.models.factor_model import FactorModel
 from pipeline.models.metrics import rating_metrics
 from pipeline.models.popularity import PopularityRanker
-from pipeline.models.protocol import Fitted, Split, run_candidate
+from pipeline.models.protocol import Fitted, Split, load_split, require_enough_data, run_candidate
 from pipeline.models.ranking import evaluate_ranking
 
 
@@ -35,7 +35,11 @@ def popularity_metrics(split: Split, lists_path=None) -> dict:
 
 
 def run_baseline(ctx) -> dict:
-    """Stage ``baseline``: fit and score the references; the bias baseline is the other stages' fallback."""
+    """Stage ``baseline``: fit and score the references; the bias baseline is the other stages' fallback.
+
+    First, a split too small for the models stops the run here, before any model trains
+    (``protocol.require_enough_data``); its counts go into the manifest for the stages after it."""
+    counts = require_enough_data(load_split(ctx, "baseline"), ctx.stage_dir("etl"))
 
     def fit(split: Split, _baseline, folder, _run) -> Fitted:
         baseline, damping_grid = fit_best_damping(split.train, split.validation)
@@ -51,6 +55,7 @@ def run_baseline(ctx) -> dict:
                       artifacts=[folder / "damping_grid.json"],
                       section={"global_mean": {"test_rmse": gm["test_rmse"], "test_mae": gm["test_mae"]},
                                "damping_grid": damping_grid},
-                      sections={"ranking": {"popularity": popularity}}, manifest={"popularity": popularity})
+                      sections={"ranking": {"popularity": popularity}},
+                      manifest={"popularity": popularity, "split_counts": counts})
 
     return run_candidate(ctx, "baseline", fit, eligible=False, log_model=False, needs_baseline=False)
