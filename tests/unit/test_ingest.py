@@ -331,6 +331,15 @@ def test_row_truncated_mid_row_names_file_and_line(variant, filename, keep, tmp_
         ingest_movielens(str(written.folder), tmp_path / "out", settings)
 
 
+def test_a_bad_row_after_a_title_across_two_lines_is_named_by_its_own_line(tmp_path, settings):
+    written = write_csv_variant(tmp_path / "ml-latest-small", extra_movies=[(9001, "Two\nLines (2001)", "Drama")])
+    line = append_bytes(written.folder / "movies.csv", b"9002,Cut Short (2002)\n")
+    assert line == 12
+
+    with pytest.raises(DataFormatError, match=r"movies\.csv: line 12: expected 3 fields, found 2: '9002,Cut Short"):
+        ingest_movielens(str(written.folder), tmp_path / "out", settings)
+
+
 @pytest.mark.parametrize("filename", ["ratings.csv", "movies.csv", "tags.csv"])
 def test_empty_file_raises_data_format_error(filename, tmp_path, settings):
     written = write_csv_variant(tmp_path / "ml-latest-small")
@@ -371,3 +380,51 @@ def test_failed_rerun_keeps_the_previous_output(tmp_path, settings):
 
     assert (tmp_path / "runs" / "ingest" / "manifest.json").read_text() == before
     assert _no_leftovers(tmp_path / "runs") == []
+
+
+# --- line numbers and raw text ----------------------------------------------------------------------------
+
+
+def test_line_is_the_physical_line_where_a_row_starts(tmp_path, settings):
+    written = write_csv_variant(tmp_path / "ml-latest-small",
+                                extra_movies=[(9001, "Two\nLines (2001)", "Drama"), (9002, "After (2002)", "Drama")])
+    movies = written.folder / "movies.csv"
+    movies.write_bytes(movies.read_bytes() + b"\n9003,Blank Line Before (2003),Drama\n")
+    text = movies.read_text().splitlines()
+    assert text[9:11] == ['9001,"Two', 'Lines (2001)",Drama'] and text[13] == "9003,Blank Line Before (2003),Drama"
+
+    ingest_movielens(str(written.folder), tmp_path / "out", settings)
+
+    movies = _movies_by_id(tmp_path / "out")
+    assert [movies[m]["_line"] for m in (8606, 9001, 9002, 9003)] == [9, 10, 12, 14]
+    assert movies[9001]["title"] == "Two\nLines (2001)"
+    assert movies[9001]["_raw"] == '9001,"Two\nLines (2001)",Drama'
+    assert movies[50]["_raw"] == '50,"Usual Suspects, The (1995)",Crime|Mystery|Thriller'
+
+
+def test_line_numbers_and_raw_text_with_crlf_line_endings(tmp_path, settings):
+    written = write_csv_variant(tmp_path / "ml-latest-small")
+    ratings = written.folder / "ratings.csv"
+    ratings.write_bytes(ratings.read_bytes().replace(b"\n", b"\r\n").replace(b"\r\n2,1,", b"\r\n\r\n2,1,"))
+
+    ingest_movielens(str(written.folder), tmp_path / "out", settings)
+
+    rows = pq.read_table(tmp_path / "out" / "ratings.parquet").to_pylist()
+    assert [(r["_line"], r["_raw"]) for r in rows[5:7]] == [(7, "1,8606,3.0,964985000"), (9, "2,1,3.0,1445714835")]
+    assert rows[-1]["_line"] == 32
+
+
+@pytest.mark.parametrize("variant", sorted(WRITERS))
+def test_every_row_keeps_its_text_as_in_the_file(variant, tmp_path, settings):
+    written = WRITERS[variant][0](tmp_path / variant)
+
+    ingest_movielens(str(written.folder), tmp_path / "out", settings)
+
+    rows = pq.read_table(tmp_path / "out" / "ratings.parquet").to_pylist()
+    lines = next(p for p in written.folder.iterdir() if p.name in ("ratings.csv", "u.data", "ratings.dat")
+                 ).read_text(encoding="latin-1").splitlines()
+    assert [r["_raw"] for r in rows] == [lines[r["_line"] - 1] for r in rows]
+    assert rows[3]["_raw"] == {"ml-latest-small": "1,32,3.5,964983250", "ml-100k": "1\t32\t4\t964983250",
+                               "ml-1m": "1::32::4::964983250", "ml-10m": "1::32::3.5::964983250"}[variant]
+    raw = _movies_by_id(tmp_path / "out")[73]["_raw"]  # decoded: the Latin-1 variants' bytes as text
+    assert raw.startswith("73") and "Misérables, Les (1995)" in raw

@@ -250,3 +250,35 @@ def test_bad_rows_above_the_default_threshold_stop_the_run_but_keep_the_evidence
     assert (out / "data_docs" / "index.html").exists()
     assert not (out / "manifest.json").exists()
     assert not (out / "ratings.parquet").exists()
+
+
+# --- what a quarantined row keeps ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("row", "reason"),
+    [((1, 2, 7.0, TS), "expect_column_values_to_be_between(rating); expect_column_values_to_be_in_set(rating)"),
+     ((1, 2, 3.0, 788918399), "expect_column_values_to_be_between(ts)"),
+     ((1, 999, 3.0, TS), "expect_column_values_to_be_in_set(_movie_known)"),
+     ((1, "abc", 3.0, TS),
+      "expect_column_values_to_not_be_null(movie_id); expect_column_values_to_be_in_set(_movie_known)")],
+    ids=["rating-7", "before-1995", "unknown-movie", "not-a-number"],
+)
+def test_every_quarantined_row_keeps_its_text_line_and_reason(row, reason, tmp_path, dataset):
+    dataset(extra_ratings=[row])
+
+    assert _validate(tmp_path)["quarantined_rows"] == 1
+
+    bad = _quarantine(tmp_path)
+    assert bad[["_line", "_raw", "_reason"]].values.tolist() == [[32, ",".join(map(str, row)), reason]]
+
+
+def test_a_quarantined_movie_keeps_its_quoted_text(tmp_path, dataset):
+    dataset(extra_movies=[(UNRATED_MOVIE, "Paradiso, Cinema (1988)", "Drama")])
+
+    _validate(tmp_path)
+
+    bad = _quarantine(tmp_path, "movies")
+    assert bad["_raw"].tolist() == ["1172,Cinema Paradiso (Nuovo cinema Paradiso) (1989),Drama",
+                                    '1172,"Paradiso, Cinema (1988)",Drama']
+

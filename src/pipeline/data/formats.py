@@ -103,7 +103,8 @@ FORMATS: tuple[Format, ...] = (
     ),
 )
 
-# Common schema of each table after ingest (column -> arrow type name); `_line` is the row's line in its file.
+# Common schema of each table after ingest (column -> arrow type name). Besides these, every row keeps `_line`,
+# the line of the file it starts on, and `_raw`, its text as in the file.
 SCHEMAS = {
     "ratings": {"user_id": "int64", "movie_id": "int64", "rating": "double", "ts": "int64"},
     "movies": {"movie_id": "int64", "title": "string", "year": "int64", "genres": "list<string>"},

@@ -3,8 +3,9 @@
 Sources: ``grouplens:<name>`` (downloaded once into the cache, checksum-verified), a local folder (or .zip),
 or ``s3://bucket/prefix`` (through boto3). Output: one parquet file per table plus ``manifest.json``.
 Parse failures (undecodable bytes, a row with the wrong number of fields, an empty file) stop here, naming
-the file and line; everything that parses goes on to validation, bad values included, so that row-level
-problems can be quarantined there with their reason.
+the file and line. Everything that parses goes on to validation, bad values included, so that row-level
+problems can be quarantined there with their reason; each row keeps ``_line``, the line of the file it starts
+on, and ``_raw``, its text as it is there.
 """
 
 from __future__ import annotations
@@ -181,17 +182,89 @@ def _split_line(line: str, delimiter: str, quoted: bool) -> list[str]:
 
 
 def _first_bad_row(text: str, delimiter: str, quoted: bool, ncols: int, first_line: int) -> tuple[int, str, int]:
-    for offset, line in enumerate(text.splitlines()):
-        if not line:
-            continue
-        fields = _split_line(line, delimiter, quoted)
-        if len(fields) != ncols:
-            return first_line + offset, line, len(fields)
+    """The first row of ``text`` without ``ncols`` fields: the line it starts on, its text and its field count
+    (line -1 if none). LF, CRLF or a lone CR ends a line; a quoted field may hold line ends."""
+    stream = io.StringIO(text, newline="")
+    if quoted:
+        reader = csv.reader(stream, delimiter=delimiter)
+        before = 0
+        for fields in reader:
+            if fields and len(fields) != ncols:
+                return first_line + before, delimiter.join(fields), len(fields)
+            before = reader.line_num
+        return -1, "", ncols
+    for offset, line in enumerate(stream):
+        line = line.rstrip("\r\n")
+        if line and len(line.split(delimiter)) != ncols:
+            return first_line + offset, line, len(line.split(delimiter))
     return -1, "", ncols
 
 
+_CHUNK = 1 << 24  # bytes compared at once when looking for line ends: bounds the mask's memory
+
+
+def _positions(buf: np.ndarray, byte: int) -> np.ndarray:
+    found = [np.flatnonzero(buf[i:i + _CHUNK] == byte) + i for i in range(0, len(buf), _CHUNK)]
+    return np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
+
+
+def _physical_lines(data: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """The offset where each line of ``data`` starts, and whether it holds anything. LF, CRLF or a lone CR ends
+    a line, as for the CSV reader, which skips empty lines."""
+    buf = np.frombuffer(data, dtype=np.uint8)
+    ends = content_ends = _positions(buf, 10)
+    if b"\r" in data:
+        cr = _positions(buf, 13)
+        before_lf = np.isin(cr + 1, ends)
+        ends = np.union1d(ends, cr[~before_lf])
+        content_ends = ends - np.isin(ends - 1, cr[before_lf])
+    starts = np.concatenate(([0], ends + 1))
+    stops = np.concatenate((content_ends, [len(buf)]))
+    return starts, stops > starts
+
+
+def _quoted_row_lines(text: str, delimiter: str) -> np.ndarray:
+    """The line each non-empty row of ``text`` starts on, read as a CSV reader reads quoted fields that hold line
+    ends (the slow way, for files that have such fields)."""
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    lines, before = [], 0
+    for row in reader:
+        if row:
+            lines.append(before + 1)
+        before = reader.line_num
+    return np.array(lines, dtype=np.int64)
+
+
+def _row_lines(path: Path, data: bytes, spec: TableFile, skip: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """The line each of the ``rows`` rows read from ``data`` starts on (the header's ``skip`` lines left out), and
+    the offset where each line starts.
+
+    Rows that each take one line are the non-empty lines; only where a quoted field holds a line end (there
+    are fewer rows than non-empty lines) are the rows read again, to find their first lines."""
+    starts, filled = _physical_lines(data)
+    lines = np.flatnonzero(filled) + 1
+    lines = lines[lines > skip]
+    if len(lines) != rows and spec.quoted:
+        try:
+            lines = _quoted_row_lines(data.decode("utf-8"), spec.delimiter)[skip:]
+        except csv.Error as exc:
+            raise DataFormatError(f"{path}: its rows cannot be told apart ({exc})") from exc
+    if len(lines) != rows:
+        raise DataFormatError(f"{path}: {rows} rows were read from {len(lines)} lines that start a row: the line "
+                              "each row starts on cannot be told; check the file's quoting and line ends")
+    return lines, starts
+
+
+def _row_text(data: bytes, starts: np.ndarray) -> pa.Array:
+    """Each row's text as in the file: from where it starts to where the next one starts, line ends trimmed."""
+    offsets = np.append(starts, len(data)).astype(np.int64)
+    spans = pa.LargeStringArray.from_buffers(len(starts), pa.py_buffer(offsets), pa.py_buffer(data))
+    return pc.utf8_rtrim(spans, characters="\r\n")
+
+
 def read_table_file(path: Path, spec: TableFile) -> pa.Table:
-    """Read one file as strings (every column), with ``_line``, the line number of each row in the file."""
+    """Read one file as strings (every column), with ``_line``, the line each row starts on in the file, and
+    ``_raw``, the row's text as it is there."""
     data = path.read_bytes()
     if data.startswith(codecs.BOM_UTF8):  # spreadsheet exports start with one; it is not part of the header
         data = data[len(codecs.BOM_UTF8):]
@@ -205,18 +278,21 @@ def read_table_file(path: Path, spec: TableFile) -> pa.Table:
     text_head = data[: data.find(b"\n") if b"\n" in data else len(data)].decode("utf-8").rstrip("\r")
     if spec.header:
         if "\r" in text_head:
-            raise DataFormatError(f"{path}: line 1: the header {text_head!r} holds a carriage return inside it "
+            shown = text_head[:120] + ("..." if len(text_head) > 120 else "")  # a file of CR-ended lines: all of it
+            raise DataFormatError(f"{path}: line 1: the header {shown!r} holds a carriage return inside it "
                                   "(a stray CR: re-save the file with plain line endings)")
         names = [n.strip() for n in _split_line(text_head, delimiter, spec.quoted)]
         skip = 1
     else:
         names = list(spec.columns)
         skip = 0
+    quotes = spec.quoted and b'"' in data
     try:
         table = pacsv.read_csv(
             io.BytesIO(data),
             read_options=pacsv.ReadOptions(column_names=names, skip_rows=skip),
-            parse_options=pacsv.ParseOptions(delimiter=delimiter, quote_char='"' if spec.quoted else False),
+            parse_options=pacsv.ParseOptions(delimiter=delimiter, quote_char='"' if spec.quoted else False,
+                                             newlines_in_values=quotes),
             convert_options=pacsv.ConvertOptions(
                 column_types={n: pa.string() for n in names}, strings_can_be_null=False,
                 quoted_strings_can_be_null=False,
@@ -232,12 +308,14 @@ def read_table_file(path: Path, spec: TableFile) -> pa.Table:
                 "(truncated row or stray delimiter)"
             ) from exc
         raise DataFormatError(f"{path}: cannot be parsed as a {spec.delimiter!r}-separated table: {exc}") from exc
-    lines = np.arange(table.num_rows, dtype=np.int64) + skip + 1
-    return table.append_column("_line", pa.array(lines))
+    lines, line_starts = _row_lines(path, data, spec, skip, table.num_rows)
+    raw = _row_text(data, line_starts[lines - 1])
+    if delimiter != spec.delimiter:
+        raw = pc.replace_substring(raw, delimiter, spec.delimiter)
+    return table.append_column("_line", pa.array(lines, type=pa.int64())).append_column("_raw", raw)
 
 
 # --- normalising to the common schema --------------------------------------------------------------------
-
 
 def _to_int(col: pa.ChunkedArray) -> tuple[pa.Array, np.ndarray]:
     """int64 with nulls for blank or non-integer text; also the mask of the values that became null.
@@ -276,19 +354,16 @@ def _parse_year(title: str) -> int | None:
 
 
 def normalise(raw: pa.Table, spec: TableFile) -> pa.Table:
-    """Rename to the common columns and convert types; unparseable values become nulls, their row text kept
-    in ``_raw`` so that validation can quarantine the row with what was actually there."""
+    """Rename to the common columns and convert types; a value that is not what its column holds becomes null,
+    the row's text kept in ``_raw`` so that validation can quarantine the row with what was actually there."""
     columns: dict[str, pa.Array] = {}
-    failed = np.zeros(raw.num_rows, dtype=bool)
     present = {src: dst for src, dst in spec.rename.items() if src in raw.column_names}
     for src, dst in present.items():
         col = raw.column(src)
         if dst in ("user_id", "movie_id", "ts", "tmdb_id"):
-            columns[dst], bad = _to_int(col)
-            failed |= bad
+            columns[dst], _ = _to_int(col)
         elif dst == "rating":
-            columns[dst], bad = _to_float(col)
-            failed |= bad
+            columns[dst], _ = _to_float(col)
         else:
             columns[dst] = col
     if spec.table == "movies" and "title" in columns:
@@ -308,13 +383,10 @@ def normalise(raw: pa.Table, spec: TableFile) -> pa.Table:
             )
     # keep columns the variant does not know about (a wrong delimiter shows up as one odd column)
     for name in raw.column_names:
-        if name not in spec.rename and name not in spec.columns and name != "_line":
+        if name not in spec.rename and name not in spec.columns and name not in ("_line", "_raw"):
             columns[name] = raw.column(name)
     columns["_line"] = raw.column("_line")
-    if failed.any():
-        text_cols = [c for c in raw.column_names if c != "_line"]
-        joined = pc.binary_join_element_wise(*[raw.column(c) for c in text_cols], spec.delimiter)
-        columns["_raw"] = pc.if_else(pa.array(failed), joined, pa.scalar(None, pa.string()))
+    columns["_raw"] = raw.column("_raw")
     return pa.table(columns)
 
 

@@ -5,7 +5,8 @@ Each expectation's ``meta.level`` says what a failure means:
 - ``row`` — failing rows are quarantined (kept aside with the reason); the run goes on while the quarantined
   share of each table stays at or under ``quarantine_threshold``, and stops above it;
 - ``table`` — checked on the table after quarantine (non-empty, integer ids); a failure stops the run.
-Whatever happens, the quarantined rows, the GX results and the Data Docs are kept in the stage folder.
+Whatever happens, the quarantined rows (each with its reason, its file, ``_line`` and ``_raw``, its text as in
+the file), the GX results and the Data Docs are kept in the stage folder.
 """
 
 from __future__ import annotations
@@ -136,6 +137,23 @@ def _hint(df: pd.DataFrame, expected: list[str]) -> str:
     return ""
 
 
+def _raw_text(path: str, positions: np.ndarray) -> list:
+    """The ``_raw`` text ingest kept for the rows at ``positions`` (ascending), read from their row groups only:
+    the checks run without it, the quarantine needs it for a few rows."""
+    file = pq.ParquetFile(path)
+    if "_raw" not in file.schema_arrow.names:  # an ingest output written before every row kept its text
+        return [None] * len(positions)
+    texts, first = [], 0
+    for group in range(file.num_row_groups):
+        rows = file.metadata.row_group(group).num_rows
+        lo, hi = np.searchsorted(positions, [first, first + rows])
+        if hi > lo:
+            column = file.read_row_group(group, columns=["_raw"]).column(0)
+            texts += column.take(pa.array(positions[lo:hi] - first)).to_pylist()
+        first += rows
+    return texts
+
+
 def _clean_types(df: pd.DataFrame, schema: dict) -> pd.DataFrame:
     """After quarantine no id is null: give integer columns back their integer type."""
     out = df.copy()
@@ -167,7 +185,8 @@ def validate_tables(ingest_dir: Path, out_dir: Path, quarantine_threshold: float
             if info is None:
                 continue
             file = info["source_file"]
-            df = pq.read_table(info["path"]).to_pandas()
+            columns = [c for c in pq.read_schema(info["path"]).names if c != "_raw"]
+            df = pq.read_table(info["path"], columns=columns).to_pandas()
             if known_movies is not None and "movie_id" in df:
                 df["_movie_known"] = df["movie_id"].isin(known_movies)
             suite = load_suite_json(table, suites_dir)
@@ -203,6 +222,7 @@ def validate_tables(ingest_dir: Path, out_dir: Path, quarantine_threshold: float
             quarantined_total += n_bad
             if n_bad:
                 rejected = df[bad].copy()
+                rejected["_raw"] = _raw_text(info["path"], np.flatnonzero(bad))
                 rejected["_file"] = file
                 rejected["_reason"] = ["; ".join(reasons[int(p)]) for p in np.flatnonzero(bad)]
                 (tmp / "quarantine").mkdir(exist_ok=True)
@@ -217,8 +237,7 @@ def validate_tables(ingest_dir: Path, out_dir: Path, quarantine_threshold: float
             if extra:  # columns the format does not know: listed in the result, kept out of the clean table
                 dropped[table] = extra
                 log.warning("validate: %s: dropping unknown column(s) %s from the clean %s table", file, extra, table)
-            clean = _clean_types(df[~bad].drop(columns=["_movie_known", "_raw", *extra], errors="ignore"),
-                                 SCHEMAS[table])
+            clean = _clean_types(df[~bad].drop(columns=["_movie_known", *extra], errors="ignore"), SCHEMAS[table])
             table_result = _run_suite(context, table, "table", by_level["table"], clean, parameters)
             table_failed = [_describe(r, table, file, "table") for r in table_result.results if not r.success]
             if table_failed:
