@@ -382,6 +382,66 @@ def test_failed_rerun_keeps_the_previous_output(tmp_path, settings):
     assert _no_leftovers(tmp_path / "runs") == []
 
 
+# --- numbers: decimal ASCII text only ---------------------------------------------------------------------
+
+
+def _last_rating(tmp_path) -> dict:
+    return pq.read_table(tmp_path / "out" / "ratings.parquet").to_pylist()[-1]
+
+
+@pytest.mark.parametrize("text", ["0x10", "1_000", "\u0661", "\uff11", "0b1", "1e3", "16.0", "1 6", "\u00a016", "--1",
+                                  "99999999999999999999"])
+def test_only_decimal_ascii_integer_text_is_an_id(text, tmp_path, settings):
+    written = write_csv_variant(tmp_path / "ml-latest-small", extra_ratings=[(text, 2, 3.0, 964982703)])
+
+    ingest_movielens(str(written.folder), tmp_path / "out", settings)
+
+    row = _last_rating(tmp_path)
+    assert (row["user_id"], row["movie_id"], row["_raw"]) == (None, 2, f"{text},2,3.0,964982703")
+
+
+@pytest.mark.parametrize(("text", "value"), [("16", 16), ("+16", 16), (" 16 ", 16), ("\t16", 16), ("0016", 16),
+                                             ("-4", -4)])
+def test_a_sign_leading_zeros_and_surrounding_spaces_are_accepted(text, value, tmp_path, settings):
+    written = write_csv_variant(tmp_path / "ml-latest-small", extra_ratings=[(text, 2, 3.0, 964982703)])
+
+    ingest_movielens(str(written.folder), tmp_path / "out", settings)
+
+    assert _last_rating(tmp_path)["user_id"] == value
+
+
+@pytest.mark.parametrize("text", ["0x1p1", "inf", "-inf", "Infinity", "nan", "NaN", "1_0", "\u0663.\u0665", "4,5",
+                                  "3.5.1", "0x3"])
+def test_only_decimal_ascii_number_text_is_a_rating(text, tmp_path, settings):
+    written = write_csv_variant(tmp_path / "ml-latest-small", extra_ratings=[(1, 2, text, 964982703)])
+
+    ingest_movielens(str(written.folder), tmp_path / "out", settings)
+
+    row = _last_rating(tmp_path)
+    assert (row["rating"], row["user_id"]) == (None, 1)
+    assert row["_raw"] == ",".join(["1", "2", f'"{text}"' if "," in text else text, "964982703"])
+
+
+@pytest.mark.parametrize(("text", "value"), [("3.5", 3.5), ("+3.5", 3.5), (" 4 ", 4.0), ("4.", 4.0), (".5", 0.5),
+                                             ("35e-1", 3.5)])
+def test_decimal_rating_forms_are_accepted(text, value, tmp_path, settings):
+    written = write_csv_variant(tmp_path / "ml-latest-small", extra_ratings=[(1, 2, text, 964982703)])
+
+    ingest_movielens(str(written.folder), tmp_path / "out", settings)
+
+    assert _last_rating(tmp_path)["rating"] == value
+
+
+@pytest.mark.parametrize("text", ["0x3B9ACA00", "9.6e8", "964982703.0", "\u0669\u0666\u0664\u0669\u0668\u0662\u0667"])
+def test_only_decimal_ascii_integer_text_is_a_timestamp(text, tmp_path, settings):
+    written = write_csv_variant(tmp_path / "ml-latest-small", extra_ratings=[(1, 2, 3.0, text)])
+
+    ingest_movielens(str(written.folder), tmp_path / "out", settings)
+
+    row = _last_rating(tmp_path)
+    assert (row["ts"], row["rating"], row["_raw"]) == (None, 3.0, f"1,2,3.0,{text}")
+
+
 # --- line numbers and raw text ----------------------------------------------------------------------------
 
 

@@ -260,9 +260,9 @@ def test_bad_rows_above_the_default_threshold_stop_the_run_but_keep_the_evidence
     [((1, 2, 7.0, TS), "expect_column_values_to_be_between(rating); expect_column_values_to_be_in_set(rating)"),
      ((1, 2, 3.0, 788918399), "expect_column_values_to_be_between(ts)"),
      ((1, 999, 3.0, TS), "expect_column_values_to_be_in_set(_movie_known)"),
-     ((1, "abc", 3.0, TS),
+     ((1, "0x10", 3.0, TS),
       "expect_column_values_to_not_be_null(movie_id); expect_column_values_to_be_in_set(_movie_known)")],
-    ids=["rating-7", "before-1995", "unknown-movie", "not-a-number"],
+    ids=["rating-7", "before-1995", "unknown-movie", "hex-id"],
 )
 def test_every_quarantined_row_keeps_its_text_line_and_reason(row, reason, tmp_path, dataset):
     dataset(extra_ratings=[row])

@@ -5,7 +5,7 @@ or ``s3://bucket/prefix`` (through boto3). Output: one parquet file per table pl
 Parse failures (undecodable bytes, a row with the wrong number of fields, an empty file) stop here, naming
 the file and line. Everything that parses goes on to validation, bad values included, so that row-level
 problems can be quarantined there with their reason; each row keeps ``_line``, the line of the file it starts
-on, and ``_raw``, its text as it is there.
+on, and ``_raw``, its text as it is there. Only decimal ASCII text is a number.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
@@ -317,32 +316,41 @@ def read_table_file(path: Path, spec: TableFile) -> pa.Table:
 
 # --- normalising to the common schema --------------------------------------------------------------------
 
-def _to_int(col: pa.ChunkedArray) -> tuple[pa.Array, np.ndarray]:
-    """int64 with nulls for blank or non-integer text; also the mask of the values that became null.
+# Decimal ASCII text, a sign and spaces or tabs around allowed: Arrow's cast also reads "0x10" as 16 and "inf" or
+# "nan" as floats, and Python's float() reads "1_0" and Arabic-Indic digits.
+_INTEGER_TEXT = r"^[ \t]*[+-]?[0-9]{1,18}[ \t]*$"
+_NUMBER_TEXT = r"^[ \t]*[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]{1,3})?[ \t]*$"
 
-    Only integer text is an integer: "1e15", "3.0" or a number beyond 18 digits becomes null (and the row is
-    quarantined with its text), never a guess."""
+
+def _parse_decimal(col: pa.ChunkedArray, pattern: str, type_: pa.DataType) -> pa.Array:
+    """``col`` cast to ``type_`` where its text matches ``pattern``, null elsewhere."""
+    matches = pc.fill_null(pc.match_substring_regex(col, pattern), False)
+    text = pc.replace_substring_regex(pc.utf8_trim(col, " \t"), r"^\+", "")
+    return pc.cast(pc.if_else(matches, text, pa.scalar(None, pa.string())), type_)
+
+
+def _to_int(col: pa.ChunkedArray) -> pa.Array:
+    """int64 from decimal integer text; anything else ("0x10", "1e3", "3.0", "1_000", "١", blank, beyond 18
+    digits) becomes null, and validation quarantines the row with its text."""
+    if pc.all(pc.ascii_is_decimal(col)).as_py() is not False:  # digits only, the usual case: one cast
+        try:
+            return pc.cast(col, pa.int64())
+        except pa.ArrowInvalid:  # beyond 64 bits
+            pass
+    return _parse_decimal(col, _INTEGER_TEXT, pa.int64())
+
+
+def _to_float(col: pa.ChunkedArray) -> pa.Array:
+    """float64 from decimal number text (digits, a fraction, an exponent); anything else ("inf", "nan",
+    "0x1p1", "1_0", "٣.٥", blank) becomes null, and validation quarantines the row with its text."""
     try:
-        return pc.cast(col, pa.int64()), np.zeros(len(col), dtype=bool)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        values = pc.cast(col, pa.float64())
+        if pc.all(pc.is_finite(values)).as_py() is not False:  # cast reads only decimal text, and inf and nan
+            return values
+    except pa.ArrowInvalid:
         pass
-    text = pc.replace_substring_regex(pc.utf8_trim_whitespace(col), r"^\+", "")
-    whole = pc.fill_null(pc.match_substring_regex(text, r"^-?\d{1,18}$"), False)
-    values = pc.cast(pc.if_else(whole, text, pa.scalar(None, pa.string())), pa.int64())
-    # blank included: the quarantine keeps the text of every row whose value went missing
-    failed = ~np.asarray(whole.to_numpy(zero_copy_only=False), dtype=bool)
-    return values, failed
-
-
-def _to_float(col: pa.ChunkedArray) -> tuple[pa.Array, np.ndarray]:
-    try:
-        return pc.cast(col, pa.float64()), np.zeros(len(col), dtype=bool)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        pass
-    raw = col.to_pandas()
-    num = pd.to_numeric(raw, errors="coerce")
-    failed = num.isna()
-    return pa.array(num.to_numpy(), type=pa.float64(), from_pandas=True), failed.to_numpy()
+    values = _parse_decimal(col, _NUMBER_TEXT, pa.float64())
+    return pc.if_else(pc.is_finite(values), values, pa.scalar(None, pa.float64()))
 
 
 _YEAR = re.compile(r"\((\d{4})(?:\s*[-\u2013]\s*\d{0,4})?\)\s*$")
@@ -361,9 +369,9 @@ def normalise(raw: pa.Table, spec: TableFile) -> pa.Table:
     for src, dst in present.items():
         col = raw.column(src)
         if dst in ("user_id", "movie_id", "ts", "tmdb_id"):
-            columns[dst], _ = _to_int(col)
+            columns[dst] = _to_int(col)
         elif dst == "rating":
-            columns[dst], _ = _to_float(col)
+            columns[dst] = _to_float(col)
         else:
             columns[dst] = col
     if spec.table == "movies" and "title" in columns:
