@@ -119,8 +119,8 @@ def _print_query_result(frame, args, score_label: str = "score") -> None:
 
 def _cmd_similar(args) -> int:
     from pipeline.config import load_settings
-    from pipeline.serving.publish import open_served
     from pipeline.serving.query import similar_to_title
+    from pipeline.serving.served import open_served
 
     served = open_served(load_settings().serving_dir)
     frame = similar_to_title(served, args.movie, args.k, args.metric)
@@ -131,7 +131,7 @@ def _cmd_similar(args) -> int:
 def _cmd_recommend(args) -> int:
     from pipeline.config import load_settings
     from pipeline.serving import query
-    from pipeline.serving.publish import open_served
+    from pipeline.serving.served import open_served
 
     served = open_served(load_settings().serving_dir)
     if args.user is not None:

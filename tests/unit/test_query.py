@@ -13,7 +13,7 @@ import pytest
 from pipeline import cli, errors
 from pipeline.config import load_settings
 from pipeline.serving import publish as serving
-from pipeline.serving import query
+from pipeline.serving import query, served
 
 MOVIES = pd.DataFrame({
     "movie_id": [1, 2, 3, 260, 2571, 3114, 7],
@@ -84,7 +84,7 @@ def test_similar_prints_a_readable_table_with_distances_for_euclidean(home, caps
 def test_an_unknown_title_suggests_close_matches(home):
     with pytest.raises(errors.UnknownMovieError, match=r"no movie titled 'Toy Story'.*did you mean: "
                                                       r"Toy Story \(1995\); Toy Story 2 \(1999\)"):
-        query.similar_to_title(serving.open_served(load_settings().serving_dir), "Toy Story", 5)
+        query.similar_to_title(served.open_served(load_settings().serving_dir), "Toy Story", 5)
 
 
 def test_recommend_a_known_user_from_the_served_table(home, capsys):
@@ -133,12 +133,12 @@ def test_an_id_is_ascii_digits_only(text):
 
 
 def test_digits_of_another_script_name_no_movie_and_no_user(home):
-    served = serving.open_served(load_settings().serving_dir)
+    current_set = served.open_served(load_settings().serving_dir)
     with pytest.raises(errors.UnknownMovieError, match="no movie titled '\u0661'.*written in the digits 0-9"):
-        query.resolve_movie(served.movies, "\u0661")
+        query.resolve_movie(current_set.movies, "\u0661")
     with pytest.raises(errors.ConfigError, match="got '\u0661'"):
-        query.recommend_user(served, "\u0661")
-    assert query.resolve_movie(served.movies, "1") == 1
+        query.recommend_user(current_set, "\u0661")
+    assert query.resolve_movie(current_set.movies, "1") == 1
 
 
 @pytest.mark.parametrize("text", ["\u0661:5", "1:\u0665", "\uff11:4", "1:nan", "1:inf", "1:-inf", "1:1e0"])
@@ -148,11 +148,11 @@ def test_ratings_take_ascii_digits_and_finite_numbers_only(text):
 
 
 def test_ratings_given_as_a_mapping_are_checked_too(home):
-    served = serving.open_served(load_settings().serving_dir)
+    current_set = served.open_served(load_settings().serving_dir)
     with pytest.raises(errors.ConfigError, match="rating nan for movie 1 in ratings is outside 0.5..5"):
-        query.recommend_ratings(served, {1: float("nan")})
+        query.recommend_ratings(current_set, {1: float("nan")})
     with pytest.raises(errors.ConfigError, match="a rated movie id is a whole number"):
-        query.recommend_ratings(served, {"\u0661": 5.0})
+        query.recommend_ratings(current_set, {"\u0661": 5.0})
 
 
 def test_popular_movies_within_genres_and_unknown_genres(home, capsys):

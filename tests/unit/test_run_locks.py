@@ -18,6 +18,7 @@ from movielens_fixtures import write_csv_variant
 from pipeline import cli, errors, locks
 from pipeline.config import load_settings
 from pipeline.serving import publish as serving
+from pipeline.serving import served
 
 RECSYS = Path(sys.executable).with_name("recsys")
 
@@ -161,11 +162,11 @@ def test_two_processes_publishing_at_once_leave_one_complete_current_set(tmp_pat
     for proc in procs:
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 0 and out.strip() == "done", err
-    served = serving.open_served(serving_dir)  # current resolves to a complete version
-    assert (served.path / "manifest.json").exists() and len(served.movies) == 2
+    current_set = served.open_served(serving_dir)  # current resolves to a complete version
+    assert (current_set.path / "manifest.json").exists() and len(current_set.movies) == 2
     history = json.loads((serving_dir / serving.HISTORY).read_text())
     kept = sorted(p.name for p in (serving_dir / serving.VERSIONS).iterdir() if not p.name.startswith("."))
-    assert served.fingerprint == history[-1] and sorted(history) == kept and len(kept) == serving.KEEP_VERSIONS
+    assert current_set.fingerprint == history[-1] and sorted(history) == kept and len(kept) == serving.KEEP_VERSIONS
 
 
 def test_a_set_built_from_an_older_champion_does_not_replace_a_newer_one(tmp_path):

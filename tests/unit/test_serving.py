@@ -10,6 +10,7 @@ import pytest
 from pipeline import errors
 from pipeline.config import load_settings
 from pipeline.serving import publish as serving
+from pipeline.serving import served
 
 
 def _tables(shift: float = 0.0) -> dict:
@@ -55,12 +56,12 @@ def test_publish_writes_a_complete_version_and_points_current_at_it(serving_dir)
     assert sorted(p.name for p in (serving_dir / "versions" / fp).iterdir()) == [
         "manifest.json", "movies.parquet", "recommendations.parquet", "similar_movies.parquet"]
 
-    served = serving.open_served(serving_dir)
-    assert served.fingerprint == fp and served.manifest["published_from"]["run_id"] == "r1"
-    assert served.manifest["tables"]["movies"]["rows"] == 3
-    assert "_line" not in served.movies.columns  # internal columns are not served
-    assert served.recommendations["movie_id"].tolist() == [3, 2]
-    assert served.table("similar_movies", filters=[("movie_id", "=", 2)])["similar_movie_id"].tolist() == [1, 3]
+    current_set = served.open_served(serving_dir)
+    assert current_set.fingerprint == fp and current_set.manifest["published_from"]["run_id"] == "r1"
+    assert current_set.manifest["tables"]["movies"]["rows"] == 3
+    assert "_line" not in current_set.movies.columns  # internal columns are not served
+    assert current_set.recommendations["movie_id"].tolist() == [3, 2]
+    assert current_set.table("similar_movies", filters=[("movie_id", "=", 2)])["similar_movie_id"].tolist() == [1, 3]
 
 
 def test_republishing_the_same_content_changes_nothing_on_disk(serving_dir):
@@ -86,7 +87,7 @@ def test_new_content_switches_the_pointer_and_keeps_a_bounded_number_of_versions
     assert serving.current_fingerprint(serving_dir) == fps[-1]
     assert sorted(p.name for p in (serving_dir / "versions").iterdir()) == sorted(fps[-2:])
     assert [p.name for p in serving_dir.iterdir() if p.name.startswith(".")] == []  # no temp links left
-    assert serving.open_served(serving_dir).similar_movies["score"].max() == pytest.approx(0.93)
+    assert served.open_served(serving_dir).similar_movies["score"].max() == pytest.approx(0.93)
 
     # Going back to a kept version switches the pointer without rewriting its files.
     kept = serving_dir / "versions" / fps[-2] / "similar_movies.parquet"
@@ -114,12 +115,12 @@ def test_a_crash_while_writing_leaves_current_on_the_previous_complete_version(s
 
     assert serving.current_fingerprint(serving_dir) == old
     assert [p.name for p in (serving_dir / "versions").iterdir()] == [old]  # no half-written version left
-    assert serving.open_served(serving_dir).recommendations["movie_id"].tolist() == [3, 2]
+    assert served.open_served(serving_dir).recommendations["movie_id"].tolist() == [3, 2]
 
 
 def test_reading_before_anything_is_published_says_to_run_the_pipeline(serving_dir):
     with pytest.raises(errors.NothingPublishedError, match="nothing has been published yet under .*run the pipeline"):
-        serving.open_served(serving_dir)
+        served.open_served(serving_dir)
     assert serving.current_fingerprint(serving_dir) is None
 
 
@@ -141,7 +142,7 @@ def test_publish_reads_back_what_it_wrote_before_moving_current(serving_dir, mon
     assert new is None
     assert serving.current_fingerprint(serving_dir) == old
     assert sorted(p.name for p in (serving_dir / "versions").iterdir()) == [old]  # nothing half-written kept
-    assert serving.open_served(serving_dir).recommendations["movie_id"].tolist() == [3, 2]
+    assert served.open_served(serving_dir).recommendations["movie_id"].tolist() == [3, 2]
 
 
 def test_a_manifest_that_does_not_read_back_stops_the_publish(serving_dir, monkeypatch):
@@ -163,12 +164,12 @@ def test_a_kept_version_damaged_since_is_written_again(serving_dir):
 
     back = serving.publish(serving_dir, _tables(), keep=3)
     assert back["published"] is True and serving.current_fingerprint(serving_dir) == first
-    assert serving.open_served(serving_dir).similar_movies["score"].max() == pytest.approx(0.9)
+    assert served.open_served(serving_dir).similar_movies["score"].max() == pytest.approx(0.9)
 
     damaged.write_bytes(b"not parquet")  # the current set itself: republishing the same content mends it
     again = serving.publish(serving_dir, _tables(), keep=3)
     assert again["published"] is True
-    assert serving.open_served(serving_dir).similar_movies["score"].max() == pytest.approx(0.9)
+    assert served.open_served(serving_dir).similar_movies["score"].max() == pytest.approx(0.9)
 
 
 @pytest.mark.parametrize("target, message", [
@@ -180,19 +181,19 @@ def test_a_broken_current_link_is_named_and_the_next_publish_mends_it(serving_di
     serving_dir.mkdir(parents=True)
     (serving_dir / "current").symlink_to(target)
     with pytest.raises(errors.StageError, match=message) as raised:
-        serving.open_served(serving_dir)
+        served.open_served(serving_dir)
     assert "nothing has been published yet" not in str(raised.value)
     assert serving.current_fingerprint(serving_dir) is None
 
     fp = serving.publish(serving_dir, _tables())["serving_fingerprint"]
-    assert serving.open_served(serving_dir).fingerprint == fp
+    assert served.open_served(serving_dir).fingerprint == fp
 
 
 def test_a_folder_in_place_of_current_is_refused_not_replaced(serving_dir):
     (serving_dir / "current").mkdir(parents=True)
     (serving_dir / "current" / "notes.txt").write_text("keep me")
     with pytest.raises(errors.StageError, match=r"current is a folder, not a link"):
-        serving.open_served(serving_dir)
+        served.open_served(serving_dir)
     with pytest.raises(errors.StageError, match=r"current is a folder, not the link publish switches.*move it away"):
         serving.publish(serving_dir, _tables())
     assert (serving_dir / "current" / "notes.txt").read_text() == "keep me"

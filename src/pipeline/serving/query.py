@@ -1,6 +1,6 @@
 """Queries on the served tables, as ``recsys similar`` and ``recsys recommend`` run them (no Spark, no model).
 
-Every function takes a ``serving.ServedTables`` and returns a DataFrame with titles joined:
+Every function takes a ``serving.served.ServedTables`` and returns a DataFrame with titles joined:
 rank, movie_id, title, score, reason (``similar_to_title`` has metric instead of reason).
 """
 
@@ -17,7 +17,7 @@ import pandas as pd
 from pipeline.errors import ConfigError, UnknownMovieError, UnknownUserError
 from pipeline.params import check_k
 from pipeline.serving import recommend
-from pipeline.serving.publish import ServedTables
+from pipeline.serving.served import ServedTables
 
 MAX_SUGGESTIONS = 5
 RATING_RANGE = (0.5, 5.0)
