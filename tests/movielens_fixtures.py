@@ -183,3 +183,13 @@ def zip_folder(folder, zip_path, arcname: str | None = None) -> Path:
         for path in sorted(folder.iterdir()):
             zf.write(path, f"{arcname}/{path.name}")
     return zip_path
+
+
+def add_column(path, name: str, value) -> None:
+    """Append a column to a CSV file with a header: ``name`` in the header, ``value(fields)`` on each row."""
+    path = Path(path)
+    rows = list(csv.reader(io.StringIO(path.read_text(encoding="utf-8"), newline="")))
+    rows[0].append(name)
+    for row in rows[1:]:
+        row.append(str(value(row)))
+    path.write_text(_csv_text(None, rows), encoding="utf-8")

@@ -13,6 +13,7 @@ import pytest
 
 from movielens_fixtures import (
     RATINGS,
+    add_column,
     append_bytes,
     truncate_last_row,
     write_1m,
@@ -380,6 +381,32 @@ def test_failed_rerun_keeps_the_previous_output(tmp_path, settings):
 
     assert (tmp_path / "runs" / "ingest" / "manifest.json").read_text() == before
     assert _no_leftovers(tmp_path / "runs") == []
+
+
+# --- header names the pipeline could misread --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("filename", "column"),
+    [("ratings.csv", "rating"), ("movies.csv", "title"), ("ratings.csv", "comment")],
+)
+def test_a_column_named_twice_in_the_header_is_refused(filename, column, tmp_path, settings):
+    written = write_csv_variant(tmp_path / "ml-latest-small")
+    add_column(written.folder / filename, column, lambda row: "x")
+    if column == "comment":
+        add_column(written.folder / filename, column, lambda row: "y")
+
+    with pytest.raises(DataFormatError, match=rf"{filename}: line 1: column '{column}' appears twice"):
+        ingest_movielens(str(written.folder), tmp_path / "out", settings)
+
+
+@pytest.mark.parametrize("column", ["_line", "_raw", "_reason", "_note"])
+def test_a_column_with_a_reserved_name_is_refused(column, tmp_path, settings):
+    written = write_csv_variant(tmp_path / "ml-latest-small")
+    add_column(written.folder / "ratings.csv", column, lambda row: 1)
+
+    with pytest.raises(DataFormatError, match=rf"ratings\.csv: line 1: column '{column}': names starting with '_'"):
+        ingest_movielens(str(written.folder), tmp_path / "out", settings)
 
 
 # --- numbers: decimal ASCII text only ---------------------------------------------------------------------

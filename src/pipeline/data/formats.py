@@ -112,6 +112,9 @@ SCHEMAS = {
     "links": {"movie_id": "int64", "imdb_id": "string", "tmdb_id": "int64"},
 }
 
+# Column names starting with this are the pipeline's own (`_line`, `_raw`, `_file`, `_reason`, `_movie_known`).
+RESERVED_PREFIX = "_"
+
 
 def detect_format(filenames) -> Format:
     """The first format whose marker files are all present (most specific formats are listed first)."""

@@ -3,9 +3,11 @@
 Sources: ``grouplens:<name>`` (downloaded once into the cache, checksum-verified), a local folder (or .zip),
 or ``s3://bucket/prefix`` (through boto3). Output: one parquet file per table plus ``manifest.json``.
 Parse failures (undecodable bytes, a row with the wrong number of fields, an empty file) stop here, naming
-the file and line. Everything that parses goes on to validation, bad values included, so that row-level
-problems can be quarantined there with their reason; each row keeps ``_line``, the line of the file it starts
-on, and ``_raw``, its text as it is there. Only decimal ASCII text is a number.
+the file and line, and so do header names the pipeline could misread (a name twice, a name starting with
+``_``). Everything that parses goes on to validation, bad values included, so that row-level problems can be
+quarantined there with their reason; each row keeps ``_line``, the line of the file it starts on, and ``_raw``,
+its text as it is there. Only decimal ASCII text is a number. Which names and numbers, and why:
+``docs/adr/0063-input-columns-numbers-and-row-text.md``.
 """
 
 from __future__ import annotations
@@ -28,7 +30,15 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from pipeline import storage
-from pipeline.data.formats import FORMATS, GENRES_100K, HALF_STARS, Format, TableFile, detect_format
+from pipeline.data.formats import (
+    FORMATS,
+    GENRES_100K,
+    HALF_STARS,
+    RESERVED_PREFIX,
+    Format,
+    TableFile,
+    detect_format,
+)
 from pipeline.errors import DataFormatError, SourceError
 
 log = logging.getLogger(__name__)
@@ -199,6 +209,17 @@ def _first_bad_row(text: str, delimiter: str, quoted: bool, ncols: int, first_li
     return -1, "", ncols
 
 
+def _check_header(path: Path, names: list[str], spec: TableFile) -> None:
+    """Refuse a header the pipeline could misread: a name twice, or a name of the pipeline's own columns."""
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise DataFormatError(f"{path}: line 1: column {name!r} appears twice in the header: which of the two "
+                                  "holds the data cannot be known")
+        if name.startswith(RESERVED_PREFIX):
+            raise DataFormatError(f"{path}: line 1: column {name!r}: names starting with {RESERVED_PREFIX!r} are "
+                                  "the pipeline's own columns (such as _line and _raw): rename or remove it")
+
+
 _CHUNK = 1 << 24  # bytes compared at once when looking for line ends: bounds the mask's memory
 
 
@@ -281,6 +302,7 @@ def read_table_file(path: Path, spec: TableFile) -> pa.Table:
             raise DataFormatError(f"{path}: line 1: the header {shown!r} holds a carriage return inside it "
                                   "(a stray CR: re-save the file with plain line endings)")
         names = [n.strip() for n in _split_line(text_head, delimiter, spec.quoted)]
+        _check_header(path, names, spec)
         skip = 1
     else:
         names = list(spec.columns)
