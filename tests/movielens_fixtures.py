@@ -193,3 +193,12 @@ def add_column(path, name: str, value) -> None:
     for row in rows[1:]:
         row.append(str(value(row)))
     path.write_text(_csv_text(None, rows), encoding="utf-8")
+
+
+def rename_header(path, old: str, new: str) -> None:
+    """Rename one column in a CSV file's header line."""
+    path = Path(path)
+    header, rest = path.read_text(encoding="utf-8").split("\n", 1)
+    names = header.split(",")
+    names[names.index(old)] = new
+    path.write_text(",".join(names) + "\n" + rest, encoding="utf-8")

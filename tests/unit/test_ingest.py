@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import http.server
+import json
 import threading
 
 import boto3
@@ -15,6 +16,7 @@ from movielens_fixtures import (
     RATINGS,
     add_column,
     append_bytes,
+    rename_header,
     truncate_last_row,
     write_1m,
     write_10m,
@@ -384,6 +386,53 @@ def test_failed_rerun_keeps_the_previous_output(tmp_path, settings):
 
 
 # --- header names the pipeline could misread --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("filename", "column", "value", "made_from"),
+    [("ratings.csv", "user_id", lambda row: 999, "'userId'"),
+     ("ratings.csv", "ts", lambda row: 0, "'timestamp'"),
+     ("movies.csv", "year", lambda row: 1800, "the title"),
+     ("links.csv", "tmdb_id", lambda row: 7, "'tmdbId'")],
+)
+def test_a_column_named_like_a_normalised_column_is_dropped_and_listed(filename, column, value, made_from,
+                                                                      tmp_path, settings, caplog):
+    written = write_csv_variant(tmp_path / "ml-latest-small")
+    path = written.folder / filename
+    add_column(path, column, value)
+
+    with caplog.at_level("WARNING", logger="pipeline.data.ingest"):
+        result = ingest_movielens(str(written.folder), tmp_path / "out", settings)
+
+    table = filename.removesuffix(".csv")
+    (dropped,) = result["dataset"]["dropped_columns"][table]
+    assert dropped["column"] == column and made_from in dropped["reason"]
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["tables"][table]["dropped_columns"] == [dropped]
+    assert f"{path}: column {column!r} dropped" in caplog.text
+    rows = pq.read_table(tmp_path / "out" / f"{table}.parquet").to_pylist()
+    if table == "ratings":
+        assert [(r["user_id"], r["ts"]) for r in rows] == [(u, ts) for u, _, _, ts in RATINGS]
+    elif table == "movies":
+        assert _movies_by_id(tmp_path / "out")[260]["year"] == 1977
+    else:
+        assert {r["movie_id"]: r["tmdb_id"] for r in rows}[1] == 862
+
+
+def test_clean_data_lists_no_dropped_columns(tmp_path, settings):
+    result = ingest_movielens(str(write_csv_variant(tmp_path / "ml-latest-small").folder), tmp_path / "out", settings)
+
+    assert "dropped_columns" not in result["dataset"]
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert all("dropped_columns" not in info for info in manifest["tables"].values())
+
+
+def test_a_normalised_name_in_place_of_the_formats_name_is_refused(tmp_path, settings):
+    written = write_csv_variant(tmp_path / "ml-latest-small")
+    rename_header(written.folder / "ratings.csv", "userId", "user_id")
+
+    with pytest.raises(DataFormatError, match=r"ratings\.csv: line 1: column 'user_id': .*'userId'"):
+        ingest_movielens(str(written.folder), tmp_path / "out", settings)
 
 
 @pytest.mark.parametrize(

@@ -282,3 +282,17 @@ def test_a_quarantined_movie_keeps_its_quoted_text(tmp_path, dataset):
     assert bad["_raw"].tolist() == ["1172,Cinema Paradiso (Nuovo cinema Paradiso) (1989),Drama",
                                     '1172,"Paradiso, Cinema (1988)",Drama']
 
+
+def test_columns_dropped_at_ingest_are_listed_with_the_unknown_ones(tmp_path, dataset):
+    from movielens_fixtures import add_column
+
+    written = write_csv_variant(tmp_path / "source" / "ml-latest-small")
+    add_column(written.folder / "ratings.csv", "user_id", lambda row: 1)
+    add_column(written.folder / "ratings.csv", "comment", lambda row: "ok")
+    ingest_movielens(str(written.folder), tmp_path / "ingest", load_settings({"RECSYS_HOME": str(tmp_path / "h")}))
+
+    result = _validate(tmp_path)
+
+    assert result["dropped_columns"] == {"ratings": ["user_id", "comment"]}
+    clean = _clean(tmp_path)
+    assert sorted(set(clean["user_id"])) == [1, 2, 3, 4, 5, 6] and "comment" not in clean

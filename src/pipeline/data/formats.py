@@ -112,6 +112,9 @@ SCHEMAS = {
     "links": {"movie_id": "int64", "imdb_id": "string", "tmdb_id": "int64"},
 }
 
+# What a common column is made from when no file column is renamed to it.
+DERIVED = {("movies", "year"): "the title", ("movies", "genres"): "the genre flags"}
+
 # Column names starting with this are the pipeline's own (`_line`, `_raw`, `_file`, `_reason`, `_movie_known`).
 RESERVED_PREFIX = "_"
 

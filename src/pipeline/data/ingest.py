@@ -31,10 +31,12 @@ import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.data.formats import (
+    DERIVED,
     FORMATS,
     GENRES_100K,
     HALF_STARS,
     RESERVED_PREFIX,
+    SCHEMAS,
     Format,
     TableFile,
     detect_format,
@@ -210,7 +212,8 @@ def _first_bad_row(text: str, delimiter: str, quoted: bool, ncols: int, first_li
 
 
 def _check_header(path: Path, names: list[str], spec: TableFile) -> None:
-    """Refuse a header the pipeline could misread: a name twice, or a name of the pipeline's own columns."""
+    """Refuse a header the pipeline could misread: a name twice, a name of the pipeline's own columns, or a common
+    column's name in place of the file column it is made from (which of the two is meant cannot be known)."""
     for i, name in enumerate(names):
         if name in names[:i]:
             raise DataFormatError(f"{path}: line 1: column {name!r} appears twice in the header: which of the two "
@@ -218,6 +221,27 @@ def _check_header(path: Path, names: list[str], spec: TableFile) -> None:
         if name.startswith(RESERVED_PREFIX):
             raise DataFormatError(f"{path}: line 1: column {name!r}: names starting with {RESERVED_PREFIX!r} are "
                                   "the pipeline's own columns (such as _line and _raw): rename or remove it")
+    made_from = {common: column for column, common in spec.rename.items()}
+    for name in names:
+        column = made_from.get(name)
+        if column is not None and name not in spec.rename and column not in names:
+            raise DataFormatError(f"{path}: line 1: column {name!r}: this format names it {column!r}, which the "
+                                  f"header lacks: rename {name!r} to {column!r} if it holds the {name} values")
+
+
+def _shadowing_columns(names: list[str], spec: TableFile) -> list[dict]:
+    """File columns named like a common column that the pipeline makes from another column: never used.
+
+    ``[{"column": ..., "reason": ...}]``; ``userId`` makes ``user_id``, so a file's own ``user_id`` would replace
+    it, and the title makes ``year``."""
+    made_from = {common: column for column, common in spec.rename.items()}
+    shadowing = []
+    for name in names:
+        if name in SCHEMAS[spec.table] and name not in spec.rename:
+            origin = f"the column {made_from[name]!r}" if name in made_from else DERIVED[(spec.table, name)]
+            shadowing.append({"column": name, "reason": f"the pipeline makes its {name!r} column from {origin}; "
+                                                         "a file column of that name is never used"})
+    return shadowing
 
 
 _CHUNK = 1 << 24  # bytes compared at once when looking for line ends: bounds the mask's memory
@@ -429,7 +453,7 @@ def ingest_movielens(source: str, out_dir: Path, settings) -> dict:
     files = {p.name for p in folder.iterdir() if p.is_file()}
     fmt: Format = detect_format(files)
     variant = name if _VARIANT_NAME.match(name) else f"movielens-{fmt.name}"
-    tables, counts = {}, {}
+    tables, counts, dropped = {}, {}, {}
     users = 0  # stays 0 when ratings has no user_id column (a wrong delimiter): validation names the problem
     with storage.atomic_dir(Path(out_dir)) as tmp:
         for spec in fmt.files:
@@ -438,7 +462,11 @@ def ingest_movielens(source: str, out_dir: Path, settings) -> dict:
                 if spec.required:
                     raise SourceError(f"{folder}: {spec.filename} is missing ({fmt.name} format needs it)")
                 continue
-            table = normalise(read_table_file(path, spec), spec)
+            raw = read_table_file(path, spec)
+            shadowing = _shadowing_columns(raw.column_names, spec)
+            for column in shadowing:
+                log.warning("%s: column %r dropped: %s", path, column["column"], column["reason"])
+            table = normalise(raw.drop_columns([c["column"] for c in shadowing]), spec)
             out = tmp / f"{spec.table}.parquet"
             pq.write_table(table, out)
             counts[spec.table] = table.num_rows
@@ -451,6 +479,8 @@ def ingest_movielens(source: str, out_dir: Path, settings) -> dict:
                 "sha256": storage.file_sha256(path),
                 "columns": table.column_names,
             }
+            if shadowing:
+                tables[spec.table]["dropped_columns"] = dropped[spec.table] = shadowing
             log.info("ingested %s: %d rows from %s", spec.table, table.num_rows, path)
         fingerprint = storage.combine_fingerprints({t: info["sha256"] for t, info in tables.items()})
         dataset = {
@@ -463,6 +493,8 @@ def ingest_movielens(source: str, out_dir: Path, settings) -> dict:
             "tags": counts.get("tags"),
             "fingerprint": fingerprint,
         }
+        if dropped:
+            dataset["dropped_columns"] = dropped
         storage.write_manifest(tmp, "ingest", tables, source=source, dataset=dataset,
                                rating_values=list(fmt.rating_values))
     return {"source": source, "dataset": dataset}

@@ -235,8 +235,11 @@ def validate_tables(ingest_dir: Path, out_dir: Path, quarantine_threshold: float
 
             extra = [c for c in df.columns if not c.startswith("_") and c not in SCHEMAS[table]]
             if extra:  # columns the format does not know: listed in the result, kept out of the clean table
-                dropped[table] = extra
                 log.warning("validate: %s: dropping unknown column(s) %s from the clean %s table", file, extra, table)
+            # with those ingest dropped (named like a column it makes from another): every column not used
+            unused = [c["column"] for c in info.get("dropped_columns", [])] + extra
+            if unused:
+                dropped[table] = unused
             clean = _clean_types(df[~bad].drop(columns=["_movie_known", *extra], errors="ignore"), SCHEMAS[table])
             table_result = _run_suite(context, table, "table", by_level["table"], clean, parameters)
             table_failed = [_describe(r, table, file, "table") for r in table_result.results if not r.success]
