@@ -6,7 +6,9 @@ import functools
 import hashlib
 import http.server
 import json
+import re
 import threading
+import zipfile
 
 import boto3
 import pyarrow.parquet as pq
@@ -174,6 +176,18 @@ def test_local_zip_loads_and_names_the_variant_after_the_archive(tmp_path, setti
     dataset = result["dataset"]
     assert (dataset["variant"], dataset["format"], dataset["ratings"], dataset["tags"]) == (
         "ml-10m", "dat-10m", written.ratings, written.tags)
+
+
+@pytest.mark.parametrize("member", ["../escaped.txt", "ml-latest-small/../../escaped.txt", "/tmp/escaped.txt"])
+def test_a_zip_member_pointing_outside_the_archive_is_refused(member, tmp_path, settings):
+    written = write_csv_variant(tmp_path / "build" / "ml-latest-small")
+    archive = zip_folder(written.folder, tmp_path / "ml-latest-small.zip")
+    with zipfile.ZipFile(archive, "a") as zf:
+        zf.writestr(member, b"x")
+
+    with pytest.raises(SourceError, match=rf"ml-latest-small\.zip: member {re.escape(member)} points outside"):
+        ingest_movielens(str(archive), tmp_path / "out", settings)
+    assert not list(settings.cache_dir.rglob("escaped.txt"))
 
 
 def test_missing_source_raises_source_error(tmp_path, settings):

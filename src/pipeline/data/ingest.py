@@ -21,7 +21,7 @@ import shutil
 import urllib.error
 import urllib.request
 import zipfile
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pyarrow as pa
@@ -69,9 +69,14 @@ MAX_ZIP_RATIO = 100
 _RATIO_FLOOR = 2**20  # members below 1 MiB may compress as well as they like
 
 
-def _check_zip_sizes(zip_path: Path, zf: zipfile.ZipFile) -> None:
+def _check_zip_members(zip_path: Path, zf: zipfile.ZipFile) -> None:
     total = 0
     for info in zf.infolist():
+        name = info.filename.replace("\\", "/")
+        if name.startswith("/") or ".." in PurePosixPath(name).parts or name[1:2] == ":":
+            # zipfile would extract it inside the folder anyway; an archive made like that is not a dataset
+            raise SourceError(f"{zip_path}: member {info.filename} points outside the archive's folder: not "
+                              "extracted (a damaged or hostile archive)")
         total += info.file_size
         if info.file_size > _RATIO_FLOOR and info.file_size > MAX_ZIP_RATIO * max(info.compress_size, 1):
             ratio = info.file_size / max(info.compress_size, 1)
@@ -87,7 +92,7 @@ def _extract_zip(zip_path: Path, dest: Path) -> Path:
     if not dest.exists():
         try:
             with zipfile.ZipFile(zip_path) as zf:
-                _check_zip_sizes(zip_path, zf)  # zipfile stops each member at its declared size
+                _check_zip_members(zip_path, zf)  # zipfile stops each member at its declared size
                 with storage.atomic_dir(dest) as tmp:
                     zf.extractall(tmp)
         except zipfile.BadZipFile as exc:
