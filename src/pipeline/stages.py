@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pipeline import lineage, locks, memory, report, storage
+from pipeline import lineage, locks, memory, report, storage, tracking
 from pipeline.config import RunContext, make_context
 from pipeline.errors import ChampionUnavailableError, ConfigError, RecsysError
 from pipeline.services import service_error
@@ -246,6 +246,7 @@ def run_stage(name: str, ctx: RunContext, fn: Callable[[RunContext], dict] | Non
     log.info("stage %s: starting (run %s, folder %s)", name, ctx.run_id, ctx.run_dir)
     memory.tune_malloc()
     with locks.stage_lock(ctx.run_dir, name):
+        tracking.close_abandoned_runs(ctx.settings, ctx.run_dir)  # MLflow runs a killed process left RUNNING
         with _BOOKKEEPING:
             inputs = _prepare(name, ctx)
         started, wall = time.perf_counter(), time.time()

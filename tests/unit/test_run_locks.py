@@ -263,3 +263,24 @@ def test_the_mlflow_runs_of_a_stage_killed_with_sigkill_are_marked_killed_by_the
     with caplog.at_level(logging.WARNING), tracking.start_run(ctx, "als"):
         pass
     assert "KILLED" not in caplog.text  # marked once
+
+
+def test_the_next_stage_to_take_the_folder_over_closes_a_killed_stages_runs(tmp_path):
+    """Whichever stage runs next in the folder, tracked or not (here a rerun of ingest), ends them KILLED."""
+    from pipeline import stages, tracking
+
+    home, run = tmp_path / "home", tmp_path / "run"
+    settings = load_settings({"RECSYS_HOME": str(home)})
+    client = tracking.client(settings)
+    task = subprocess.Popen([sys.executable, "-c", _OPEN_MLFLOW_RUNS, str(run)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "RECSYS_HOME": str(home)})
+    try:
+        parent = task.stdout.readline().strip()
+        assert parent, task.stderr.read()
+    finally:
+        task.send_signal(signal.SIGKILL)
+        task.wait(timeout=30)
+    assert client.get_run(parent).info.status == "RUNNING"
+    ctx = stages.make_context(run_id="next", work_dir=run, settings=settings)
+    stages.run_stage("ingest", ctx, fn=lambda ctx: {})
+    assert client.get_run(parent).info.status == "KILLED"
