@@ -173,9 +173,9 @@ def test_a_zip_member_that_expands_beyond_the_limits_is_refused(tmp_path, monkey
     assert "padding.bin expands" in err and "not extracted" in err
     assert not list((tmp_path / "home" / "cache").rglob("padding.bin"))
 
-    from pipeline.data import ingest
+    from pipeline.data import sources
 
-    monkeypatch.setattr(ingest, "MAX_UNZIPPED_BYTES", 1000)  # the total size limit too
+    monkeypatch.setattr(sources, "MAX_UNZIPPED_BYTES", 1000)  # the total size limit too
     small = tmp_path / "small.zip"
     with zipfile.ZipFile(small, "w", zipfile.ZIP_DEFLATED) as zf:
         for path in data.folder.iterdir():
