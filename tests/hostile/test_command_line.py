@@ -123,11 +123,50 @@ def test_a_failed_rerun_keeps_the_last_good_report(tmp_path, validated_folder, s
     assert "report.json" in after and "summaries/validate.json" in after
 
 
-def test_a_failed_rerun_on_a_completed_run_changes_nothing_it_published(completed_run):
-    outcome = recsys("run", "--source", "/nonexistent/ml-latest-small", "--work-dir", completed_run["run_dir"],
-                     "--stages", "ingest")
-    outcome.refused(3, "/nonexistent/ml-latest-small")
-    completed_run["untouched"].check()
+def _undecodable(folder):
+    ratings = folder / "ratings.csv"
+    ratings.write_bytes(ratings.read_bytes() + b"7,1,4.0,\xff964982703\n")
+
+
+def _mostly_bad(folder):
+    ratings = folder / "ratings.csv"
+    lines = ratings.read_text().splitlines()
+    lines[1:2001] = [line.replace(",", ",x", 1) for line in lines[1:2001]]  # 2 % of the user ids unreadable
+    ratings.write_text("\n".join(lines) + "\n")
+
+
+def _one_user(folder):
+    ratings = folder / "ratings.csv"
+    lines = ratings.read_text().splitlines()
+    ratings.write_text("\n".join([lines[0]] + [line for line in lines[1:] if line.startswith("1,")]) + "\n")
+
+
+RERUNS = [
+    pytest.param(None, [], 3, ["/nonexistent"], ("current", "served", "aliases", "run"), id="missing-source"),
+    pytest.param(_undecodable, [], 4, ["ratings.csv", "not valid UTF-8"], ("current", "served", "aliases", "run"),
+                 id="undecodable-ratings"),
+    pytest.param(None, ["--param", "split_strategy=newest"], 2, ["split_strategy"],
+                 ("current", "served", "aliases", "run"), id="bad-param"),
+    pytest.param(_mostly_bad, [], 5, ["ratings", "quarantine_threshold"], ("current", "served", "aliases"),
+                 id="quarantine-above-threshold"),
+    pytest.param(_one_user, ["--param", "autorec_enabled=false"], 5, ["1 user"], ("current", "served", "aliases"),
+                 id="one-user"),
+]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("edit, extra, code, named, kept", RERUNS)
+def test_a_failed_rerun_on_a_completed_run_changes_nothing_it_published(completed_run, source_copy, edit, extra,
+                                                                         code, named, kept):
+    """The whole pipeline rerun, as a user would, over a completed run's folder and home: the champion aliases
+    and the served set stay; so does the report where the rerun failed before any stage succeeded (past
+    ingest, the folder holds the new data and its report says so, ADR 0066)."""
+    source = source_copy if edit else "/nonexistent/ml-latest-small"
+    if edit:
+        edit(source_copy)
+    outcome = recsys("run", "--source", source, "--work-dir", completed_run["run_dir"], *extra)
+    outcome.refused(code, *named)
+    completed_run["untouched"].check(*kept)
 
 
 def test_a_damaged_report_is_named_when_a_run_continues(tmp_path, validated_folder):
