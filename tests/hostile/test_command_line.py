@@ -81,7 +81,8 @@ def test_a_settings_file_with_a_wrong_type_is_refused_naming_the_key(tmp_path, t
 def test_a_settings_file_with_the_right_types_is_taken(tmp_path):
     path = tmp_path / "recsys.toml"
     path.write_text("[recsys]\nspark_shuffle_partitions = 4\nspark_ui = false\nsource = 'grouplens:ml-1m'\n")
-    outcome = recsys("settings", env={"RECSYS_SETTINGS_FILE": path})
+    outcome = recsys("settings", env={"RECSYS_SETTINGS_FILE": path, "MOVIELENS_DIR": None, "RECSYS_SOURCE": None,
+                                      "RECSYS_SPARK_SHUFFLE_PARTITIONS": None})  # the environment wins over the file
     outcome.succeeded()
     assert '"spark_shuffle_partitions": 4' in outcome.stdout and "grouplens:ml-1m" in outcome.stdout
 
