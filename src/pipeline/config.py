@@ -84,10 +84,14 @@ class Settings:
         return out
 
 
-# The password runs to the last "@" before the host (a raw "@" or space inside it is common in hand-written URIs);
-# it never holds "/", so "http://host:8080/path ... a@b" is left alone.
-_URI_PASSWORD = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<password>[^/\n]+)@"
-                           r"(?=[^\s@/]+(?:[/\s?#]|$))")
+# The password runs to the last "@" before the host (a raw "@" or space inside it is common in hand-written URIs).
+# A password with "/" in it is taken only without spaces (``_URI_SLASHED_PASSWORD``), so that
+# "http://host:8080/path ... a@b" is left alone.
+_HOST_AHEAD = r"@(?=[^\s@/]+(?:[/\s?#]|$))"
+_URI_PASSWORD = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<password>[^/\n]+)"
+                           + _HOST_AHEAD)
+_URI_SLASHED_PASSWORD = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:/@\s]*):"
+                                   r"(?P<password>[^\s/@]*/[^\s]*?)" + _HOST_AHEAD)
 
 
 @contextlib.contextmanager
@@ -107,7 +111,8 @@ def restored_environment(names):
 
 def mask_secrets(text: str) -> str:
     """``scheme://user:password@host`` -> ``scheme://user:***@host`` (for printing settings and logs)."""
-    return _URI_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
+    masked = _URI_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
+    return _URI_SLASHED_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:***@", masked)
 
 
 # setting name -> environment variables, first one set wins

@@ -87,7 +87,15 @@ def test_a_settings_file_with_the_right_types_is_taken(tmp_path):
     assert '"spark_shuffle_partitions": 4' in outcome.stdout and "grouplens:ml-1m" in outcome.stdout
 
 
-@pytest.mark.parametrize("password", ["p@ss w@rd", "s3cr3t", "with space", "tr@iling@", "a:b@c"])
+def test_a_url_without_a_password_is_left_alone():
+    from pipeline.config import mask_secrets
+
+    for text in ["see http://127.0.0.1:5000/#/experiments/1 and http://h:80/p", "http://127.0.0.1:5000/ a@b",
+                 "mysql://u:***@h and then https://x@y/z"]:
+        assert mask_secrets(text) == text
+
+
+@pytest.mark.parametrize("password", ["p@ss w@rd", "s3cr3t", "with space", "tr@iling@", "a:b@c", "sl/ash", "a/b@c"])
 def test_recsys_settings_masks_any_password_in_a_uri(password):
     uri = f"postgresql://mlflow:{password}@db.internal:5432/mlflow"
     outcome = recsys("settings", env={"MLFLOW_TRACKING_URI": uri})
