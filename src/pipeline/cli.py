@@ -23,7 +23,7 @@ from pathlib import Path
 
 from pipeline import __version__, storage
 from pipeline.config import mask_secrets
-from pipeline.errors import RecsysError, machine_error
+from pipeline.errors import RecsysError
 from pipeline.params import JAVA_INT_MAX, PARAMS, SECTIONS, parse_cli_params, resolve_params
 from pipeline.similarity import METRICS as SIMILARITY_METRICS
 
@@ -264,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         print("recsys: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # not a user error: the machine's (disk full), else a bug: show where, and say so
+        from pipeline.services import machine_error
+
         machine = machine_error(exc)
         if machine is not None:
             print(f"recsys: error: {mask_secrets(str(machine))}", file=sys.stderr)

@@ -72,34 +72,6 @@ class MachineError(RecsysError):
     exit_code = 9
 
 
-# errno values, and the words other libraries (Arrow, the JVM, SQLite) use for them, that mean the machine
-_MACHINE_ERRNOS = {"ENOSPC", "EDQUOT", "EROFS", "EMFILE", "ENFILE"}
-_MACHINE_WORDS = ("No space left on device", "Disk quota exceeded", "Read-only file system", "database or disk is full",
-                  "Too many open files")
-
-
-def machine_error(exc: BaseException) -> MachineError | None:
-    """A ``MachineError`` for ``exc`` when it (or an exception it was raised from) says the disk is full, a quota
-    is exceeded, the file system is read-only or file handles ran out; None otherwise."""
-    import errno as errno_names
-
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        code = errno_names.errorcode.get(getattr(exc, "errno", None) or -1)
-        text = str(exc)
-        word = next((w for w in _MACHINE_WORDS if w in text), None)
-        if code in _MACHINE_ERRNOS or word:
-            what = getattr(exc, "strerror", None) or word or code
-            where = getattr(exc, "filename", None)
-            place = f" writing {where}" if where else ""
-            return MachineError(f"the machine refused a write: {what}{place}. This is the machine, not the data "
-                                f"or the pipeline: free space (or fix the file system) and run again; what the "
-                                f"last good run left is unchanged")
-        exc = exc.__cause__ or exc.__context__
-    return None
-
-
 class UnknownMovieError(ConfigError):
     """A title or movie id that is not in the served catalog."""
 

@@ -5,6 +5,8 @@ service that cannot be reached, timed out or answered with a server error become
 whose one-line message names the service and the stage to re-run; anything else is left as it was.
 How long the MLflow client retries before giving up is MLflow's (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``,
 ``MLFLOW_HTTP_REQUEST_TIMEOUT``); boto3's is botocore's (``AWS_MAX_ATTEMPTS``, ``AWS_RETRY_MODE``).
+The machine's own faults (a full disk, a read-only file system) are told apart the same way, by
+``machine_error`` (exit 9), which the command line asks before it calls an exception a bug.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import re
 
 from pipeline.config import mask_secrets
-from pipeline.errors import ServiceError
+from pipeline.errors import MachineError, ServiceError
 
 _MLFLOW_UNREACHABLE = re.compile(
     r"API request to .* failed with (timeout )?exception|failed with error code 5\d\d|Max retries exceeded|"
@@ -64,4 +66,28 @@ def service_error(exc: BaseException, stage: str, settings) -> ServiceError | No
             f"stage {stage!r} stopped: {where} failed or went away ({type(cause).__name__}: {_short(cause)}); "
             f"its output was not replaced and no later stage ran; re-run from stage {stage!r} once the service "
             f"is back")
+    return None
+
+
+# errno values, and the words other libraries (Arrow, the JVM, SQLite) use for them, that mean the machine
+_MACHINE_ERRNOS = {"ENOSPC", "EDQUOT", "EROFS", "EMFILE", "ENFILE"}
+_MACHINE_WORDS = ("No space left on device", "Disk quota exceeded", "Read-only file system", "database or disk is full",
+                  "Too many open files")
+
+
+def machine_error(exc: BaseException) -> MachineError | None:
+    """A ``MachineError`` for ``exc`` when it (or an exception it was raised from) says the disk is full, a quota
+    is exceeded, the file system is read-only or file handles ran out; None otherwise."""
+    import errno as errno_names
+
+    for cause in _chain(exc):
+        code = errno_names.errorcode.get(getattr(cause, "errno", None) or -1)
+        word = next((w for w in _MACHINE_WORDS if w in str(cause)), None)
+        if code in _MACHINE_ERRNOS or word:
+            what = getattr(cause, "strerror", None) or word or code
+            where = getattr(cause, "filename", None)
+            place = f" writing {where}" if where else ""
+            return MachineError(f"the machine refused a write: {what}{place}. This is the machine, not the data "
+                                f"or the pipeline: free space (or fix the file system) and run again; what the "
+                                f"last good run left is unchanged")
     return None
