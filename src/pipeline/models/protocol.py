@@ -6,7 +6,8 @@
   stage before any model trains (docs/adr/0065-minimum-data-for-the-models.md).
 - ``evaluate``: RMSE/MAE on every test row (cold rows from the baseline), the cold rows' count and RMSE, and
   the ranking metrics of the model's top-10 lists (``pipeline.models.ranking``: validation and test, the
-  same protocol for every candidate).
+  same protocol for every candidate), with what the test lists hold besides hits (``list_metrics``:
+  coverage, long-tail share, novelty, genre diversity, NDCG@10 per user segment).
 - ``run_candidate``: load split and baseline -> open the stage's MLflow run -> fit -> score on validation
   and test -> save the model, log params, metrics, artifacts and the pyfunc -> write the stage folder
   atomically with a manifest naming the model as a candidate for the gates (rating and ranking).
@@ -28,6 +29,7 @@ from pipeline import storage
 from pipeline.errors import DataValidationError
 from pipeline.models.factor_model import FactorModel
 from pipeline.models.item_item import ItemItemModel
+from pipeline.models.list_metrics import LIST_KEYS, list_quality_lines, mlflow_metrics, quality_of_lists, read_genres
 from pipeline.models.metrics import RELEVANCE_THRESHOLD, rating_metrics
 from pipeline.models.ranking import RANKING_K, Seen, evaluate_ranking, histories
 from pipeline.models.saved import load_model
@@ -50,6 +52,7 @@ class Split:
     # (most users, seed) of the ranking measurement: a seeded sample of the users with a relevant held-out
     # rating, the same for every model of the run (Params ranking_max_users); None: every user
     ranking_sample: tuple[int, int] | None = None
+    movies_path: Path | None = None  # the validate stage's movies table (genres); None: no genre diversity
 
     @cached_property
     def seen(self) -> tuple[Seen, Seen]:
@@ -57,12 +60,18 @@ class Split:
         ranking measurement on it (the grid searches measure many points)."""
         return histories(self.train), histories(self.train, self.validation)
 
+    @cached_property
+    def genres(self) -> pd.Series | None:
+        """movie_id -> the movie's genres (``movies_path``), None without it."""
+        return read_genres(self.movies_path)
+
 
 def load_split(ctx, needed_by: str) -> Split:
     manifest = storage.read_manifest(ctx.stage_dir("etl"), needed_by)
     frames = {name: pd.read_parquet(manifest["tables"][name]["path"]) for name in SPLITS}
     return Split(**frames, summary=manifest["split"],
-                 ranking_sample=(ctx.params.ranking_max_users, ctx.params.seed))
+                 ranking_sample=(ctx.params.ranking_max_users, ctx.params.seed),
+                 movies_path=ctx.stage_dir("validate") / "movies.parquet")
 
 
 def load_baseline(ctx, needed_by: str):
@@ -132,13 +141,16 @@ def evaluate(model, split: Split, fallback, lists_path: Path | None = None) -> d
     if hasattr(model, "predict"):
         scores = rating_metrics(split.test, model.predict, fallback, split.train)
     scores["ranking"] = evaluate_ranking(model, split, lists_path)
+    if lists_path is not None:
+        scores["ranking"].update(quality_of_lists(lists_path, split))
     return scores
 
 
 def metrics_for_mlflow(scores: dict, prefix: str = "") -> dict:
     flat = {f"{prefix}{k}": v for k, v in scores.items() if isinstance(v, (int, float)) and v is not None}
     flat.update({f"{prefix}{k}": v for k, v in scores.get("ranking", {}).items()
-                 if isinstance(v, (int, float)) and v is not None})
+                 if isinstance(v, (int, float)) and v is not None and k not in LIST_KEYS})
+    flat.update(mlflow_metrics(scores.get("ranking", {}), f"{prefix}test_"))
     return flat
 
 
@@ -191,6 +203,8 @@ def run_candidate(ctx, stage: str, fit: Fit, *, kind: str = "rating", eligible: 
                                                       split="val")
         scores = evaluate(model if kind == "rating" else _RankingOnly(model), split, fallback,
                           tmp / "test_lists.parquet")
+        if kind == "ranking" and fitted.validation:  # out of fold: the fit learnt from the validation ratings
+            scores["ranking"].update(fitted.validation)
         scores["ranking"]["test_lists"] = str(out_dir / "test_lists.parquet")
         model.save(tmp / "model")
         mlflow.log_params(dict(fitted.params))
@@ -243,7 +257,7 @@ def compare_models(ctx) -> dict:
     rated = [r for r in rows if r["model"] in eligible and r["val_rmse"] is not None]
     best = min(rated, key=lambda r: r["val_rmse"])["model"] if rated else None
     keys = ("val_ndcg_at_10", "test_ndcg_at_10", "test_precision_at_10", "test_recall_at_10", "test_map_at_10",
-            "users", "test_lists")
+            "users", "test_lists", *LIST_KEYS)
     candidates = {name: {k: m["ranking"].get(k) for k in keys} for name, m in models.items() if "ranking" in m}
     rankable = {n: c for n, c in candidates.items() if c["val_ndcg_at_10"] is not None}
     best_ranker = max(rankable, key=lambda n: rankable[n]["val_ndcg_at_10"]) if rankable else None
@@ -258,9 +272,11 @@ def compare_models(ctx) -> dict:
     lines += ["", "## Top-10 lists (test lists leave out train and validation movies; relevant: rating >= 4)", "",
               "| model | validation NDCG@10 | NDCG@10 | P@10 | R@10 | MAP@10 | users |",
               "|---|---|---|---|---|---|---|"]
-    for name, c in ([("popularity", popularity)] if popularity else []) + list(candidates.items()):
+    listed = ([("popularity", popularity)] if popularity else []) + list(candidates.items())
+    for name, c in listed:
         label = f"{name}{' (best by validation)' if name == best_ranker else ''}"
         lines.append(f"| {label} | " + " | ".join(fmt(c.get(k)) for k in keys[:5]) + f" | {c.get('users')} |")
+    lines += [""] + list_quality_lines(listed)
     table = Path(ctx.run_dir) / "models.md"
     storage.write_text_atomic(table, "# Models of this run\n\n" + "\n".join(lines) + "\n")
     return {"model_comparison": {"best_by_validation_rmse": best, "rows": rows, "table": str(table)},

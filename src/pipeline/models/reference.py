@@ -4,7 +4,8 @@
   that it has the same interface and registry wrapper as the other models; every later model stage, the gate
   and the evaluation load it from this stage's output as the fallback for cold rows;
 - the global mean (test RMSE/MAE);
-- the popularity ranking (``pipeline.models.popularity``), scored with the ranking metrics.
+- the popularity ranking (``pipeline.models.popularity``), scored with the ranking metrics and the list figures
+  (``pipeline.models.list_metrics``) as every candidate is.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import numpy as np
 from pipeline import storage
 from pipeline.models.baseline import GlobalMean, fit_best_damping
 from pipeline.models.factor_model import FactorModel
+from pipeline.models.list_metrics import mlflow_metrics, quality_of_lists
 from pipeline.models.metrics import rating_metrics
 from pipeline.models.popularity import PopularityRanker
 from pipeline.models.protocol import Fitted, Split, load_split, require_enough_data, run_candidate
@@ -30,8 +32,12 @@ def bias_model(baseline) -> FactorModel:
 
 
 def popularity_metrics(split: Split, lists_path=None) -> dict:
-    """The popularity list through the ranking protocol (the bar every ranker must beat)."""
-    return evaluate_ranking(PopularityRanker(split.train), split, lists_path)
+    """The popularity list through the ranking protocol (the bar every ranker must beat), with the list figures
+    of its test lists when they are written (``lists_path``)."""
+    scores = evaluate_ranking(PopularityRanker(split.train), split, lists_path)
+    if lists_path is not None:
+        scores.update(quality_of_lists(lists_path, split))
+    return scores
 
 
 def run_baseline(ctx) -> dict:
@@ -51,7 +57,8 @@ def run_baseline(ctx) -> dict:
         popularity["test_lists"] = str(ctx.stage_dir("baseline") / "popularity_test_lists.parquet")
         return Fitted(bias_model(baseline), params=chosen,
                       metrics={"global_mean_test_rmse": gm["test_rmse"],
-                               "popularity_test_ndcg_at_10": popularity["test_ndcg_at_10"] or 0.0},
+                               "popularity_test_ndcg_at_10": popularity["test_ndcg_at_10"] or 0.0,
+                               **mlflow_metrics(popularity, "popularity_test_")},
                       artifacts=[folder / "damping_grid.json"],
                       section={"global_mean": {"test_rmse": gm["test_rmse"], "test_mae": gm["test_mae"]},
                                "damping_grid": damping_grid},
