@@ -49,16 +49,17 @@ LISTS = lists_of({1: [4, 5], 3: [1], 4: [2, 3, 4]})
 
 
 def test_the_head_is_the_fewest_most_rated_movies_reaching_the_share_of_ratings():
-    # cumulative ratings 4, 7, 8, 9, 10, 11 of 11: 80 % is 8.8, reached at the 4th movie (ties: smaller id)
-    assert head_movies(TRAIN).tolist() == [1, 2, 3, 4]
-    assert head_movies(TRAIN, 7 / 11).tolist() == [1, 2]  # reached exactly: no further movie
+    # cumulative ratings 4, 7, 8, 9, 10, 11 of 11: half is 5.5, reached at the 2nd movie
+    assert head_movies(TRAIN).tolist() == [1, 2]
+    assert head_movies(TRAIN, 0.8).tolist() == [1, 2, 3, 4]  # 8.8: the 4th (ties: the smaller id first)
+    assert head_movies(TRAIN, 8 / 11).tolist() == [1, 2, 3]  # reached exactly: no further movie
     assert head_movies(TRAIN, 1.0).tolist() == [1, 2, 3, 4, 5, 6]
 
 
 def test_coverage_long_tail_novelty_and_diversity_by_hand():
     q = list_quality(LISTS, TRAIN, TRAIN.iloc[:0], GENRES)
     assert q["coverage"] == pytest.approx(5 / 6)  # movies 1-5 listed, 6 not
-    assert q["long_tail_share"] == pytest.approx(1 / 6)  # 6 slots, one holds movie 5 (the tail is 5 and 6)
+    assert q["long_tail_share"] == pytest.approx(4 / 6)  # 6 slots, 4 hold the tail (movies 3-6): 4, 5, 3, 4
     # self-information: movies 3, 4, 5 rated by 1 of 4 users (2 bits), 2 by 3 of 4, 1 by all (0 bits)
     assert q["novelty"] == pytest.approx((2 + 2 + 0 + math.log2(4 / 3) + 2 + 2) / 6)
     # user 1: {} vs {A,B,C}: 1; user 4: {A,B}-{B} 1/2, {A,B}-{} 1, {B}-{} 1: 5/6; user 3's one movie: no pair
@@ -129,7 +130,7 @@ def test_the_models_md_table_has_a_row_per_list_with_every_figure():
     q = list_quality(LISTS, TRAIN, ratings([(4, 2)]), GENRES)
     header, rule, row = list_quality_lines([("ease", q)])[-3:]
     assert header.count("|") == rule.count("|") == row.count("|") == 12
-    assert row == f"| ease | 0.8333 | 0.1667 | {q['novelty']:.4f} | 0.9167 | 1.0000 | 1 |  | 0 |  | 0 |"
+    assert row == f"| ease | 0.8333 | 0.6667 | {q['novelty']:.4f} | 0.9167 | 1.0000 | 1 |  | 0 |  | 0 |"
 
 
 def test_a_run_reports_the_figures_in_report_json_models_md_and_mlflow(tmp_path):

@@ -32,7 +32,7 @@ from pipeline.models.metrics import RELEVANCE_THRESHOLD
 from pipeline.models.popularity import popularity_ranking
 from pipeline.models.ranking import RANKING_K, measured_users
 
-HEAD_SHARE = 0.8  # the head: the most-rated movies holding 80 % of the training ratings
+HEAD_SHARE = 0.5  # the head: the most-rated movies holding half the training ratings
 COLD_MAX, LIGHT_MAX = 5, 50  # training ratings: cold <= 5 < light <= 50 < heavy
 SEGMENTS = ("cold", "light", "heavy")
 LIST_KEYS = ("coverage", "long_tail_share", "novelty", "diversity", "segments")
