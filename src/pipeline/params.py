@@ -157,6 +157,11 @@ class Params:
     ease_lambdas: tuple[float, ...] = _param((100.0, 200.0, 400.0, 800.0), "array", "ranking",
                                              "EASE: L2 weights tried (chosen on validation NDCG@10).",
                                              item="number", minimum=0.001, maximum=1e9)
+    ease_inputs: tuple[str, ...] = _param(
+        ("binary", "rating"), "array", "ranking",
+        "EASE: how a rating enters its matrix, each tried with every lambda (chosen on validation NDCG@10): "
+        "'binary' (1 per rating), 'rating' (rating / 5), 'liked' (1 for ratings >= 3.5, else 0).",
+        item="string", enum=("binary", "rating", "liked"))
     ease_min_ratings: int = _param(3, "integer", "ranking",
                                    "EASE catalogue: movies with at least this many training ratings.",
                                    minimum=1, maximum=1_000_000)
@@ -231,7 +236,8 @@ class ParamSpec:
         if self.maximum is not None:
             bounds["maximum"] = self.maximum
         if self.type == "array":
-            return {"type": "array", "minItems": 1, "items": {"type": self.item_type, **bounds}}
+            items = {"type": self.item_type, **bounds, **({"enum": list(self.enum)} if self.enum else {})}
+            return {"type": "array", "minItems": 1, "items": items}
         schema: dict[str, Any] = {"type": ["null", self.type] if self.nullable else self.type, **bounds}
         if self.enum:
             schema["enum"] = list(self.enum)
@@ -244,8 +250,8 @@ class ParamSpec:
         if self.type == "array":
             if not isinstance(value, (list, tuple)) or not value:
                 raise ConfigError(f"Param {self.name}: expected a non-empty list, got {value!r}")
-            item = ParamSpec(self.name, None, self.item_type, self.section, "", minimum=self.minimum,
-                             maximum=self.maximum)
+            item = ParamSpec(self.name, None, self.item_type, self.section, "", enum=self.enum,
+                             minimum=self.minimum, maximum=self.maximum)
             return tuple(item.check(v) for v in value)
         expected = _JSON_TYPES[self.type]
         if isinstance(value, bool) and self.type in ("integer", "number"):

@@ -255,7 +255,9 @@ def _ranker_pyfunc_class():
     import mlflow.pyfunc
 
     class ItemItemPyfunc(mlflow.pyfunc.PythonModel):
-        """Input: user_id and history (the movie ids each user rated). Output: user_id, rank, movie_id."""
+        """Input: user_id, history (the movie ids each user rated) and, optionally, ratings (theirs, in the same
+        order; a ranker that weighs a history by its ratings counts a history without them as all liked).
+        Output: user_id, rank, movie_id."""
 
         def load_context(self, context):
             from pipeline.models.saved import load_model
@@ -265,7 +267,11 @@ def _ranker_pyfunc_class():
         def predict(self, context, model_input, params=None):
             frame = pd.DataFrame(model_input)
             k = int((params or {}).get("k", 10))
-            history = {int(u): set(int(m) for m in h) for u, h in zip(frame["user_id"], frame["history"])}
+            if "ratings" in frame.columns:
+                history = {int(u): {int(m): float(r) for m, r in zip(h, rs)}
+                           for u, h, rs in zip(frame["user_id"], frame["history"], frame["ratings"])}
+            else:
+                history = {int(u): set(int(m) for m in h) for u, h in zip(frame["user_id"], frame["history"])}
             top = self.model.top_k(list(history), k, exclude=history)
             rows = [(u, r, m) for u, movies in top.items() for r, m in enumerate(movies, start=1)]
             return pd.DataFrame(rows, columns=["user_id", "rank", "movie_id"])

@@ -1,5 +1,7 @@
 """The item-item ranking model (EASE's output): a user's score for a movie is the sum, over the movies in
-their history, of one learnt weight per (history movie, movie) pair. Plain numpy: it ranks without Spark."""
+their history, of one learnt weight per (history movie, movie) pair, each times the history movie's input
+weight (``INPUTS``: 1 for every rated movie, or a function of its rating, the same as in training). Plain
+numpy: it ranks without Spark."""
 
 from __future__ import annotations
 
@@ -11,6 +13,23 @@ import pandas as pd
 import scipy.sparse as sp
 
 EMBEDDING_RANK = 64
+
+# How a rating enters the user x movie matrix the weights are learnt from, and a history's row when scoring.
+# A history without ratings (movie ids only) counts each movie as 1.
+INPUTS = {
+    "binary": lambda r: np.ones_like(r),  # rated or not
+    "rating": lambda r: r / np.float32(5.0),  # the rating on a 0-1 scale: a 5 weighs twice a 2.5
+    "liked": lambda r: (r >= np.float32(3.5)).astype(np.float32),  # only ratings of 3.5 and more
+}
+
+
+def input_weights(name: str, ratings: np.ndarray | None, size: int) -> np.ndarray:
+    """The input weight of each of ``size`` history entries (float32); ``ratings`` None: all 1."""
+    if name not in INPUTS:
+        raise ValueError(f"unknown EASE input {name!r} (known: {', '.join(INPUTS)})")
+    if ratings is None:
+        return np.ones(size, np.float32)
+    return INPUTS[name](np.asarray(ratings, dtype=np.float32)).astype(np.float32)
 
 
 @dataclass
@@ -26,12 +45,17 @@ class ItemItemModel:
         self.movie_ids = np.asarray(self.movie_ids, dtype=np.int64)
         self._movies = pd.Index(self.movie_ids)
 
+    @property
+    def input(self) -> str:
+        return self.meta.get("input", "binary")
+
     def scores(self, histories: list) -> np.ndarray:
-        """float32 scores (len(histories) x movies); a history is an iterable of movie ids."""
-        rows = [np.full(len(h), r, dtype=np.int64) for r, h in enumerate(histories)]
-        movies = [np.fromiter(h, dtype=np.int64, count=len(h)) for h in histories]
-        return self._history_scores((np.concatenate(rows) if rows else np.zeros(0, np.int64),
-                                     np.concatenate(movies) if movies else np.zeros(0, np.int64)), len(histories))
+        """float32 scores (len(histories) x movies); a history is an iterable of movie ids or a mapping
+        {movie_id: rating}."""
+        from pipeline.models.ranking import history_pairs
+
+        rows, movies, ratings = history_pairs(dict(enumerate(histories)), range(len(histories)))
+        return self._history_scores((rows, movies), len(histories), ratings)
 
     def _weights32(self) -> np.ndarray:
         """One float32 copy of the weights for the products (stored as float16)."""
@@ -39,17 +63,17 @@ class ItemItemModel:
             self._w32 = self.weights.astype(np.float32, copy=False)
         return self._w32
 
-    def _history_scores(self, pairs: tuple[np.ndarray, np.ndarray], n_rows: int) -> np.ndarray:
-        """``scores`` of histories given as (row, movie_id) pairs: the sparse 0/1 history rows times the weights
-        (scipy's sparse x dense product: histories fill 1-3 % of the catalogue, where it beats dense BLAS, and the
-        callers run batches on threads; docs/adr/0036-ease-sparse-histories.md)."""
+    def _history_scores(self, pairs: tuple[np.ndarray, np.ndarray], n_rows: int,
+                        ratings: np.ndarray | None = None) -> np.ndarray:
+        """``scores`` of histories given as (row, movie_id) pairs and their ratings: the sparse history rows
+        (input weights) times the weights (scipy's sparse x dense product: histories fill 1-3 % of the
+        catalogue, where it beats dense BLAS, and the callers run batches on threads;
+        docs/adr/0036-ease-sparse-histories.md)."""
         cols = self._movies.get_indexer(pairs[1])
         keep = cols >= 0
-        rows = sp.csr_matrix((np.ones(int(keep.sum()), np.float32), (pairs[0][keep], cols[keep])),
-                             shape=(n_rows, len(self.movie_ids)))
-        rows.sum_duplicates()
-        rows.data[:] = 1.0  # a movie rated twice counts once
-        return np.asarray(rows @ self._weights32())
+        values = input_weights(self.input, ratings, len(cols))[keep]
+        return np.asarray(history_matrix(pairs[0][keep], cols[keep], values, (n_rows, len(self.movie_ids)))
+                          @ self._weights32())
 
     def top_k(self, user_ids, k: int, exclude: dict | None = None, history: dict | None = None,
               batch: int = 512) -> dict:
@@ -58,18 +82,20 @@ class ItemItemModel:
         ``history`` (default: ``exclude``) is what the user rated; users with nothing of it in the catalogue
         are left out (the caller gives them popularity).
         """
-        from pipeline.models.ranking import best_k, exclusion_pairs, map_threads
+        from pipeline.models.ranking import best_k, exclusion_pairs, history_pairs, map_threads
 
         history = exclude if history is None else history
         user_ids = [int(u) for u in user_ids]
 
         def one(start: int) -> list:
             chunk = user_ids[start:start + batch]
-            pairs = exclusion_pairs(history, chunk)
-            known = self._movies.get_indexer(pairs[1]) >= 0
-            has = np.bincount(pairs[0][known], minlength=len(chunk)) > 0  # rated something in the catalogue
+            rows, movies, ratings = history_pairs(history, chunk)
+            pairs = (rows, movies)
+            known = self._movies.get_indexer(movies) >= 0
+            has = np.bincount(rows[known], minlength=len(chunk)) > 0  # rated something in the catalogue
             excluded = pairs if exclude is history else exclusion_pairs(exclude, chunk)
-            lists = best_k(self._history_scores(pairs, len(chunk)), self.movie_ids, k, excluded, index=self._movies)
+            lists = best_k(self._history_scores(pairs, len(chunk), ratings), self.movie_ids, k, excluded,
+                           index=self._movies)
             return [(user, top) for user, top, ok in zip(chunk, lists, has) if ok]
 
         out: dict = {}
@@ -77,15 +103,18 @@ class ItemItemModel:
             out.update(part)
         return out
 
-    def pair_scores(self, user_ids, movie_ids, history: dict, batch: int = 512) -> np.ndarray:
+    def pair_scores(self, user_ids, movie_ids, history, batch: int = 512) -> np.ndarray:
         """The score of each (user, movie) pair given the users' histories (NaN outside the catalogue)."""
+        from pipeline.models.ranking import history_pairs
+
         user_ids = np.asarray(user_ids, dtype=np.int64)
         cols = self._movies.get_indexer(np.asarray(movie_ids, dtype=np.int64))
         out = np.full(len(user_ids), np.nan)
         users = list(dict.fromkeys(user_ids.tolist()))
         for start in range(0, len(users), batch):
             chunk = users[start:start + batch]
-            scores = self.scores([history.get(u, ()) for u in chunk])
+            rows, movies, ratings = history_pairs(history, chunk)
+            scores = self._history_scores((rows, movies), len(chunk), ratings)
             for row, user in enumerate(chunk):
                 at = np.flatnonzero((user_ids == user) & (cols >= 0))
                 out[at] = scores[row, cols[at]]
@@ -123,3 +152,12 @@ class ItemItemModel:
 
         meta, z = read_model_files(folder, "weights.npz")
         return cls(meta["name"], z["movie_ids"], z["weights"], meta.get("meta", {}))
+
+
+
+def history_matrix(rows: np.ndarray, cols: np.ndarray, values: np.ndarray, shape: tuple[int, int]) -> sp.csr_matrix:
+    """The sparse (row, column) -> value matrix with a cell entered twice counted once (its first value): a
+    movie rated twice is one history entry, not two."""
+    key = rows.astype(np.int64) * shape[1] + cols
+    _, first = np.unique(key, return_index=True)
+    return sp.csr_matrix((values[first], (rows[first], cols[first])), shape=shape)

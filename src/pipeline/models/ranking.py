@@ -52,6 +52,9 @@ class Seen(Mapping):
         movies = np.concatenate([f["movie_id"].to_numpy(np.int64) for f in frames]) if frames else users
         order = np.lexsort((movies, users))
         users, self._movies = users[order], movies[order]
+        # the ratings beside the movies when every frame has them (rankers that weigh a history by its ratings)
+        rated = bool(frames) and all("rating" in f.columns for f in frames)
+        self._ratings = np.concatenate([f["rating"].to_numpy(np.float32) for f in frames])[order] if rated else None
         ids, starts = np.unique(users, return_index=True)
         self._ids = pd.Index(ids)
         self._bounds = np.append(starts, len(users))
@@ -76,10 +79,19 @@ class Seen(Mapping):
 
     def pairs(self, user_ids) -> tuple[np.ndarray, np.ndarray]:
         """(row, movie_id) for every movie of every user of ``user_ids``; row: the user's position in it."""
+        rows, at = self._positions(user_ids)
+        return rows, self._movies[at]
+
+    def rated_pairs(self, user_ids) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """``pairs`` and the rating of each (None when the frames had no ratings)."""
+        rows, at = self._positions(user_ids)
+        return rows, self._movies[at], None if self._ratings is None else self._ratings[at]
+
+    def _positions(self, user_ids) -> tuple[np.ndarray, np.ndarray]:
         pos = self._ids.get_indexer(np.asarray(user_ids, dtype=np.int64))
         start = np.where(pos >= 0, self._bounds[np.maximum(pos, 0)], 0)
         lens = np.where(pos >= 0, self._bounds[np.maximum(pos, 0) + 1], 0) - start
-        return np.repeat(np.arange(len(pos)), lens), self._movies[concat_ranges(start, lens)]
+        return np.repeat(np.arange(len(pos)), lens), concat_ranges(start, lens)
 
 
 def histories(*frames: pd.DataFrame) -> Seen:
@@ -102,6 +114,19 @@ def exclusion_pairs(exclude: Mapping | None, user_ids) -> tuple[np.ndarray, np.n
     if not rows:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     return np.concatenate(rows), np.concatenate(movies)
+
+
+def history_pairs(history: Mapping | None, user_ids) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(row, movie_id, rating) of ``history[user]`` for the users of ``user_ids``; rating None when the history
+    holds no ratings. A history is a ``Seen`` or a mapping user -> movie ids, or user -> {movie_id: rating}."""
+    if isinstance(history, Seen):
+        return history.rated_pairs(user_ids)
+    rows, movies = exclusion_pairs(history, user_ids)
+    rated = [history.get(u) for u in user_ids] if history is not None else []
+    if not rated or not all(isinstance(h, Mapping) for h in rated if h is not None and len(h)):
+        return rows, movies, None
+    ratings = [np.fromiter(h.values(), dtype=np.float32, count=len(h)) for h in rated if h is not None and len(h)]
+    return rows, movies, np.concatenate(ratings) if ratings else np.zeros(0, np.float32)
 
 
 def best_k(shown: np.ndarray, movie_ids: np.ndarray, k: int, excluded: tuple | None = None,

@@ -37,7 +37,7 @@ import pandas as pd
 
 from pipeline.errors import ConfigError
 from pipeline.models.popularity import popular_movies
-from pipeline.models.ranking import concat_ranges
+from pipeline.models.ranking import concat_ranges, histories
 from pipeline.params import check_k
 from pipeline.similarity import METRICS
 
@@ -65,18 +65,6 @@ def check_metric(metric: str) -> str:
 # --- known users -------------------------------------------------------------------------------------------
 
 
-def _rated_by_user(ratings: pd.DataFrame) -> dict[int, list[int]]:
-    """{user_id: the movie ids they rated}, grouped once (no per-row Python)."""
-    if len(ratings) == 0:
-        return {}
-    users = ratings["user_id"].to_numpy(np.int64)
-    movies = ratings["movie_id"].to_numpy(np.int64)
-    order = np.argsort(users, kind="stable")
-    users, movies = users[order], movies[order]
-    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
-    return dict(zip(users[starts].tolist(), (group.tolist() for group in np.split(movies, starts[1:]))))
-
-
 def recommend_known_users(model, ratings: pd.DataFrame, k: int) -> pd.DataFrame:
     """Top-k movies for every user the model can rank, excluding every movie the user rated in ``ratings``.
 
@@ -85,7 +73,7 @@ def recommend_known_users(model, ratings: pd.DataFrame, k: int) -> pd.DataFrame:
     preference, an item-item score), and ``rank`` follows it; rows are ordered by (user_id, rank).
     """
     k = check_k(k)
-    rated = {u: set(m) for u, m in _rated_by_user(ratings).items()}
+    rated = histories(ratings)  # the movies and their ratings (a ranker may weigh a history by them)
     known = getattr(model, "user_ids", None)
     users = np.asarray(sorted(rated) if known is None else known, dtype=np.int64)
     top = model.top_k(users, k, exclude=rated, history=rated)
