@@ -36,7 +36,7 @@ from pipeline.params import PARAMS
 GROUPS = {
     "data": ("ingest", "validate", "etl", "olap"),
     "rating_models": ("baseline", "als", "autorec", "knn", "blend"),
-    "ranking_models": ("implicit_als", "ease"),
+    "ranking_models": ("implicit_als", "ease", "ltr"),
     "gates": ("compare_models", "gate", "promotion", "ranking_gate", "ranking_promotion"),
     "serving": ("similarity", "recommend", "cold_start"),
 }
@@ -137,7 +137,7 @@ def movielens_recsys():
     t["ingest"] >> t["validate"] >> t["etl"] >> [t["olap"], t["baseline"]]
     t["baseline"] >> [t["als"], t["autorec"], t["knn"], t["implicit_als"], t["ease"]]
     [t["als"], t["autorec"], t["knn"]] >> t["blend"]
-    [t["blend"], t["implicit_als"], t["ease"]] >> t["compare_models"] >> [t["gate"], t["ranking_gate"]]
+    [t["blend"], t["implicit_als"], t["ease"]] >> t["ltr"] >> t["compare_models"] >> [t["gate"], t["ranking_gate"]]
     t["decide"] >> [t["promote"], t["keep_champion"]] >> t["similarity"]
     t["ranking_gate"] >> t["ranking_promotion"] >> t["similarity"]
     t["similarity"] >> [t["recommend"], t["cold_start"]]

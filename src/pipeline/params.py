@@ -169,6 +169,29 @@ class Params:
         15_000, "integer", "ranking",
         "EASE is skipped (with the reason logged) when its catalogue exceeds this many movies: its items x items "
         "matrices (3 float32 copies; 2.7 GB at 15,000) must fit in memory.", minimum=1, maximum=100_000)
+    ltr_candidates: int = _param(
+        100, "integer", "ranking",
+        "Learning to rank: each candidate generator's (EASE, implicit ALS) top this many movies per user are the "
+        "candidates it reorders.", minimum=10, maximum=1000)
+    ltr_folds: int = _param(3, "integer", "ranking",
+                            "Learning to rank: folds over the validation users (hyper-parameters and the out-of-fold "
+                            "validation NDCG@10).", minimum=2, maximum=20)
+    ltr_objectives: tuple[str, ...] = _param(
+        ("lambdarank", "rank_xendcg"), "array", "ranking",
+        "Learning to rank grid: LightGBM's ranking objective, LambdaRank or XE-NDCG (chosen by cross-validation).",
+        item="string", enum=("lambdarank", "rank_xendcg"))
+    ltr_num_leaves: tuple[int, ...] = _param((3, 7), "array", "ranking",
+                                             "Learning to rank grid: LightGBM leaves per tree.", item="integer",
+                                             minimum=2, maximum=1024)
+    ltr_learning_rates: tuple[float, ...] = _param((0.05,), "array", "ranking",
+                                                   "Learning to rank grid: LightGBM learning rate.", item="number",
+                                                   minimum=0.001, maximum=1.0)
+    ltr_min_child_samples: int = _param(100, "integer", "ranking",
+                                        "Learning to rank: LightGBM's least candidates per leaf.", minimum=1,
+                                        maximum=1_000_000)
+    ltr_max_rounds: int = _param(300, "integer", "ranking",
+                                 "Learning to rank: most boosting rounds (the count is chosen by cross-validation).",
+                                 minimum=1, maximum=10_000)
     cold_start_known_ratings: int = _param(
         5, "integer", "ranking",
         "Cold-start measurement: how many of a test user's first ratings the cold-start path is given.",

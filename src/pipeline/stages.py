@@ -102,6 +102,12 @@ def _ease(ctx):
     return run_ease(ctx)
 
 
+def _ltr(ctx):
+    from pipeline.models.ltr import run_ltr
+
+    return run_ltr(ctx)
+
+
 def _compare_models(ctx):
     from pipeline.models.protocol import compare_models
 
@@ -191,7 +197,11 @@ PIPELINE: tuple[Stage, ...] = (
           "ranking model for the top-N lists.", lane="spark"),
     Stage("ease", _ease, ("baseline",), "EASE, the closed-form item-item ranking model, lambda chosen on "
           "validation NDCG@10."),
-    Stage("compare_models", _compare_models, ("baseline", "als", "autorec", "knn", "blend", "implicit_als", "ease"),
+    Stage("ltr", _ltr, ("baseline", "als", "autorec", "knn", "blend", "implicit_als", "ease"), "Learning to rank: "
+          "LightGBM LambdaRank over the ranking models' candidates with every model's features, trained on "
+          "validation (cross-validated)."),
+    Stage("compare_models", _compare_models, ("baseline", "als", "autorec", "knn", "blend", "implicit_als", "ease",
+                                              "ltr"),
           "Every model side by side on the same test rows (models.md)."),
     Stage("gate", _gate, ("compare_models",), "Rating gate: register the best candidate by validation RMSE and "
           "score it and the champion on this run's test rows.", dag_tasks=("gate", "decide")),

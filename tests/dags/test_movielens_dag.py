@@ -58,6 +58,7 @@ def test_tasks_are_the_real_stages_in_order(dagbag):
     dag = dagbag.dags[DAG_ID]
     assert {t.task_id for t in dag.tasks} == {
         "ingest", "validate", "etl", "olap", "baseline", "als", "autorec", "knn", "blend", "implicit_als", "ease",
+        "ltr",
         "compare_models", "gate", "decide", "promote", "keep_champion", "ranking_gate", "ranking_promotion",
         "similarity", "recommend", "cold_start", "report"}
     assert dag.get_task("validate").upstream_task_ids == {"ingest"}
@@ -67,7 +68,8 @@ def test_tasks_are_the_real_stages_in_order(dagbag):
     for model in ("als", "autorec", "knn", "implicit_als", "ease"):  # in parallel after the baseline
         assert dag.get_task(model).upstream_task_ids == {"baseline"}
     assert dag.get_task("blend").upstream_task_ids == {"als", "autorec", "knn"}  # the rating models
-    assert dag.get_task("compare_models").upstream_task_ids == {"blend", "implicit_als", "ease"}
+    assert dag.get_task("ltr").upstream_task_ids == {"blend", "implicit_als", "ease"}  # over every model
+    assert dag.get_task("compare_models").upstream_task_ids == {"ltr"}
     assert dag.get_task("ranking_gate").upstream_task_ids == {"compare_models"}
     assert dag.get_task("ranking_promotion").upstream_task_ids == {"ranking_gate"}
     assert dag.get_task("gate").upstream_task_ids == {"compare_models"}
@@ -194,12 +196,13 @@ def test_dag_test_runs_end_to_end_on_a_sample(dag_run):
     assert set(report["olap"]["tables"]) >= {"genre_year", "user_activity", "movie_popularity",
                                               "ratings_per_month", "tags_per_movie"}
     assert set(report["timings_s"]) == {"ingest", "validate", "etl", "olap", "baseline", "als", "autorec",
-                                        "knn", "blend", "implicit_als", "ease", "compare_models", "gate", "promotion",
+                                        "knn", "blend", "implicit_als", "ease", "ltr", "compare_models", "gate",
+                                        "promotion",
                                         "ranking_gate", "ranking_promotion", "similarity", "recommend",
                                         "cold_start", "report"}
     assert report["params"]["als_ranks"] == [4, 8] and report["params"]["source"] == str(sample)
     models = report["models"]
-    assert set(models) == {"baseline", "als", "autorec", "knn", "blend", "implicit_als", "ease"}
+    assert set(models) == {"baseline", "als", "autorec", "knn", "blend", "implicit_als", "ease", "ltr"}
     assert [p["rank"] for p in models["als"]["grid"]] == [4, 8]
     for name in ("als", "autorec", "knn", "blend"):  # every model scored on every test row
         assert models[name]["test_rows"] == split["test"]

@@ -259,6 +259,8 @@ def compare_models(ctx) -> dict:
     keys = ("val_ndcg_at_10", "test_ndcg_at_10", "test_precision_at_10", "test_recall_at_10", "test_map_at_10",
             "users", "test_lists", *LIST_KEYS)
     candidates = {name: {k: m["ranking"].get(k) for k in keys} for name, m in models.items() if "ranking" in m}
+    for name, c in candidates.items():  # a learnt ranker names what it ranks by
+        c.update({k: models[name][k] for k in ("features", "feature_importance") if k in models[name]})
     rankable = {n: c for n, c in candidates.items() if c["val_ndcg_at_10"] is not None}
     best_ranker = max(rankable, key=lambda n: rankable[n]["val_ndcg_at_10"]) if rankable else None
     fmt = lambda v: "" if v is None else f"{v:.4f}"  # noqa: E731

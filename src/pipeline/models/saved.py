@@ -1,8 +1,9 @@
 """Saved models of every kind, loaded by one dispatch on the ``kind`` their ``model.json`` records.
 
-Kinds: a ``FactorModel`` (no kind recorded: ALS, AutoRec, the bias baseline, implicit ALS), ``item_item``
-(EASE's ``ItemItemModel``), ``knn`` (``ItemKNN``) and ``blend`` (a ``Blend``, whose members are loaded by
-this same function). The registered pyfuncs and the stages load through it.
+Kinds: a ``FactorModel`` (no kind recorded: ALS, AutoRec, the bias baseline, implicit ALS), ``item_item`` (EASE's
+``ItemItemModel``), ``knn`` (``ItemKNN``), ``blend`` (a ``Blend``) and ``reranker`` (the learning-to-rank
+``Reranker``), whose members are loaded by this same function. The registered pyfuncs and the stages load through
+it.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from pipeline.models.blend import Blend
 from pipeline.models.factor_model import FactorModel
 from pipeline.models.item_item import ItemItemModel
 from pipeline.models.neighbourhood import ItemKNN
+from pipeline.models.reranker import Reranker
 
 _LOADERS = {"factor": FactorModel.load, "item_item": ItemItemModel.load, "knn": ItemKNN.load,
-            "blend": lambda folder: Blend.load(folder, load_model)}
+            "blend": lambda folder: Blend.load(folder, load_model),
+            "reranker": lambda folder: Reranker.load(folder, load_model)}
 
 
 def model_kind(folder: Path) -> str:

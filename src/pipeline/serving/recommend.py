@@ -76,12 +76,16 @@ def recommend_known_users(model, ratings: pd.DataFrame, k: int) -> pd.DataFrame:
     rated = histories(ratings)  # the movies and their ratings (a ranker may weigh a history by them)
     known = getattr(model, "user_ids", None)
     users = np.asarray(sorted(rated) if known is None else known, dtype=np.int64)
-    top = model.top_k(users, k, exclude=rated, history=rated)
+    scored = model.top_k_scored(users, k, exclude=rated, history=rated) if hasattr(model, "top_k_scored") else None
+    top = {u: movies for u, (movies, _) in scored.items()} if scored is not None else \
+        model.top_k(users, k, exclude=rated, history=rated)
     user_col = np.fromiter((u for u in users for _ in top.get(int(u), ())), dtype=np.int64)
     movie_col = np.fromiter((m for u in users for m in top.get(int(u), ())), dtype=np.int64)
     rank_col = np.fromiter((r for u in users for r in range(1, len(top.get(int(u), ())) + 1)), dtype=np.int32)
     if not len(user_col):
         score = np.empty(0)
+    elif scored is not None:  # a reranker scores its candidates once, with the lists
+        score = np.fromiter((v for u in users for v in scored.get(int(u), ((), ()))[1]), dtype=np.float64)
     elif hasattr(model, "predict"):
         score = model.predict(user_col, movie_col).astype(np.float64)
     else:
