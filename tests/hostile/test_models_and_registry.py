@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from hostile.conftest import recsys
+from hostile.conftest import Untouched, recsys
 
 pytestmark = pytest.mark.spark
 
@@ -87,3 +87,42 @@ def test_small_data_runs_with_the_models_it_cannot_fit_skipped(real_movielens, t
     assert "test_rmse" in report["models"]["als"] and "test_ndcg_at_10" in report["models"]["implicit_als"]["ranking"]
     assert {report[gate]["decision"] for gate in ("gate", "ranking_gate")} <= {"promote", "keep"}
     assert set(skipped).isdisjoint(report["ranking"]["candidates"])
+
+
+def test_a_sabotaged_reranker_is_kept_out_and_the_served_set_does_not_change(real_movielens, tmp_path, monkeypatch):
+    """A reranker trained to put the irrelevant candidates first, and claiming a perfect validation NDCG@10 so
+    that it is the ranking gate's challenger, loses on the test lists: the champion and the served lists stay."""
+    from pipeline.config import load_settings
+    from pipeline.models import ltr
+
+    source = tiny_source(real_movielens, tmp_path / "tiny", users=80)
+    home = tmp_path / "home"
+    cheap = [*CHEAP, "--param", "ltr_num_leaves=[7]", "--param", "ltr_max_rounds=20"]
+    recsys("run", "--source", source, "--work-dir", tmp_path / "first", *cheap,
+           env={"RECSYS_HOME": home}).succeeded()
+    settings = load_settings({"RECSYS_HOME": str(home)})
+    served = pd.read_parquet(settings.serving_dir / "current" / "recommendations.parquet")
+    untouched = Untouched(settings)
+
+    honest_labels, honest_fit = ltr.labelled, ltr.fit_reranker
+
+    def inverted(*args):
+        return 1.0 - honest_labels(*args)
+
+    def boasting(*args):
+        model, out = honest_fit(*args)
+        out["validation"]["val_ndcg_at_10"] = 1.0
+        return model, out
+
+    monkeypatch.setattr(ltr, "labelled", inverted)
+    monkeypatch.setattr(ltr, "fit_reranker", boasting)
+    recsys("run", "--source", source, "--work-dir", tmp_path / "second", *cheap,
+           env={"RECSYS_HOME": home}).succeeded()
+    report = json.loads((tmp_path / "second" / "report.json").read_text())
+    assert report["ranking"]["best_by_validation_ndcg"] == "ltr"
+    gate = report["ranking_gate"]
+    assert gate["challenger"] == "ltr" and gate["decision"] == "keep", gate["reason"]
+    assert gate["challenger_test_ndcg_at_10"] < gate["champion_test_ndcg_at_10_before"]
+    untouched.check("aliases")
+    after = pd.read_parquet(settings.serving_dir / "current" / "recommendations.parquet")
+    pd.testing.assert_frame_equal(after, served)
