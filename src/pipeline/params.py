@@ -69,7 +69,8 @@ class Params:
         0, "integer", "ALS", "How many ALS grid points Spark fits at once, in both ALS grids (overlaps driver work "
         "with executor work). 0: by the data: every rank's regParam chain at once (at most 4) below 2,000,000 "
         "training rows, where a fit is mostly fixed cost; from there on 2 for the explicit grid and 1 for the "
-        "implicit one, whose larger ranks keep the cores busy by themselves.", minimum=0, maximum=16)
+        "implicit one, whose larger ranks keep the cores busy by themselves. (Implicit ALS on the implicit library, "
+        "ials_engine, fits one point at a time on every core.)", minimum=0, maximum=16)
     als_search: str = _param(
         "halving", "string", "ALS",
         "How the ALS grids (explicit and implicit) are searched: 'halving' (successive halving over iterations: "
@@ -144,16 +145,38 @@ class Params:
     blend_folds: int = _param(5, "integer", "blend",
                               "K of the K-fold over validation (ridge choice and out-of-fold validation RMSE).",
                               minimum=2, maximum=100)
-    ials_ranks: tuple[int, ...] = _param((64, 128), "array", "ranking",
-                                         "Implicit-feedback ALS grid: numbers of latent factors.",
+    ials_engine: str = _param(
+        "implicit", "string", "ranking",
+        "Implicit-feedback ALS engine: 'implicit' (the implicit library's CPU ALS in the driver, grid ials_ranks x "
+        "ials_reg_params x ials_alphas x ials_max_iters) or 'spark' (Spark ML ALS(implicitPrefs=True), for a "
+        "cluster, grid ials_spark_*).", enum=("implicit", "spark"))
+    ials_ranks: tuple[int, ...] = _param((128,), "array", "ranking",
+                                         "Implicit-feedback ALS grid (implicit library): numbers of latent factors.",
                                          item="integer", minimum=1, maximum=1000)
-    ials_reg_params: tuple[float, ...] = _param((0.2, 0.5), "array", "ranking", "Implicit-feedback ALS grid: regParam.",
-                                                item="number", minimum=0.0, maximum=1e6)
-    ials_alphas: tuple[float, ...] = _param(
-        (1.0,), "array", "ranking", "Implicit-feedback ALS grid: alpha, the confidence c = 1 + alpha * rating.",
+    ials_reg_params: tuple[float, ...] = _param(
+        (50.0, 100.0, 200.0, 400.0), "array", "ranking",
+        "Implicit-feedback ALS grid (implicit library): L2 regularization, one weight for every user and movie.",
         item="number", minimum=0.0, maximum=1e6)
-    ials_max_iters: tuple[int, ...] = _param((10,), "array", "ranking", "Implicit-feedback ALS grid: iterations.",
+    ials_alphas: tuple[float, ...] = _param(
+        (10.0,), "array", "ranking",
+        "Implicit-feedback ALS grid (implicit library): alpha, the confidence c = 1 + alpha * rating / 5.",
+        item="number", minimum=0.0, maximum=1e6)
+    ials_max_iters: tuple[int, ...] = _param((10,), "array", "ranking",
+                                             "Implicit-feedback ALS grid (implicit library): iterations.",
                                              item="integer", minimum=1, maximum=1000)
+    ials_spark_ranks: tuple[int, ...] = _param((64, 128), "array", "ranking",
+                                               "Implicit-feedback ALS grid (Spark engine): numbers of latent factors.",
+                                               item="integer", minimum=1, maximum=1000)
+    ials_spark_reg_params: tuple[float, ...] = _param(
+        (0.2, 0.5), "array", "ranking",
+        "Implicit-feedback ALS grid (Spark engine): regParam, scaled by each user's and movie's number of ratings.",
+        item="number", minimum=0.0, maximum=1e6)
+    ials_spark_alphas: tuple[float, ...] = _param(
+        (1.0,), "array", "ranking", "Implicit-feedback ALS grid (Spark engine): alpha, the confidence c = 1 + "
+        "alpha * rating.", item="number", minimum=0.0, maximum=1e6)
+    ials_spark_max_iters: tuple[int, ...] = _param((10,), "array", "ranking",
+                                                   "Implicit-feedback ALS grid (Spark engine): iterations.",
+                                                   item="integer", minimum=1, maximum=1000)
     ease_lambdas: tuple[float, ...] = _param((100.0, 200.0, 400.0, 800.0), "array", "ranking",
                                              "EASE: L2 weights tried (chosen on validation NDCG@10).",
                                              item="number", minimum=0.001, maximum=1e9)

@@ -93,7 +93,8 @@ def test_a_point_the_line_search_never_fitted_is_marked_skipped():
 
 @pytest.fixture
 def searches(monkeypatch):
-    """The objectives ``run_search`` is called with, in order (it still runs)."""
+    """The objectives ``run_search`` is called with, in order (it still runs): by the ALS grids on Spark
+    (``als.grid_search``) and by implicit ALS on the ``implicit`` library."""
     seen, real = [], als.run_search
 
     def spy(points, fit, score, objective, rungs, **kwargs):
@@ -101,6 +102,7 @@ def searches(monkeypatch):
         return real(points, fit, score, objective, rungs, **kwargs)
 
     monkeypatch.setattr(als, "run_search", spy)
+    monkeypatch.setattr(implicit_als, "run_search", spy)
     return seen
 
 
@@ -133,9 +135,8 @@ def _implicit_section(tmp_path, monkeypatch, ndcg_of, **params) -> dict:
     return stages.report.write_report(ctx, stages.ORDER)["models"]["implicit_als"]
 
 
-@pytest.mark.spark
 def test_the_implicit_search_never_chooses_a_diverged_fit_and_breaks_a_tie_by_the_earlier_point(
-        spark, tmp_path, monkeypatch, searches):
+        tmp_path, monkeypatch, searches):
     """Regression: the grid's first fit (rank 2, regParam 0.1) diverges and every other fit ties. The choice was
     ``(ndcg, full, -i) > best``, False against a NaN, so the first fit, scored first one fit at a time, stayed the
     model; now the NaN ranks below every score and the tie goes to the fit with all its iterations, then to the
@@ -147,6 +148,6 @@ def test_the_implicit_search_never_chooses_a_diverged_fit_and_breaks_a_tie_by_th
     grid = section["grid"]
     assert grid[0]["rung_iters"] == [3]  # the diverged screen fit is cut, however NaN compares
     assert [g["rung_iters"] for g in grid[1:]] == [[3, 9], [3, 9], [3]]
-    assert searches == [NDCG]  # the explicit grid's search, with the implicit objective
+    assert searches == [NDCG]  # the explicit grid's search, with the implicit objective (on the library)
     written = json.loads((tmp_path / "run" / "implicit_als" / "grid.json").read_text(), parse_constant=_refuse)
     assert written[0]["rung_val_ndcg_at_10"] == [None]  # strict JSON: the diverged score is null, not NaN

@@ -214,10 +214,10 @@ def test_cold_start_lists_come_from_the_query_path_and_leave_out_hidden_movies()
 
 @pytest.mark.spark
 def test_implicit_als_ranks_the_planted_choices_above_popularity(spark, split):
-    from pipeline.models.implicit_als import fit_point
+    from pipeline.models.implicit_als import spark_fit
 
     frame = spark.createDataFrame(split.train[["user_idx", "movie_idx", "rating"]]).cache()
-    model = fit_point(frame, split.train, {"rank": 8, "reg_param": 0.1, "alpha": 1.0, "max_iter": 10}, seed=1,
+    model = spark_fit(frame, split.train, {"rank": 8, "reg_param": 0.1, "alpha": 1.0, "max_iter": 10}, seed=1,
                       num_blocks=2)
     ials = evaluate_ranking(model, split)
     pop = evaluate_ranking(PopularityRanker(split.train), split)

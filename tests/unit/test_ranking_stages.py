@@ -1,6 +1,6 @@
 """The ranking stages end to end on tiny data: the candidates (implicit ALS, EASE, the rating models' lists),
 the comparison, the second gate (promote a ranker that beats popularity; keep out a worse one), and the
-cold-start stage."""
+cold-start stage. Implicit ALS runs on its default engine, the ``implicit`` library, unless a test names Spark."""
 
 from __future__ import annotations
 
@@ -12,8 +12,6 @@ from pipeline import stages
 from pipeline.config import load_settings
 from pipeline.registry import CHAMPION
 from stage_inputs import write_split
-
-pytestmark = pytest.mark.spark
 
 SMALL = {"ials_ranks": [8], "ials_reg_params": [0.1], "ials_alphas": [1.0], "ials_max_iters": [8],
          "ease_lambdas": [5.0, 50.0], "ease_min_ratings": 1, "cold_start_known_ratings": 3}
@@ -28,7 +26,7 @@ def _run(tmp_path, settings, name, params):
     return ctx, stages.report.write_report(ctx, stages.ORDER)
 
 
-def test_ranking_candidates_the_second_gate_and_a_worse_ranker_kept_out(spark, tmp_path):
+def test_ranking_candidates_the_second_gate_and_a_worse_ranker_kept_out(tmp_path):
     settings = load_settings({"RECSYS_HOME": str(tmp_path / "home")})
     _, first = _run(tmp_path, settings, "first", SMALL)
     ranking = first["ranking"]
@@ -41,7 +39,8 @@ def test_ranking_candidates_the_second_gate_and_a_worse_ranker_kept_out(spark, t
     promoted = first["ranking_promotion"]
     assert promoted["decision"] == "promoted" and promoted["champion_version"] == "1"
     assert promoted["challenger_test_ndcg_at_10"] > promoted["popularity_test_ndcg_at_10"]
-    assert len(first["models"]["ease"]["grid"]) == 2 and first["models"]["ease"]["best_lambda"] in (5.0, 50.0)
+    ease = first["models"]["ease"]
+    assert {g["lambda"] for g in ease["grid"]} == {5.0, 50.0} and ease["best_lambda"] in (5.0, 50.0)
 
     # a sabotaged ranker (EASE with an enormous lambda, rank-1 implicit ALS) is kept out
     worse = {**SMALL, "ials_ranks": [1], "ials_max_iters": [1], "ease_lambdas": [1e8]}
@@ -75,7 +74,7 @@ def _halving_run(tmp_path, monkeypatch, name, **extra):
     return settings, stages.report.write_report(ctx, stages.ORDER)["models"]["implicit_als"]
 
 
-def test_implicit_als_grid_halves_over_iterations_on_large_data(spark, tmp_path, monkeypatch):
+def test_implicit_als_grid_halves_over_iterations_on_large_data(tmp_path, monkeypatch):
     settings, section = _halving_run(tmp_path, monkeypatch, "halving")
     grid = section["grid"]
     assert [g["rung_iters"] for g in grid].count([3]) == 2  # the two cut after the first rung (3 of 9 iterations)
@@ -94,7 +93,7 @@ def test_implicit_als_grid_halves_over_iterations_on_large_data(spark, tmp_path,
     assert len(children) == 4  # one child run per point, across rungs
 
 
-def test_implicit_als_keeps_a_screen_fit_that_ranks_better_than_the_refits(spark, tmp_path, monkeypatch):
+def test_implicit_als_keeps_a_screen_fit_that_ranks_better_than_the_refits(tmp_path, monkeypatch):
     """At 10 M and 25 M ratings a finalist's 3-iteration screen fit ranked better on validation than its
     10-iteration refit: the screen's fit is then the model, its iterations chosen on validation
     (docs/adr/0040-implicit-als-chooses-among-every-fit.md)."""
@@ -113,15 +112,17 @@ def test_implicit_als_keeps_a_screen_fit_that_ranks_better_than_the_refits(spark
     assert client.get_run(section["mlflow_run_id"]).data.params["best_max_iter"] == "3"
 
 
-def test_implicit_als_fits_its_ranks_side_by_side_and_chooses_as_one_at_a_time(spark, tmp_path, monkeypatch):
-    """Below 2 M training rows the screen's regParam chains (one per rank) run side by side, the explicit grid's
-    way: the same fits, scores and choice as one fit at a time (als_parallel_fits=1)."""
+@pytest.mark.spark
+def test_implicit_als_on_spark_fits_its_ranks_side_by_side_and_chooses_as_one_at_a_time(spark, tmp_path,
+                                                                                       monkeypatch):
+    """On the Spark engine, below 2 M training rows the screen's regParam chains (one per rank) run side by side,
+    the explicit grid's way: the same fits, scores and choice as one fit at a time (als_parallel_fits=1)."""
     import threading
     import time
 
     from pipeline.models import implicit_als
 
-    fit_point, lock, running, most = implicit_als.fit_point, threading.Lock(), [0], {}
+    fit_point, lock, running, most = implicit_als.spark_fit, threading.Lock(), [0], {}
 
     def counted(*args, **kwargs):
         with lock:
@@ -134,10 +135,12 @@ def test_implicit_als_fits_its_ranks_side_by_side_and_chooses_as_one_at_a_time(s
             with lock:
                 running[0] -= 1
 
-    monkeypatch.setattr(implicit_als, "fit_point", counted)
+    monkeypatch.setattr(implicit_als, "spark_fit", counted)
     sections = {}
+    spark_grid = {"ials_engine": "spark", "ials_spark_ranks": [2, 8], "ials_spark_reg_params": [0.1, 1.0],
+                  "ials_spark_alphas": [1.0], "ials_spark_max_iters": [9]}
     for name, fits in (("together", 0), ("one", 1)):
-        sections[name] = _halving_run(tmp_path, monkeypatch, name, als_parallel_fits=fits)[1]
+        sections[name] = _halving_run(tmp_path, monkeypatch, name, als_parallel_fits=fits, **spark_grid)[1]
     assert most == {"together": 2, "one": 1}
     def timeless(grid):
         return [{k: v for k, v in g.items() if k != "fit_s"} for g in grid]
@@ -146,7 +149,7 @@ def test_implicit_als_fits_its_ranks_side_by_side_and_chooses_as_one_at_a_time(s
     assert sections["together"]["best_params"] == sections["one"]["best_params"]
 
 
-def test_implicit_als_breaks_a_tie_by_all_the_iterations_then_the_earlier_grid_point(spark, tmp_path, monkeypatch):
+def test_implicit_als_breaks_a_tie_by_all_the_iterations_then_the_earlier_grid_point(tmp_path, monkeypatch):
     """The fits run side by side, so which one finishes first varies: a tie goes to the fit with all its
     iterations, then to the earlier grid point, never to the order of completion."""
     from pipeline.models import implicit_als
