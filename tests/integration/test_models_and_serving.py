@@ -39,7 +39,10 @@ def test_every_model_is_scored_on_the_same_test_rows(first):
     assert set(rows.values()) == {(split["test"], models["baseline"]["cold_test_rows"])}
     assert models["baseline"]["cold_test_rows"] > 0  # cold rows exist and are predicted, not dropped
     users = {name: c["users"] for name, c in first["ranking"]["candidates"].items()}
-    assert set(users) == {"baseline", "als", "autorec", "knn", "blend", "implicit_als", "ease"}
+    assert set(users) == {"baseline", "als", "autorec", "knn", "blend", "implicit_als", "ease", "ltr"}
+    ltr = first["ranking"]["candidates"]["ltr"]  # the learnt ranker names its features, every model's among them
+    assert {"ease_score", "implicit_als_rank", "blend_rating", "autorec_rating"} <= set(ltr["features"])
+    assert set(ltr["feature_importance"]) == set(ltr["features"])
     assert set(users.values()) == {first["ranking"]["popularity"]["users"]}  # every list scored on the same users
     assert set(models["als"]) >= {"grid", "best_params", "val_rmse", "test_rmse", "test_mae", "test_rows",
                                   "cold_test_rows", "cold_test_rmse", "mlflow_run_id", "ranking"}
