@@ -129,3 +129,23 @@ def test_serving_lists_the_rerankers_top_candidates_with_their_scores(fitted):
     seen = split.seen[0]
     assert first["movie_id"].tolist() == model.top_k([1], 5, exclude=seen, history=seen)[1]
     np.testing.assert_allclose(first["score"], model.pair_scores([1] * 5, first["movie_id"], seen))
+
+
+def test_the_reported_test_figure_is_the_one_the_gate_recomputes(fitted):
+    """A reranker's list depends on what it leaves out, so each split is ranked with its own exclusions: the
+    test lists come from a ranking that leaves out training and validation movies, as the gate's do."""
+    split, model, _ = fitted
+    calls = []
+
+    class Recording:
+        prefix_consistent = False
+
+        def top_k(self, user_ids, k, exclude=None, history=None):
+            calls.append((k, exclude))
+            return model.top_k(user_ids, k, exclude=exclude, history=history)
+
+    both = evaluate_ranking(Recording(), split)
+    seen_train, seen_known = split.seen
+    assert [(k, ex is seen_train) for k, ex in calls] == [(10, True), (10, False)]
+    assert calls[1][1] is seen_known
+    assert both["test_ndcg_at_10"] == evaluate_ranking(model, split, splits=("test",))["test_ndcg_at_10"]

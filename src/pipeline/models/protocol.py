@@ -238,6 +238,7 @@ class _RankingOnly:
 
     def __init__(self, model):
         self.model = model
+        self.prefix_consistent = getattr(model, "prefix_consistent", True)
 
     def top_k(self, *args, **kwargs):
         return self.model.top_k(*args, **kwargs)

@@ -302,7 +302,9 @@ def evaluate_ranking(model, split, lists_path: Path | None = None, k: int = RANK
     out: dict = {}
     val_users, val_rows = measured_users(split.validation, *sample) if "val" in splits else (None, None)
     test_users, test_rows = measured_users(split.test, *sample) if "test" in splits else (None, None)
-    if "val" in splits and "test" in splits:  # one ranking per user serves both (ranked_lists_both)
+    # one ranking per user serves both (ranked_lists_both), unless the model's list depends on what it leaves
+    # out (a reranker's candidates and features do): then each split is ranked with its own exclusions
+    if "val" in splits and "test" in splits and getattr(model, "prefix_consistent", True):
         val_top, test_top = ranked_lists_both(model, val_users, test_users, k, seen_train, seen_known, split.train)
     else:
         val_top = ranked_lists(model, val_users, k, seen_train, seen_train, split.train) if "val" in splits else None

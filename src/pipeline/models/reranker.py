@@ -108,6 +108,9 @@ class Reranker:
     depth: int = 100
     name: str = "ltr"
     meta: dict = field(default_factory=dict)
+    # its top k is not the start of its top k + n with more movies left out (the candidates and their ranks
+    # change): the protocol ranks each split with that split's exclusions
+    prefix_consistent = False
 
     @property
     def features(self) -> list[str]:
