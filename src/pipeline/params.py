@@ -200,8 +200,9 @@ class Params:
                             "Learning to rank: folds over the validation users (hyper-parameters and the out-of-fold "
                             "validation NDCG@10).", minimum=2, maximum=20)
     ltr_objectives: tuple[str, ...] = _param(
-        ("lambdarank", "rank_xendcg"), "array", "ranking",
-        "Learning to rank grid: LightGBM's ranking objective, LambdaRank or XE-NDCG (chosen by cross-validation).",
+        ("rank_xendcg",), "array", "ranking",
+        "Learning to rank grid: LightGBM's ranking objective, 'rank_xendcg' (XE-NDCG) or 'lambdarank' (chosen by "
+        "cross-validation).",
         item="string", enum=("lambdarank", "rank_xendcg"))
     ltr_num_leaves: tuple[int, ...] = _param((3, 7), "array", "ranking",
                                              "Learning to rank grid: LightGBM leaves per tree.", item="integer",
