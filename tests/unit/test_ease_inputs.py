@@ -71,3 +71,9 @@ def test_the_inputs_are_a_param_grid_of_known_names():
         resolve_params({"ease_inputs": ["binary", "squared"]})
     with pytest.raises(ValueError, match="unknown EASE input 'squared'"):
         input_weights("squared", np.ones(2, np.float32), 2)
+
+
+def test_histories_of_no_ratings_give_no_pairs():
+    seen = histories(pd.DataFrame({"user_id": [], "movie_id": [], "rating": []}))
+    rows, movies, ratings = seen.rated_pairs([1, 2])
+    assert len(rows) == len(movies) == len(ratings) == 0 and len(seen.pairs([1])[0]) == 0

@@ -88,6 +88,8 @@ class Seen(Mapping):
         return rows, self._movies[at], None if self._ratings is None else self._ratings[at]
 
     def _positions(self, user_ids) -> tuple[np.ndarray, np.ndarray]:
+        if not len(self._ids):  # no user at all (an empty ratings table)
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
         pos = self._ids.get_indexer(np.asarray(user_ids, dtype=np.int64))
         start = np.where(pos >= 0, self._bounds[np.maximum(pos, 0)], 0)
         lens = np.where(pos >= 0, self._bounds[np.maximum(pos, 0) + 1], 0) - start
