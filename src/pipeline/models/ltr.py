@@ -27,9 +27,8 @@ import pandas as pd
 from pipeline import storage
 from pipeline.errors import DataValidationError
 from pipeline.models.metrics import RELEVANCE_THRESHOLD, ranking_metrics
-from pipeline.models.popularity import top_k_popular
 from pipeline.models.protocol import Fitted, load_split, manifest_entries, run_candidate
-from pipeline.models.ranking import RANKING_K, exclusion_pairs, measured_users
+from pipeline.models.ranking import RANKING_K, fill_with_popularity, measured_users
 from pipeline.models.reranker import MovieStats, Reranker, ranked
 from pipeline.models.saved import load_model
 
@@ -64,16 +63,15 @@ def _dataset(frame: pd.DataFrame, labels: np.ndarray, features: list[str], rows_
 
 
 def cross_validate(frame: pd.DataFrame, labels: np.ndarray, features: list[str], folds: np.ndarray,
-                   params: dict, rounds: int) -> tuple[list, int, np.ndarray]:
+                   useful: np.ndarray, params: dict, rounds: int) -> tuple[list, int, np.ndarray]:
     """(one booster per fold, the round count, each candidate's out-of-fold score) for one grid point.
 
     Each fold's booster learns from the other folds' users and is measured (LightGBM's NDCG@10) on its own,
     round by round; the round count is the best of the mean curve, and each user's candidates are scored by
     the booster that did not see them, at that count. Only users with a relevant candidate are learnt from
-    and measured; every user is scored."""
+    and measured (``useful``: the rows of such users); every user is scored."""
     import lightgbm
 
-    useful = pd.Series(labels).groupby(frame["row"].to_numpy()).transform("max").to_numpy() > 0
     boosters, curves, parts = [], [], []
     for f in np.unique(folds):
         if not (useful & (folds != f)).any() or not (useful & (folds == f)).any():
@@ -106,17 +104,6 @@ def _truncated(booster, rounds: int):
     return lightgbm.Booster(model_str=booster.model_to_string(num_iteration=rounds))
 
 
-def _lists_with_popularity(frame: pd.DataFrame, scores: np.ndarray, users: np.ndarray, split) -> dict:
-    """Each user's top 10 by ``scores``; users without a candidate get the popularity list (the protocol)."""
-    lists = ranked(frame, scores, users.tolist(), RANKING_K)
-    missing = [int(u) for u in users if int(u) not in lists]
-    if missing:
-        rows, seen = exclusion_pairs(split.seen[0], missing)
-        lists.update(top_k_popular(split.train, missing, RANKING_K, seen=pd.DataFrame(
-            {"user_id": np.asarray(missing, dtype=np.int64)[rows], "movie_id": seen})))
-    return lists
-
-
 def _members(ctx) -> tuple[dict, dict]:
     """(generators, raters) of this run: the completed model stages' saved models."""
     ranking = manifest_entries(ctx.run_dir, "ranking_candidate")
@@ -147,13 +134,17 @@ def fit_reranker(split, generators: dict, raters: dict, movies: pd.DataFrame | N
     features = model.features
     user_fold = np.random.default_rng(p.seed).permutation(len(users)) % p.ltr_folds
     folds = user_fold[frame["row"].to_numpy(np.int64)]
+    useful = pd.Series(labels).groupby(frame["row"].to_numpy()).transform("max").to_numpy() > 0
     results, best = [], None
     for objective in p.ltr_objectives:
         for leaves in p.ltr_num_leaves:
             for rate in p.ltr_learning_rates:
                 params = lightgbm_params(objective, leaves, rate, p.ltr_min_child_samples, p.seed)
-                boosters, rounds, oof = cross_validate(frame, labels, features, folds, params, p.ltr_max_rounds)
-                val = ranking_metrics(_lists_with_popularity(frame, oof, users, split), val_rows, k=RANKING_K)
+                boosters, rounds, oof = cross_validate(frame, labels, features, folds, useful, params,
+                                                        p.ltr_max_rounds)
+                lists = fill_with_popularity(ranked(frame, oof, users.tolist(), RANKING_K), users.tolist(), seen_train,
+                                             split.train, RANKING_K)  # the protocol: no candidate, popularity
+                val = ranking_metrics(lists, val_rows, k=RANKING_K)
                 result = {"objective": objective, "num_leaves": leaves, "learning_rate": rate, "rounds": rounds,
                           "val_ndcg_at_10": val["ndcg_at_10"]}
                 results.append(result)
@@ -162,7 +153,6 @@ def fit_reranker(split, generators: dict, raters: dict, movies: pd.DataFrame | N
                 if best is None or (val["ndcg_at_10"] or 0.0) > (best[1]["ndcg_at_10"] or 0.0):
                     best = (result, val, boosters)
     chosen, val, model.boosters = best
-    useful = pd.Series(labels).groupby(frame["row"].to_numpy()).transform("max").to_numpy() > 0
     section = {"features": features, "feature_importance": model.feature_importance(), "grid": results,
                "chosen": chosen, "folds": p.ltr_folds, "candidates_per_user": round(len(frame) / max(len(users), 1), 1),
                "training_users": int(pd.unique(frame.loc[useful, "row"]).size),

@@ -165,15 +165,22 @@ def best_k(shown: np.ndarray, movie_ids: np.ndarray, k: int, excluded: tuple | N
     return out
 
 
+def fill_with_popularity(lists: dict, user_ids, exclude: Mapping | None, train: pd.DataFrame, k: int) -> dict:
+    """Give each user of ``user_ids`` without a list in ``lists`` the popularity list, leaving out
+    ``exclude[user]`` (in place; ``lists`` is returned)."""
+    missing = [u for u in user_ids if not lists.get(u)]
+    if missing:
+        rows, movies = exclusion_pairs(exclude, missing)
+        seen = pd.DataFrame({"user_id": np.asarray(missing, dtype=np.int64)[rows], "movie_id": movies})
+        lists.update(top_k_popular(train, missing, k, seen=seen))
+    return lists
+
+
 def ranked_lists(model, user_ids, k: int, exclude: dict, history: dict, train: pd.DataFrame) -> dict:
     """{user_id: top-k} from ``model``; users it cannot score get the popularity list (same exclusions)."""
     user_ids = [int(u) for u in user_ids]
     top = model.top_k(user_ids, k, exclude=exclude, history=history)
-    missing = [u for u in user_ids if not top.get(u)]
-    if missing:
-        rows, movies = exclusion_pairs(exclude, missing)
-        seen = pd.DataFrame({"user_id": np.asarray(missing, dtype=np.int64)[rows], "movie_id": movies})
-        top.update(top_k_popular(train, missing, k, seen=seen))
+    fill_with_popularity(top, user_ids, exclude, train, k)
     return {u: top[u] for u in user_ids}
 
 
@@ -197,11 +204,7 @@ def ranked_lists_both(model, val_users, test_users, k: int, seen_train: Seen, se
     val = {u: list(top.get(u) or [])[:k] for u in val_users}
     test = dict(zip(test_users, _first_unseen(top, test_users, seen_known, k)))
     for lists, seen in ((val, seen_train), (test, seen_known)):
-        missing = [u for u, movies in lists.items() if not movies]
-        if missing:
-            rows, movies = exclusion_pairs(seen, missing)
-            frame = pd.DataFrame({"user_id": np.asarray(missing, dtype=np.int64)[rows], "movie_id": movies})
-            lists.update(top_k_popular(train, missing, k, seen=frame))
+        fill_with_popularity(lists, list(lists), seen, train, k)
     return val, test
 
 
