@@ -44,7 +44,6 @@ from pipeline.models.ranking import evaluate_ranking
 log = logging.getLogger(__name__)
 
 UNBOUNDED = 1e30  # preferences are not on the rating scale: no clipping
-ENGINES = ("implicit", "spark")
 
 
 def grid_points(ranks, reg_params, alphas, max_iters) -> list[dict]:
@@ -174,9 +173,7 @@ def search_spark(ctx, train: pd.DataFrame, points: list[dict], maps, score, trac
 def run_implicit_als(ctx) -> dict:
     """Stage ``implicit_als``: the engine's grid on validation NDCG@10, the chosen point's lists scored on test."""
     p = ctx.params
-    engine = p.ials_engine
-    if engine not in ENGINES:
-        raise ValueError(f"ials_engine {engine!r}: one of {ENGINES}")
+    engine = p.ials_engine  # one of the Param's choices (resolve_params checks them)
     points = engine_grid(p)
 
     def fit(split, _baseline, folder, parent) -> Fitted:
