@@ -4,7 +4,6 @@ budget)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -14,15 +13,14 @@ from types import SimpleNamespace
 
 import pytest
 
+from bench_scripts import load_bench
+
 REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def scale():
-    spec = importlib.util.spec_from_file_location("bench_pipeline", REPO / "bench" / "pipeline.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("pipeline")
 
 
 def _run(size, ratings, wall_s, stages, rc=0, stopped=None, measured_at="2026-12-03 19:00 UTC", reference=(0.5, 0.5)):

@@ -7,13 +7,13 @@ import contextlib
 import importlib.util
 import io
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from bench_scripts import load_bench
+
 HAS_IMPLICIT = importlib.util.find_spec("implicit") is not None  # pinned in setup.cfg; without it: no ALS, no blend
 SMALL_GRIDS = ["--ease-lambdas", "1,10", "--ials-factors", "4", "--ials-regs", "0.1", "--ials-alphas", "5",
                "--ials-iters", "3", "--rp3-alphas", "1", "--rp3-betas", "0", "--rp3-neighbours", "10",
@@ -22,10 +22,7 @@ SMALL_GRIDS = ["--ease-lambdas", "1,10", "--ials-factors", "4", "--ials-regs", "
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_ranking", REPO / "bench" / "ranking.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("ranking")
 
 
 def _split(seed: int = 0) -> dict[str, pd.DataFrame]:

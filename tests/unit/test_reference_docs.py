@@ -4,13 +4,13 @@ bench/pipeline.py renders from docs/scale.json, and docs/report.md's tables are 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from pathlib import Path
 
 import pytest
 
+from bench_scripts import load_bench
 from pipeline import cli
 from pipeline import reference_docs as docs
 from pipeline.params import PARAMS, SECTIONS
@@ -43,10 +43,7 @@ def test_recsys_params_markdown_prints_every_param_in_its_forms_section(capsys):
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_pipeline", REPO / "bench" / "pipeline.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("pipeline")
 
 
 def test_docs_benchmarks_md_tables_are_rendered_from_scale_json():
