@@ -135,12 +135,14 @@ def require_enough_data(split: Split, etl_dir: Path) -> dict:
     return {key: count for key, (count, _, _) in counts.items()}
 
 
-def evaluate(model, split: Split, fallback, lists_path: Path | None = None) -> dict:
-    """The one evaluation: rating metrics on every test row (rating models) and the ranking protocol."""
+def evaluate(model, split: Split, fallback, lists_path: Path | None = None,
+             splits: tuple[str, ...] = ("val", "test")) -> dict:
+    """The one evaluation: rating metrics on every test row (rating models) and the ranking protocol on
+    ``splits``."""
     scores = {}
     if hasattr(model, "predict"):
         scores = rating_metrics(split.test, model.predict, fallback, split.train)
-    scores["ranking"] = evaluate_ranking(model, split, lists_path)
+    scores["ranking"] = evaluate_ranking(model, split, lists_path, splits=splits)
     if lists_path is not None:
         scores["ranking"].update(quality_of_lists(lists_path, split))
     return scores
@@ -201,9 +203,11 @@ def run_candidate(ctx, stage: str, fit: Fit, *, kind: str = "rating", eligible: 
         if kind == "rating":
             val = fitted.validation or rating_metrics(split.validation, model.predict, fallback, split.train,
                                                       split="val")
+        # a ranker fitted on the validation ratings brings its out-of-fold validation figures: test alone here
+        out_of_fold = kind == "ranking" and bool(fitted.validation)
         scores = evaluate(model if kind == "rating" else _RankingOnly(model), split, fallback,
-                          tmp / "test_lists.parquet")
-        if kind == "ranking" and fitted.validation:  # out of fold: the fit learnt from the validation ratings
+                          tmp / "test_lists.parquet", splits=("test",) if out_of_fold else ("val", "test"))
+        if out_of_fold:
             scores["ranking"].update(fitted.validation)
         scores["ranking"]["test_lists"] = str(out_dir / "test_lists.parquet")
         model.save(tmp / "model")
