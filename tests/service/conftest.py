@@ -1,4 +1,4 @@
-"""Fixtures of the service tests (helpers: airflow_service.py)."""
+"""Fixtures of the service tests (helpers: airflow_service.py, browser.py)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 
 import pytest
+
+from browser import browser  # noqa: F401 - the fixture, for every test in this folder
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -3,66 +3,19 @@ port: log in, open movielens_recsys, open the trigger form, submit it with its d
 (in the UI, confirmed through the REST API). Screenshots and the server log are kept when it fails.
 
 No scheduler runs: the run stays queued, which is all the form's contract needs (what a run does is tested
-elsewhere). In CI (``CI=true``) a missing chromium / chromium-driver is installed with apt-get, and the test fails
-if it cannot be; elsewhere it is skipped with the reason."""
+elsewhere). The browser, its login and how a missing Chromium is handled: browser.py."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
 import time
 
 import pytest
 
 from airflow_service import DAG_ID, AirflowService, http
+from browser import login, screenshot
 
 pytestmark = [pytest.mark.service, pytest.mark.timeout(420)]
-
-BROWSER_PACKAGES = ("chromium", "chromium-driver")
-
-
-def _browser() -> tuple[str, str]:
-    """(chromium, chromedriver) paths; installed with apt-get in CI when missing."""
-    def found():
-        return shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
-
-    chromium, driver = found()
-    if chromium and driver:
-        return chromium, driver
-    if os.environ.get("CI", "").lower() not in ("", "0", "false"):
-        sudo = [] if os.geteuid() == 0 else ["sudo", "-n"]
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        for command in ([*sudo, "apt-get", "update", "-qq"],
-                        [*sudo, "apt-get", "install", "-y", "-qq", *BROWSER_PACKAGES]):
-            result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
-            if result.returncode != 0:
-                pytest.fail(f"CI: could not install {' '.join(BROWSER_PACKAGES)} ({' '.join(command)} exited "
-                            f"{result.returncode}): {result.stderr[-2000:]}")
-        chromium, driver = found()
-        if not (chromium and driver):
-            pytest.fail(f"CI: {' '.join(BROWSER_PACKAGES)} installed but chromium/chromedriver not on PATH")
-        return chromium, driver
-    pytest.skip("headless Chromium not installed (apt-get install chromium chromium-driver); CI installs it")
-
-
-@pytest.fixture
-def browser(artifacts):
-    chromium, driver_path = _browser()
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                "--window-size=1400,1000", f"--user-data-dir={artifacts.parent / 'chromium-profile'}"):
-        options.add_argument(arg)
-    service = Service(driver_path, log_output=str(artifacts / "chromedriver.log"))
-    driver = webdriver.Chrome(options=options, service=service)
-    driver.set_page_load_timeout(60)
-    yield driver
-    driver.quit()
-
 
 @pytest.fixture
 def api_server(tmp_path, artifacts):
@@ -89,15 +42,11 @@ def test_trigger_form_submits_with_its_defaults(api_server, browser, artifacts):
     step = "start"
 
     def shot(name: str) -> None:
-        browser.save_screenshot(str(artifacts / f"{len(list(artifacts.glob('*.png'))):02d}-{name}.png"))
+        screenshot(browser, artifacts, name)
 
     try:
         step = "login"
-        browser.get(f"{url}/")
-        wait.until(EC.visibility_of_element_located((By.NAME, "username"))).send_keys("admin")
-        browser.find_element(By.NAME, "password").send_keys(api_server.password)
-        browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
-        wait.until(lambda d: "/auth/login" not in d.current_url and d.get_cookie("_token"))
+        login(browser, url, api_server.password)
         shot("logged-in")
 
         step = "open the DAG"
