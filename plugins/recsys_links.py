@@ -1,8 +1,12 @@
 """Extra links from the pipeline's tasks to where their results are browsed, and the Data Docs they link to.
 
+- **Run report** on every task of a DAG run: the run's report page (``report.html``, the ``report`` task's
+  ``report_page.path``), served by the API server under `/recsys/run-report/<dag>/<run>/report.html` to users who
+  may read the DAG's task instances; no button until the ``report`` task has returned it;
 - **MLflow run** on the model tasks (`baseline`, `als`, `autorec`, `knn`, `blend`, `implicit_als`, `ease`: the
-  model's run, `models.<task>.mlflow_run_id` of the task's return value) and the gates (`gate`, `ranking_gate`:
-  the challenger's run, `<gate>.challenger_run_id`);
+  model's run, `models.<task>.mlflow_run_id` of the task's return value), the gates (`gate`, `ranking_gate`:
+  the challenger's run, `<gate>.challenger_run_id`) and `report` (the run the page is logged to,
+  `report_page.mlflow_run_id`);
 - **MLflow model version** on `gate` and `ranking_gate` (the registered challenger version,
   `<gate>.registered_model` / `<gate>.challenger_version`);
 - **Data Docs** on `validate`: the run's Great Expectations Data Docs (`validation.data_docs`), served by the
@@ -35,6 +39,10 @@ DEFAULT_MLFLOW_UI_URL = "http://127.0.0.1:5000"
 DOCS_PREFIX = "/recsys"  # where the Data Docs app is mounted on the API server
 MODEL_TASKS = ("baseline", "als", "autorec", "knn", "blend", "implicit_als", "ease")
 GATE_TASKS = ("gate", "ranking_gate")  # each one's report section has its name
+REPORT_TASK = "report"  # returns {"report_page": {"path", "mlflow_run_id", "artifact_uri"}}
+REPORT_PAGE = "report.html"
+# the page is self-contained (charts are data: URIs): the browser loads nothing else, runs no script
+REPORT_PAGE_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; font-src data:"
 
 
 def mlflow_ui_url(environ: dict | None = None) -> str:
@@ -76,6 +84,8 @@ def mlflow_run_id(task_id: str, summary: Any) -> str | None:
         return None
     if task_id in GATE_TASKS:
         return (summary.get(task_id) or {}).get("challenger_run_id") or None
+    if task_id == REPORT_TASK:
+        return (report_page(summary) or {}).get("mlflow_run_id") or None
     model = (summary.get("models") or {}).get(task_id)
     if isinstance(model, dict) and model.get("mlflow_run_id"):
         return model["mlflow_run_id"]
@@ -98,6 +108,12 @@ def data_docs_index(summary: Any) -> Path | None:
     return Path(path) if path else None
 
 
+def report_page(summary: Any) -> dict | None:
+    """The ``report_page`` section of the report task's summary (None before the page is written)."""
+    page = summary.get("report_page") if isinstance(summary, dict) else None
+    return page if isinstance(page, dict) and page.get("path") else None
+
+
 def mlflow_run_url(run_id: str, base: str | None = None) -> str:
     return f"{base or mlflow_ui_url()}/#/runs/{quote(run_id, safe='')}"
 
@@ -109,6 +125,11 @@ def mlflow_model_version_url(name: str, version: str, base: str | None = None) -
 def data_docs_url(dag_id: str, run_id: str, base: str | None = None) -> str:
     base = airflow_base_path() if base is None else base.rstrip("/")
     return f"{base}{DOCS_PREFIX}/data-docs/{quote(dag_id, safe='')}/{quote(run_id, safe='')}/index.html"
+
+
+def run_report_url(dag_id: str, run_id: str, base: str | None = None) -> str:
+    base = airflow_base_path() if base is None else base.rstrip("/")
+    return f"{base}{DOCS_PREFIX}/run-report/{quote(dag_id, safe='')}/{quote(run_id, safe='')}/{REPORT_PAGE}"
 
 
 # --- the task instance's return value -----------------------------------------------------------------------
@@ -155,7 +176,7 @@ class _SummaryLink(BaseOperatorLink):
 
 class MlflowRunLink(_SummaryLink):
     name = "MLflow run"
-    tasks = (*MODEL_TASKS, *GATE_TASKS)
+    tasks = (*MODEL_TASKS, *GATE_TASKS, REPORT_TASK)
 
     def url(self, dag_id, task_id, run_id, summary):
         mlflow_run = mlflow_run_id(task_id, summary)
@@ -179,7 +200,21 @@ class DataDocsLink(_SummaryLink):
         return data_docs_url(dag_id, run_id) if data_docs_index(summary) else None
 
 
-# --- the Data Docs, served to users allowed to read the DAG's task instances --------------------------------
+class RunReportLink(BaseOperatorLink):
+    """On every task: the DAG run's report page, once its ``report`` task has returned one."""
+
+    name = "Run report"
+
+    def get_link(self, operator, *, ti_key) -> str:
+        try:
+            if report_page(task_return_value(ti_key.dag_id, REPORT_TASK, ti_key.run_id)) is None:
+                return ""
+            return run_report_url(ti_key.dag_id, ti_key.run_id)
+        except Exception:  # noqa: BLE001 - a link must never break the task page
+            return ""
+
+
+# --- the Data Docs and the report page, served to users allowed to read the DAG's task instances -------------
 
 
 async def _authorized(request: Request, dag_id: str) -> None:
@@ -198,8 +233,8 @@ async def _authorized(request: Request, dag_id: str) -> None:
     requires_access_dag("GET", DagAccessEntity.TASK_INSTANCE)(request, user)
 
 
-docs_app = FastAPI(title="MovieLens recsys: Great Expectations Data Docs of a run", docs_url=None, redoc_url=None,
-                   openapi_url=None)
+docs_app = FastAPI(title="MovieLens recsys: a run's Great Expectations Data Docs and report page", docs_url=None,
+                   redoc_url=None, openapi_url=None)
 
 
 @docs_app.get("/data-docs/{dag_id}/{run_id}/", dependencies=[Depends(_authorized)])
@@ -220,8 +255,20 @@ def data_docs_file(dag_id: str, run_id: str, file_path: str):
     return FileResponse(target)
 
 
+@docs_app.get("/run-report/{dag_id}/{run_id}/{file_name}", dependencies=[Depends(_authorized)])
+def run_report_file(dag_id: str, run_id: str, file_name: str):
+    """The run's report page: only the file the report task returned (``report_page.path``)."""
+    page = report_page(task_return_value(dag_id, REPORT_TASK, run_id))
+    if page is None:
+        raise HTTPException(404, f"no report page recorded for run {run_id!r} of {dag_id!r}")
+    target = Path(page["path"])
+    if file_name != REPORT_PAGE or not target.is_file():
+        raise HTTPException(404, f"{file_name!r} is not the run's report page")
+    return FileResponse(target, media_type="text/html", headers={"Content-Security-Policy": REPORT_PAGE_CSP})
+
+
 class RecsysPlugin(AirflowPlugin):
     name = "recsys"
-    global_operator_extra_links = [MlflowRunLink(), MlflowModelVersionLink(), DataDocsLink()]
-    fastapi_apps = [{"app": docs_app, "url_prefix": DOCS_PREFIX, "name": "recsys Data Docs"}]
+    global_operator_extra_links = [RunReportLink(), MlflowRunLink(), MlflowModelVersionLink(), DataDocsLink()]
+    fastapi_apps = [{"app": docs_app, "url_prefix": DOCS_PREFIX, "name": "recsys Data Docs and run report"}]
     external_views = [{"name": "MLflow", "href": mlflow_ui_url(), "destination": "nav"}]

@@ -1,5 +1,5 @@
 """The plugin's extra links resolve to URLs built from a task instance's XCom, as the API server computes them;
-its Data Docs route serves only the run's Data Docs, and only to an authenticated user."""
+its routes serve only the run's Data Docs and report page, and only to an authenticated user."""
 
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ sys.path.insert(0, str(REPO / "plugins"))
 import recsys_links  # noqa: E402
 
 RUN_IDS = {"baseline": "b" * 32, "als": "a" * 32, "autorec": "c" * 32, "knn": "e" * 32, "blend": "f" * 32,
-           "implicit_als": "1" * 32, "ease": "2" * 32, "gate": "d" * 32, "ranking_gate": "3" * 32}
+           "implicit_als": "1" * 32, "ease": "2" * 32, "gate": "d" * 32, "ranking_gate": "3" * 32,
+           "report": "4" * 32}
 
 
-def _summaries(data_docs: Path) -> dict:
+def _summaries(data_docs: Path, report_html: Path) -> dict:
     """Return values shaped like the stages' (see README's report.json)."""
     return {
         "validate": {"validation": {"success": True, "data_docs": str(data_docs)}, "timings_s": {"validate": 1.0}},
@@ -29,6 +30,8 @@ def _summaries(data_docs: Path) -> dict:
         "ranking_gate": {"ranking_gate": {"registered_model": "movielens-ranker", "challenger": "ease",
                                           "challenger_version": "2", "challenger_run_id": RUN_IDS["ranking_gate"],
                                           "decision": "promote"}},
+        "report": {"report_page": {"path": str(report_html), "mlflow_run_id": RUN_IDS["report"],
+                                   "artifact_uri": f"file:///x/mlruns/1/{RUN_IDS['report']}/artifacts/report.html"}},
     }
 
 
@@ -40,6 +43,14 @@ def data_docs(tmp_path_factory) -> Path:
     (folder / "validations" / "ratings.html").write_text("<html>ratings suite</html>")
     (folder.parent / "result.json").write_text("{}")  # beside the docs, never served
     return folder / "index.html"
+
+
+@pytest.fixture(scope="module")
+def report_html(data_docs) -> Path:
+    run = data_docs.parents[2]
+    (run / "report.json").write_text("{}")  # beside the page, never served
+    (run / "report.html").write_text("<html>the run on one page</html>")
+    return run / "report.html"
 
 
 BUNDLES = "AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST"
@@ -62,7 +73,7 @@ probe()
 
 
 @pytest.fixture(scope="module")
-def probe_run(airflow_db, data_docs, tmp_path_factory):
+def probe_run(airflow_db, data_docs, report_html, tmp_path_factory):
     """A real run in the metadata DB whose tasks return stage-shaped summaries (dag.test() of a DAG file in its
     own bundle: dag.test() syncs the DAG from a bundle)."""
     import json
@@ -71,7 +82,7 @@ def probe_run(airflow_db, data_docs, tmp_path_factory):
     from airflow.dag_processing.dagbag import DagBag
 
     folder = tmp_path_factory.mktemp("probe_dags")
-    (folder / "recsys_links_probe.py").write_text(PROBE_DAG.format(summaries=_summaries(data_docs)))
+    (folder / "recsys_links_probe.py").write_text(PROBE_DAG.format(summaries=_summaries(data_docs, report_html)))
     bundles = json.dumps([{"name": "recsys-links-probe",
                            "classpath": "airflow.dag_processing.bundles.local.LocalDagBundle",
                            "kwargs": {"path": str(folder), "refresh_interval": 0}}])
@@ -100,7 +111,7 @@ def test_plugin_is_loaded_from_the_plugins_folder():
     from airflow import plugins_manager
 
     names = {link.name for link in plugins_manager.get_global_operator_extra_links()}
-    assert {"MLflow run", "MLflow model version", "Data Docs"} <= names
+    assert {"Run report", "MLflow run", "MLflow model version", "Data Docs"} <= names
     apps = plugins_manager.get_fastapi_plugins()[0]
     assert any(app["url_prefix"] == recsys_links.DOCS_PREFIX for app in apps)
 
@@ -171,5 +182,68 @@ def test_data_docs_route_serves_only_the_runs_docs(probe_run, data_docs):
         assert client.get(f"{base}/..%2Fresult.json").status_code == 404  # outside the docs folder
         assert client.get(f"{base}/../result.json").status_code == 404
         assert client.get("/data-docs/recsys_links_probe/other-run/index.html").status_code == 404
+    finally:
+        recsys_links.docs_app.dependency_overrides.clear()
+
+
+@pytest.fixture
+def report_value(probe_run):
+    """Set the report task's XCom return value for a test (restored afterwards)."""
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    def set_value(value) -> None:
+        with create_session() as session:
+            XComModel.set("return_value", value, dag_id="recsys_links_probe", task_id="report",
+                          run_id=probe_run.run_id, session=session)
+
+    original = recsys_links.task_return_value("recsys_links_probe", "report", probe_run.run_id)
+    yield set_value
+    set_value(original)
+
+
+@pytest.mark.parametrize("task_id", ["validate", "olap", "als", "gate", "report"])
+def test_every_task_links_to_the_run_report_once_the_report_task_wrote_it(probe_run, report_value, monkeypatch,
+                                                                          task_id):
+    from urllib.parse import quote
+
+    monkeypatch.setenv("AIRFLOW__API__BASE_URL", "http://127.0.0.1:18080/")
+    ti, task = probe_run.get_task_instance(task_id), _serialized_task("recsys_links_probe", task_id)
+    assert "Run report" in task.extra_links
+    assert task.get_extra_links(ti, "Run report") == (
+        f"http://127.0.0.1:18080/recsys/run-report/recsys_links_probe/{quote(probe_run.run_id, safe='')}"
+        "/report.html")
+    for before in (None, "/x/report.json", {"report_page": {}}):  # not run yet, an older return value, no page
+        report_value(before)
+        assert task.get_extra_links(ti, "Run report") == "", before
+
+
+def test_report_task_links_to_the_pages_mlflow_run(probe_run, monkeypatch):
+    monkeypatch.setenv("RECSYS_MLFLOW_UI_URL", "http://mlflow.example:5001")
+    ti, task = probe_run.get_task_instance("report"), _serialized_task("recsys_links_probe", "report")
+    assert task.get_extra_links(ti, "MLflow run") == f"http://mlflow.example:5001/#/runs/{RUN_IDS['report']}"
+    assert recsys_links.mlflow_run_id("report", {"report_page": None}) is None
+
+
+def test_run_report_route_serves_only_the_runs_page(probe_run, report_html, report_value):
+    from urllib.parse import quote
+
+    from fastapi.testclient import TestClient
+
+    client = TestClient(recsys_links.docs_app)
+    base = f"/run-report/recsys_links_probe/{quote(probe_run.run_id, safe='')}"
+    assert client.get(f"{base}/report.html").status_code == 401  # no token, no cookie
+    recsys_links.docs_app.dependency_overrides[recsys_links._authorized] = lambda: None
+    try:
+        page = client.get(f"{base}/report.html")
+        assert page.status_code == 200 and "the run on one page" in page.text
+        assert page.headers["content-type"].startswith("text/html")
+        assert "default-src 'none'" in page.headers["content-security-policy"]  # the page loads nothing else
+        for other in ("report.json", "..%2Freport.json", "index.html"):
+            assert client.get(f"{base}/{other}").status_code == 404, other
+        assert client.get(f"{base}/../report.json").status_code == 404
+        assert client.get("/run-report/recsys_links_probe/other-run/report.html").status_code == 404
+        report_value("/x/report.json")  # a report task that returned no page
+        assert client.get(f"{base}/report.html").status_code == 404
     finally:
         recsys_links.docs_app.dependency_overrides.clear()
