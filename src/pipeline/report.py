@@ -60,8 +60,8 @@ def merged_sections(run_dir: Path, order: list[str] | None = None) -> dict:
     return merge([summary for _, summary in read_summaries(run_dir, order)])
 
 
-def write_report(ctx, order: list[str]) -> dict:
-    """``<run>/report.json`` from every summary in the run folder; returns it."""
+def assemble(ctx, order: list[str]) -> dict:
+    """The report of the run ``ctx`` from every summary in its folder (what ``write_report`` writes)."""
     from pipeline import lineage
 
     report = {"run_id": ctx.run_id, "source": ctx.source, "params": ctx.params.to_dict(),
@@ -69,5 +69,11 @@ def write_report(ctx, order: list[str]) -> dict:
     stale = lineage.stale_stages(ctx.run_dir)
     if stale:  # outputs built from inputs that were replaced since: their sections are gone until they re-run
         report["stale"] = stale
+    return report
+
+
+def write_report(ctx, order: list[str]) -> dict:
+    """``<run>/report.json`` from every summary in the run folder; returns it."""
+    report = assemble(ctx, order)
     storage.write_json_atomic(Path(ctx.run_dir) / REPORT, report)
     return report
