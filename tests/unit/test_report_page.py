@@ -4,7 +4,6 @@ both gates' reasons, titles, and a line for each section whose stage did not run
 from __future__ import annotations
 
 import base64
-from html.parser import HTMLParser
 from pathlib import Path
 
 import pandas as pd
@@ -12,43 +11,12 @@ import pytest
 
 from pipeline import report, report_page
 from pipeline.stages import ORDER
+from report_html import Page
 
-VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
 RATING_REASON = "challenger beats the baseline (0.8297 vs 0.8647) and there is no champion"
 RANKING_REASON = "challenger does not beat popularity (0.0901 vs 0.1098): keep the champion"
 MOVIES = {1: "Toy Story (1995)", 2: "Jumanji (1995)", 3: "Heat (1995)", 4: "<b>Bold</b> & Co (2000)",
           5: "Casino (1995)", 6: "Matrix, The (1999)"}
-
-
-class Page(HTMLParser):
-    """Tags opened and closed in order, every src/href, the images' sources, the text."""
-
-    def __init__(self, html: str):
-        super().__init__(convert_charrefs=True)
-        self.open, self.errors, self.links, self.images, self.text = [], [], [], [], []
-        self.feed(html)
-        self.close()
-
-    def handle_starttag(self, tag, attrs):
-        attrs = dict(attrs)
-        self.links += [attrs[a] for a in ("src", "href") if a in attrs]
-        if tag == "img":
-            self.images.append(attrs)
-        if tag not in VOID:
-            self.open.append(tag)
-
-    def handle_endtag(self, tag):
-        if not self.open or self.open[-1] != tag:
-            self.errors.append(f"</{tag}> closes {self.open[-1:] or 'nothing'}")
-        else:
-            self.open.pop()
-
-    def handle_data(self, data):
-        self.text.append(data)
-
-    @property
-    def words(self) -> str:
-        return " ".join(" ".join(self.text).split())
 
 
 def _tiny_png(path: Path) -> Path:
