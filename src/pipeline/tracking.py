@@ -27,6 +27,11 @@ log = logging.getLogger(__name__)
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 
+# MLflow's UI opens an experiment in the view of its kind: without the tag MLflow 3 opens the GenAI view (traces,
+# an assistant panel); this is a model-training project (docs/adr/0073-mlflow-and-data-docs-as-browsed.md)
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
 _CONFIGURE_LOCK = threading.Lock()
 _CONFIGURED: tuple | None = None  # (tracking URI, experiment name, experiment id) last configured in this process
 
@@ -65,9 +70,12 @@ def _configure(settings) -> str:
         artifact_location = None
         if settings.mlflow_tracking_uri.startswith("sqlite:///"):  # keep artifacts beside the embedded store
             artifact_location = settings.mlflow_artifacts_dir.as_uri()
-        experiment_id = mlflow.create_experiment(settings.mlflow_experiment, artifact_location=artifact_location)
+        experiment_id = mlflow.create_experiment(settings.mlflow_experiment, artifact_location=artifact_location,
+                                                 tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     else:
         experiment_id = experiment.experiment_id
+        if EXPERIMENT_KIND_TAG not in experiment.tags:  # made before the tag was set; a kind someone chose stays
+            mlflow.MlflowClient().set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     mlflow.set_experiment(experiment_id=experiment_id)
     _CONFIGURED = (*key, experiment_id)
     return experiment_id

@@ -57,7 +57,8 @@ def test_the_implicit_search_skips_a_diverged_fit_and_breaks_a_tie_by_all_the_it
 
     @contextlib.contextmanager
     def track(point):
-        yield lambda params, metrics: logged.append((point["rank"], point["reg_param"], sorted(metrics)))
+        yield lambda params, metrics: logged.append((point["rank"], point["reg_param"], point["max_iter"],
+                                                     sorted(metrics)))
 
     searched = run_search(IMPLICIT_GRID, fit, score, NDCG, halving_rungs(4, 9, 3), line_search=True, track=track)
     # the screen walks both ranks' regParams (past the diverged one), the finalists go rank by rank
@@ -65,9 +66,11 @@ def test_the_implicit_search_skips_a_diverged_fit_and_breaks_a_tie_by_all_the_it
     assert searched.point == {"rank": 2, "reg_param": 1.0, "alpha": 1.0, "max_iter": 9} and searched.full
     assert [r["rung_iters"] for r in searched.results] == [[3], [3, 9], [3, 9], [3]]
     assert searched.search["rungs"][0]["points"] == [0, 1, 2, 3] and searched.search["line_search"]
-    # one child run per point, across rungs: a screen fit logs its rung's NDCG, a full fit the NDCG itself
-    assert (2, 1.0, ["fit_s", "rung0_val_ndcg_at_10"]) in logged and (2, 1.0, ["fit_s", "val_ndcg_at_10"]) in logged
-    assert sum(not metrics for *_, metrics in logged) == 4  # each point's params, once
+    # one child run per fit, named by the iterations it runs: a screen fit logs its rung's NDCG, a full fit the
+    # NDCG itself
+    assert (2, 1.0, 3, ["fit_s", "rung0_val_ndcg_at_10"]) in logged
+    assert (2, 1.0, 9, ["fit_s", "val_ndcg_at_10"]) in logged
+    assert sorted(run[:3] for run in logged if not run[3]) == sorted(fits)  # each fit's params, once
 
 
 def test_only_the_implicit_search_chooses_among_the_screen_fits_too():

@@ -134,7 +134,6 @@ class Objective:
     higher_is_better: bool
     full_metrics: tuple[str, ...] = ()  # more of the scores kept and logged for a fit with all its iterations
     every_fit: bool = False  # choose among every fit, a screen's too; else among the fits with all their iterations
-    fit_s_per_fit: bool = False  # each fit logs its own seconds as ``fit_s``; else the point's seconds so far
 
     def better(self, new: float, old: float) -> bool:
         return new > old if self.higher_is_better else new < old
@@ -147,7 +146,7 @@ class Objective:
 RMSE = Objective("val_rmse", higher_is_better=False, full_metrics=("val_mae",))
 # the implicit grid: the highest validation NDCG@10 of every fit, the screen's included, so that the iterations
 # are chosen on validation (docs/adr/0040-implicit-als-chooses-among-every-fit.md)
-NDCG = Objective("val_ndcg_at_10", higher_is_better=True, every_fit=True, fit_s_per_fit=True)
+NDCG = Objective("val_ndcg_at_10", higher_is_better=True, every_fit=True)
 
 
 @dataclass
@@ -182,6 +181,28 @@ def _map(pool: ThreadPoolExecutor, fn, items: list) -> list:
     return list(pool.map(fn, items))
 
 
+@contextlib.contextmanager
+def _fit_run(track, point: dict, lock: threading.Lock):
+    """``track(point)``'s child run around one fit (opened and closed under ``lock``, as every MLflow call of the
+    search): yields its ``log(params, metrics)``, the point's params logged; without ``track`` a no-op."""
+    if track is None:
+        yield lambda params, metrics: None
+        return
+    run = track(point)
+    with lock:
+        record = run.__enter__()
+        record(point, {})
+    try:
+        yield record
+    except BaseException as exc:
+        with lock:
+            if not run.__exit__(type(exc), exc, exc.__traceback__):
+                raise
+    else:
+        with lock:
+            run.__exit__(None, None, None)
+
+
 def run_search(points: list[dict], fit, score, objective: Objective, rungs: list[dict], *, line_search: bool = False,
                workers: int = 1, track=None, label: str = "ALS") -> Searched:
     """Search ``points`` rung by rung (``rungs``: ``search_rungs``), ``workers`` fits side by side.
@@ -198,29 +219,30 @@ def run_search(points: list[dict], fit, score, objective: Objective, rungs: list
     choice: the best score (``objective``; a diverged NaN never wins while a number is left), on a tie the fit
     with all its iterations, then the earlier grid point, never the order in which the fits finished.
     ``track(point)``, if given, is a context manager yielding ``log(params, metrics)``: one MLflow child run per
-    point, kept open across rungs.
+    fit, opened when the fit starts and closed once it is scored, so that the run's duration is that fit's
+    (``point["max_iter"]`` the iterations it runs; a point refitted in a later rung has a run per rung;
+    docs/adr/0073-mlflow-and-data-docs-as-browsed.md).
     """
     halving = len(rungs) > 1
     line_search = line_search and halving
     metric, kept = objective.metric, (objective.metric, *objective.full_metrics)
     results = [{**p, **dict.fromkeys(kept), "fit_s": 0.0} for p in points]
-    lock = threading.Lock()
-    records: dict = {}
+    lock = threading.Lock()  # the results, the best fit, the log lines and the MLflow calls, one thread at a time
     best: dict = {}
 
-    def fit_one(stack: contextlib.ExitStack, rung_no: int, rung: dict, scored: dict, i: int) -> float:
+    def fit_one(rung_no: int, rung: dict, scored: dict, i: int) -> float:
         point = points[i]
-        with lock:
-            if i not in records:
-                records[i] = stack.enter_context(track(point)) if track else (lambda params, metrics: None)
-                records[i](point, {})
         full = rung["fraction"] >= 1.0
         iters = rung_iters(point, rung["fraction"])
-        started = time.perf_counter()
-        model = fit(point, iters)
-        fit_s = time.perf_counter() - started
-        scores = score(model)
-        value = scores[metric]
+        with _fit_run(track, {**point, "max_iter": iters}, lock) as record:
+            started = time.perf_counter()
+            model = fit(point, iters)
+            fit_s = time.perf_counter() - started
+            scores = score(model)
+            value = scores[metric]
+            with lock:
+                logged = {k: scores[k] for k in kept} if full else {f"rung{rung_no}_{metric}": value}
+                record({}, {**logged, "fit_s": fit_s})
         with lock:
             scored[i] = value
             result = results[i]
@@ -230,8 +252,6 @@ def run_search(points: list[dict], fit, score, objective: Objective, rungs: list
                 result.setdefault("rung_iters", []).append(iters)
             if full:
                 result.update({k: scores[k] for k in kept})
-            logged = {k: scores[k] for k in kept} if full else {f"rung{rung_no}_{metric}": value}
-            records[i]({}, {**logged, "fit_s": fit_s if objective.fit_s_per_fit else result["fit_s"]})
             rung["done"] += 1
             log.info("%s %s point %d/%d%s (%s, %d iterations): %s %.4f (%.1f s)", label,
                      f"halving rung {rung_no + 1}/{len(rungs)}" if halving else "grid", rung["done"],
@@ -244,11 +264,11 @@ def run_search(points: list[dict], fit, score, objective: Objective, rungs: list
         return value
 
     alive = list(range(len(points)))
-    with contextlib.ExitStack() as stack, ThreadPoolExecutor(max_workers=workers) as pool:
+    with ThreadPoolExecutor(max_workers=workers) as pool:
         for rung_no, rung in enumerate(rungs):
             started = time.perf_counter()
             scored: dict[int, float] = {}
-            fit_alive = functools.partial(fit_one, stack, rung_no, rung, scored)
+            fit_alive = functools.partial(fit_one, rung_no, rung, scored)
             groups = rank_groups(points, alive) if line_search and rung_no == len(rungs) - 1 else []
             rung.update(fit=list(alive), done=0, line_search=line_search and rung_no == 0, rank_walk=len(groups) > 1)
             if halving:
