@@ -207,16 +207,20 @@ def _pyfunc_class():
     import mlflow.pyfunc
 
     class RatingModelPyfunc(mlflow.pyfunc.PythonModel):
-        """Input: a DataFrame with user_id and movie_id. Output: predicted ratings (cold pairs: baseline)."""
+        """Input: user_id, movie_id (whole numbers). Output: one predicted rating per row (cold pairs: the bias
+        baseline). The contract: pipeline.serving.contract, docs/serving.md."""
 
         def load_context(self, context):
             from pipeline.models.saved import load_model
+            from pipeline.serving.contract import harden_scoring_server
 
+            harden_scoring_server()
             self.model = load_model(context.artifacts["rating_model"])
 
         def predict(self, context, model_input, params=None):
-            frame = pd.DataFrame(model_input)
-            return self.model.predict_all(frame["user_id"].to_numpy(np.int64), frame["movie_id"].to_numpy(np.int64))
+            from pipeline.serving.contract import rating_rows
+
+            return self.model.predict_all(*rating_rows(model_input))
 
     return RatingModelPyfunc
 
@@ -228,32 +232,43 @@ def input_example(model, rows: int = 3) -> pd.DataFrame:
                          "movie_id": np.resize(model.movie_ids, n).astype(np.int64)})
 
 
+def _requirements(*modules) -> list[str]:
+    import importlib
+
+    import mlflow
+
+    pins = {"mlflow": mlflow.__version__, "numpy": np.__version__, "pandas": pd.__version__}
+    for name in ("pyarrow", "scipy", *modules):
+        pins[name] = importlib.import_module(name).__version__
+    return [f"{name}=={version}" for name, version in pins.items()]
+
+
+def _log_pyfunc(python_model, artifact: str, folder: Path, name: str, signature, example, requirements,
+                registered_model_name: str | None = None):
+    import warnings
+
+    import mlflow
+
+    with quiet_mlflow(), warnings.catch_warnings():
+        # integer ids are what callers pass; a type-hinted predict is not what a pyfunc wrapper needs
+        warnings.filterwarnings("ignore", message=".*integer column.*")
+        warnings.filterwarnings("ignore", message=".*type hints.*")
+        return mlflow.pyfunc.log_model(
+            name=name, python_model=python_model, artifacts={artifact: str(folder)}, code_paths=[str(PACKAGE_DIR)],
+            signature=signature, input_example=example, pip_requirements=requirements,
+            registered_model_name=registered_model_name)
+
+
 def log_rating_model(model, name: str = "model", registered_model_name: str | None = None):
     """Log a rating model of any kind (factor model, item kNN, blend: ``pipeline.models.saved``) as a pyfunc
-    with signature, input example and explicit pip requirements."""
-    import mlflow
-    from mlflow.models import infer_signature
+    with the rating contract's signature, an input example and explicit pip requirements."""
+    from pipeline.serving.contract import rating_signature
 
     example = input_example(model)
-    signature = infer_signature(example, model.predict_all(example.user_id, example.movie_id))
     with tempfile.TemporaryDirectory() as tmp:
         folder = model.save(Path(tmp) / "rating_model")
-        import pyarrow
-        import scipy
-
-        requirements = [f"mlflow=={mlflow.__version__}", f"numpy=={np.__version__}", f"pandas=={pd.__version__}",
-                        f"pyarrow=={pyarrow.__version__}", f"scipy=={scipy.__version__}"]
-        import warnings
-
-        with quiet_mlflow(), warnings.catch_warnings():
-            # integer ids are what callers pass; a type-hinted predict is not what a pyfunc wrapper needs
-            warnings.filterwarnings("ignore", message=".*integer column.*")
-            warnings.filterwarnings("ignore", message=".*type hints.*")
-            return mlflow.pyfunc.log_model(
-                name=name, python_model=_pyfunc_class()(), artifacts={"rating_model": str(folder)},
-                code_paths=[str(PACKAGE_DIR)], signature=signature, input_example=example,
-                pip_requirements=requirements, registered_model_name=registered_model_name,
-            )
+        return _log_pyfunc(_pyfunc_class()(), "rating_model", folder, name, rating_signature(example), example,
+                           _requirements(), registered_model_name)
 
 
 log_factor_model = log_rating_model  # the name from before the kNN and blend models
@@ -262,53 +277,59 @@ log_factor_model = log_rating_model  # the name from before the kNN and blend mo
 def _ranker_pyfunc_class():
     import mlflow.pyfunc
 
-    class ItemItemPyfunc(mlflow.pyfunc.PythonModel):
-        """Input: user_id, history (the movie ids each user rated) and, optionally, ratings (theirs, in the same
-        order; a ranker that weighs a history by its ratings counts a history without them as all liked).
-        Output: user_id, rank, movie_id."""
+    class RankerPyfunc(mlflow.pyfunc.PythonModel):
+        """Input: rows of user_id and/or history (movie ids) and, optionally, ratings (same order); param k.
+        Output: one top-k list per row (row, user_id, rank, movie_id, title, score, source). The contract:
+        pipeline.serving.contract and served_ranker, docs/serving.md."""
 
         def load_context(self, context):
-            from pipeline.models.saved import load_model
+            from pipeline.serving.contract import harden_scoring_server
+            from pipeline.serving.served_ranker import ServedRanker
 
-            self.model = load_model(context.artifacts["item_item_model"])
+            harden_scoring_server()
+            self.served = ServedRanker.load(context.artifacts["ranker"])
+            self.model = self.served.model  # what the gates score and the recommend stage ranks with
 
         def predict(self, context, model_input, params=None):
-            frame = pd.DataFrame(model_input)
-            k = int((params or {}).get("k", 10))
-            if "ratings" in frame.columns:
-                history = {int(u): {int(m): float(r) for m, r in zip(h, rs)}
-                           for u, h, rs in zip(frame["user_id"], frame["history"], frame["ratings"])}
-            else:
-                history = {int(u): set(int(m) for m in h) for u, h in zip(frame["user_id"], frame["history"])}
-            top = self.model.top_k(list(history), k, exclude=history)
-            rows = [(u, r, m) for u, movies in top.items() for r, m in enumerate(movies, start=1)]
-            return pd.DataFrame(rows, columns=["user_id", "rank", "movie_id"])
+            from pipeline.serving.contract import check_k, ranker_rows
 
-    return ItemItemPyfunc
+            return self.served.answer(ranker_rows(model_input), check_k(params))
+
+    return RankerPyfunc
 
 
-def log_ranker(model, name: str = "model"):
-    """Log an item-item ranker (EASE) as a pyfunc that ranks from a history, without Spark."""
-    import mlflow
-    import pyarrow
+def ranker_example(served) -> pd.DataFrame:
+    """A user the ranker holds, by id, and a new user by a history of three popular movies and ratings."""
+    from pipeline.serving.contract import ranker_example as example
 
+    users = list(served.history)
+    known = users[0] if users else 1
+    return example(known, max(users, default=known) + 1, served.popular_ids[:3].tolist(),
+                   [5.0, 4.0, 4.5][:len(served.popular_ids[:3])])
+
+
+def log_ranker(model, ratings: pd.DataFrame, movies: pd.DataFrame | None, name: str = "ranker"):
+    """Log any ranking model as the ranker pyfunc (``pipeline.serving.served_ranker``): lists from a history or a
+    known user id, without Spark; ``ratings`` (every user's history) and ``movies`` (titles) go with it."""
+    from pipeline.serving.contract import ranker_signature
+    from pipeline.serving.served_ranker import ServedRanker
+
+    served = ServedRanker.build(model, ratings, movies)
+    extra = ("lightgbm",) if type(model).__name__ == "Reranker" else ()
     with tempfile.TemporaryDirectory() as tmp:
-        folder = model.save(Path(tmp) / "item_item_model")
-        requirements = [f"mlflow=={mlflow.__version__}", f"numpy=={np.__version__}", f"pandas=={pd.__version__}",
-                        f"pyarrow=={pyarrow.__version__}"]
-        with quiet_mlflow():
-            return mlflow.pyfunc.log_model(name=name, python_model=_ranker_pyfunc_class()(),
-                                           artifacts={"item_item_model": str(folder)},
-                                           code_paths=[str(PACKAGE_DIR)], pip_requirements=requirements)
+        folder = served.save(Path(tmp) / "ranker")
+        return _log_pyfunc(_ranker_pyfunc_class()(), "ranker", folder, name, ranker_signature(),
+                           ranker_example(served), _requirements(*extra))
 
 
-def log_model(model):
-    """The registrable pyfunc of any model the stages train (its item factors too, when it has them)."""
+def log_model(model, ratings: pd.DataFrame, movies: pd.DataFrame | None, rating: bool = True) -> dict:
+    """The registrable pyfuncs of a model the stages train: ``{"model": the rating pyfunc's URI (``rating`` and a
+    model that predicts ratings, else None), "ranker": the ranker pyfunc's URI}``; its item factors too, when
+    it has them."""
     if hasattr(model, "item_factors"):
         log_item_factors(model)
-    if hasattr(model, "predict_all"):
-        return log_rating_model(model)
-    return log_ranker(model)
+    rated = log_rating_model(model).model_uri if rating and hasattr(model, "predict_all") else None
+    return {"model": rated, "ranker": log_ranker(model, ratings, movies).model_uri}
 
 
 def log_figure(fig, artifact_file: str) -> None:

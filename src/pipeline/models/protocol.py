@@ -217,15 +217,15 @@ def run_candidate(ctx, stage: str, fit: Fit, *, kind: str = "rating", eligible: 
         with tracking.quiet_mlflow():
             for path in fitted.artifacts:
                 mlflow.log_artifact(str(path))
-        model_uri = tracking.log_model(model).model_uri if log_model else None
+        uris = tracking.log_model(model, *served_inputs(ctx), rating=kind == "rating") if log_model else {}
         ranking = scores["ranking"]
         candidates = {"ranking_candidate": {
             "name": stage, "val_ndcg_at_10": ranking["val_ndcg_at_10"], "test_ndcg_at_10": ranking["test_ndcg_at_10"],
-            "model_path": str(out_dir / "model"), "model_uri": model_uri, "mlflow_run_id": run.info.run_id}}
+            "model_path": str(out_dir / "model"), "model_uri": uris.get("ranker"), "mlflow_run_id": run.info.run_id}}
         if kind == "rating":
             candidates["candidate"] = {
                 "name": stage, "eligible": eligible, "val_rmse": val["val_rmse"], "test_rmse": scores["test_rmse"],
-                "model_path": str(out_dir / "model"), "model_uri": model_uri, "mlflow_run_id": run.info.run_id}
+                "model_path": str(out_dir / "model"), "model_uri": uris.get("model"), "mlflow_run_id": run.info.run_id}
         storage.write_manifest(tmp, stage, {}, **candidates, params=fitted.params, mlflow_run_id=run.info.run_id,
                                **fitted.manifest)
     section = {**{k: val[k] for k in ("val_rmse", "val_mae") if k in val}, **scores, "params": fitted.params,
@@ -235,6 +235,15 @@ def run_candidate(ctx, stage: str, fit: Fit, *, kind: str = "rating", eligible: 
              f"validation RMSE {val['val_rmse']:.4f}, test RMSE {scores['test_rmse']:.4f}, " if val else "",
              ranking["val_ndcg_at_10"] or 0.0, ranking["test_ndcg_at_10"] or 0.0, ranking["users"], fit_s)
     return {"models": {stage: section}, **fitted.sections}
+
+
+def served_inputs(ctx) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """(every validated rating, the movies) of the run: what a logged ranker answers known users and titles
+    from (``pipeline.serving.served_ranker``)."""
+    folder = ctx.stage_dir("validate")
+    ratings = pd.read_parquet(folder / "ratings.parquet", columns=["user_id", "movie_id", "rating"])
+    movies = folder / "movies.parquet"
+    return ratings, pd.read_parquet(movies) if movies.exists() else None
 
 
 class _RankingOnly:
