@@ -6,6 +6,7 @@ be; elsewhere the test is skipped with the reason."""
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import subprocess
@@ -65,10 +66,18 @@ def browser(artifacts):
     driver.quit()
 
 
-def screenshot(driver, artifacts: Path, name: str) -> Path:
-    """Save a numbered screenshot (``NN-name.png``) into the artifacts folder."""
+def screenshot(driver, artifacts: Path, name: str, full_page: bool = False) -> Path:
+    """Save a numbered screenshot (``NN-name.png``) into the artifacts folder: the window, or with ``full_page``
+    the whole page however long (Chromium's DevTools protocol)."""
     path = artifacts / f"{len(list(artifacts.glob('*.png'))):02d}-{name}.png"
-    driver.save_screenshot(str(path))
+    if not full_page:
+        driver.save_screenshot(str(path))
+        return path
+    size = driver.execute_cdp_cmd("Page.getLayoutMetrics", {})["cssContentSize"]
+    shot = driver.execute_cdp_cmd("Page.captureScreenshot", {
+        "format": "png", "captureBeyondViewport": True,
+        "clip": {"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1}})
+    path.write_bytes(base64.b64decode(shot["data"]))
     return path
 
 

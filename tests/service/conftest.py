@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 
+from airflow_service import AirflowService
 from browser import browser  # noqa: F401 - the fixture, for every test in this folder
 
 REPO = Path(__file__).resolve().parents[2]
@@ -24,13 +26,26 @@ def artifacts(request, tmp_path) -> Path:
         default = str(REPO / "var" / "test-artifacts") if os.environ.get("CI") else ""
         target = os.environ.get("RECSYS_TEST_ARTIFACTS") or default
         if target:
-            import shutil
-
             dest = Path(target) / request.node.name.replace("/", "_")
             shutil.copytree(folder, dest, dirs_exist_ok=True)
             print(f"artifacts of the failed test: {dest}")
         else:
             print(f"artifacts of the failed test: {folder}")
+
+
+@pytest.fixture
+def api_server(tmp_path, artifacts):
+    """Migrated SQLite metadata DB, the DAGs serialized once (no dag-processor needed), an API server."""
+    service = AirflowService(tmp_path / "airflow")
+    try:
+        service.cli("db", "migrate")
+        service.cli("dags", "reserialize")
+        service.start_api_server()
+        yield service
+    finally:
+        service.stop()
+        for log in service.logs.glob("*.log"):
+            shutil.copy(log, artifacts / log.name)
 
 
 @pytest.hookimpl(tryfirst=True, hookwrapper=True)

@@ -7,30 +7,14 @@ elsewhere). The browser, its login and how a missing Chromium is handled: browse
 
 from __future__ import annotations
 
-import shutil
 import time
 
 import pytest
 
-from airflow_service import DAG_ID, AirflowService, http
+from airflow_service import DAG_ID, http
 from browser import login, screenshot
 
 pytestmark = [pytest.mark.service, pytest.mark.timeout(420)]
-
-@pytest.fixture
-def api_server(tmp_path, artifacts):
-    """Migrated SQLite metadata DB, the DAGs serialized once (no dag-processor needed), an API server."""
-    service = AirflowService(tmp_path / "airflow")
-    try:
-        service.cli("db", "migrate")
-        service.cli("dags", "reserialize")
-        service.start_api_server()
-        yield service
-    finally:
-        service.stop()
-        for log in service.logs.glob("*.log"):
-            shutil.copy(log, artifacts / log.name)
-
 
 def test_trigger_form_submits_with_its_defaults(api_server, browser, artifacts):
     from selenium.common.exceptions import TimeoutException
