@@ -39,7 +39,7 @@ def _validate(ctx):
     from pipeline.data.validate import validate_tables
 
     return validate_tables(ctx.stage_dir("ingest"), ctx.stage_dir("validate"), ctx.params.quarantine_threshold,
-                           suites_dir=ctx.settings.suites_dir)
+                           suites_dir=ctx.settings.suites_dir, run_id=ctx.run_id)
 
 
 def _etl(ctx):

@@ -11,6 +11,7 @@ the file), the GX results and the Data Docs are kept in the stage folder.
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import time
@@ -55,30 +56,50 @@ def _gx_context(docs_dir: Path):
             "class_name": "SiteBuilder",
             "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
             "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+            "show_how_to_buttons": False,  # GX's tutorial footer: links out, shown over the table
         },
     )
     return context
 
 
-def _run_suite(context, table: str, level: str, expectations: list, df: pd.DataFrame, parameters: dict):
-    """One GX validation of ``df`` against the expectations of one level; results are stored for Data Docs."""
+def _run_suite(context, table: str, level: str, expectations: list, df: pd.DataFrame, parameters: dict,
+               labels: tuple[str, str] | None = None):
+    """One GX validation of ``df`` against the expectations of one level; results are stored for Data Docs,
+    labelled ``labels``: (run name, data asset name), ``run_labels``."""
     import great_expectations as gx
+    from great_expectations.core.run_identifier import RunIdentifier
 
     name = f"{table}.{level}"
+    run_name, asset_name = labels or run_labels(None, table, f"{table}.csv")
     suite = gx.ExpectationSuite(name=name, expectations=expectations)
     if len(suite.expectations) != len(expectations):  # GX drops invalid expectations with only a log line
         raise ConfigError(f"expectation suite {table}.json: {len(expectations) - len(suite.expectations)} "
                           f"expectation(s) of level {level!r} are not valid GX expectations")
     suite = context.suites.add(suite)
     source = context.data_sources.add_or_update_pandas(f"{name}.source")
-    batch = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe("all")
+    batch = source.add_dataframe_asset(table).add_batch_definition_whole_dataframe("all")
     definition = context.validation_definitions.add(gx.ValidationDefinition(name=name, data=batch, suite=suite))
+    run_id = RunIdentifier(run_name=run_name, run_time=datetime.datetime.now(datetime.UTC))
     result = definition.run(
         batch_parameters={"dataframe": df},
         expectation_parameters=parameters,
         result_format={"result_format": "COMPLETE"},
+        run_id=run_id,
     )
-    return result  # run() also stores the result, which is what Data Docs render
+    # run() stored the result, which is what Data Docs render; a dataframe's batch has no asset name there
+    # ("Data asset: None" on the page): stored again with it
+    result.meta["batch_spec"] = {**(result.meta.get("batch_spec") or {}), "data_asset_name": asset_name}
+    store = context.validation_results_store
+    for key in store.list_keys():
+        if key.expectation_suite_identifier.name == name and key.run_id.to_tuple() == run_id.to_tuple():
+            store.set(key, result)
+    return result
+
+
+def run_labels(run_id: str | None, table: str, file: str) -> tuple[str, str]:
+    """(run name, data asset name) of a table's validations in Data Docs: the pipeline run and the table
+    (``<run id> <table>``, the table alone without a run id) and the table with the file it was read from."""
+    return (f"{run_id} {table}" if run_id else table), f"{table} ({file})"
 
 
 def _describe(result, table: str, file: str, level: str, df: pd.DataFrame | None = None) -> dict:
@@ -164,8 +185,10 @@ def _clean_types(df: pd.DataFrame, schema: dict) -> pd.DataFrame:
 
 
 def validate_tables(ingest_dir: Path, out_dir: Path, quarantine_threshold: float, now: int | None = None,
-                    suites_dir: Path | None = None) -> dict:
-    """Validate the ingested tables; write clean tables, quarantine and Data Docs into ``out_dir``."""
+                    suites_dir: Path | None = None, run_id: str | None = None) -> dict:
+    """Validate the ingested tables; write clean tables, quarantine and Data Docs into ``out_dir`` (its pages
+    name the pipeline run ``run_id`` and the file of each table, and render without a network)."""
+    from pipeline.data.data_docs import make_offline
     from pipeline.data.formats import SCHEMAS
 
     manifest = storage.read_manifest(ingest_dir, "validate")
@@ -185,6 +208,7 @@ def validate_tables(ingest_dir: Path, out_dir: Path, quarantine_threshold: float
             if info is None:
                 continue
             file = info["source_file"]
+            labels = run_labels(run_id, table, file)
             columns = [c for c in pq.read_schema(info["path"]).names if c != "_raw"]
             df = pq.read_table(info["path"], columns=columns).to_pandas()
             if known_movies is not None and "movie_id" in df:
@@ -193,7 +217,7 @@ def validate_tables(ingest_dir: Path, out_dir: Path, quarantine_threshold: float
             by_level = {lvl: [e for e in suite["expectations"] if e["meta"]["level"] == lvl]
                         for lvl in ("schema", "row", "table")}
 
-            schema_result = _run_suite(context, table, "schema", by_level["schema"], df, parameters)
+            schema_result = _run_suite(context, table, "schema", by_level["schema"], df, parameters, labels)
             schema_failed = [_describe(r, table, file, "schema") for r in schema_result.results if not r.success]
             if schema_failed:
                 expected = by_level["schema"][0]["kwargs"]["column_set"]
@@ -202,7 +226,7 @@ def validate_tables(ingest_dir: Path, out_dir: Path, quarantine_threshold: float
                 stop = stop or f"{file}: the {table} table does not have the expected columns"
                 continue
 
-            row_result = _run_suite(context, table, "row", by_level["row"], df, parameters)
+            row_result = _run_suite(context, table, "row", by_level["row"], df, parameters, labels)
             bad = np.zeros(len(df), dtype=bool)
             # the failing rows only: a list per row costs 72 MB per million rows
             # (docs/adr/0058-quarantine-reasons-for-failing-rows-only.md)
@@ -241,7 +265,7 @@ def validate_tables(ingest_dir: Path, out_dir: Path, quarantine_threshold: float
             if unused:
                 dropped[table] = unused
             clean = _clean_types(df[~bad].drop(columns=["_movie_known", *extra], errors="ignore"), SCHEMAS[table])
-            table_result = _run_suite(context, table, "table", by_level["table"], clean, parameters)
+            table_result = _run_suite(context, table, "table", by_level["table"], clean, parameters, labels)
             table_failed = [_describe(r, table, file, "table") for r in table_result.results if not r.success]
             if table_failed:
                 failures += table_failed
@@ -255,6 +279,7 @@ def validate_tables(ingest_dir: Path, out_dir: Path, quarantine_threshold: float
                               "source_file": file}
 
         context.build_data_docs()
+        make_offline(tmp / "data_docs")  # GX's pages load their scripts and styles from CDNs
         result = {
             "success": stop is None,
             "quarantined_rows": quarantined_total,
