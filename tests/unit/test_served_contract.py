@@ -165,8 +165,12 @@ def scoring(served, monkeypatch):
     ("ranker", {"dataframe_records": [{"history": [10.5]}]}, "history"),
     ("ranker", "[" * 100_000 + "]" * 100_000, "nests JSON too deeply"),
     ("ranker", {"dataframe_records": [{"user_id": 1}, {"history": [40]}]}, "row 1: user_id is missing"),
+    ("rating", "not json", "the request body is not JSON in UTF-8 (JSONDecodeError"),
+    ("rating", "[1, 2]", "Received a list"),
+    ("rating", {"inputs": [[[[[1]]]]]}, "Must pass 2-d input"),
 ], ids=["float-id", "missing-column", "extra-column", "rating-input-to-ranker", "k-text", "k-500", "float-history",
-        "deep-json", "user-id-gap"])
+        "deep-json", "user-id-gap",
+        "not-json", "json-list", "nested-inputs"])
 def test_bad_requests_get_a_400_with_one_line_and_no_stack_trace(scoring, model, body, message):
     status, answer = scoring(model, body)
     assert status == 400, answer

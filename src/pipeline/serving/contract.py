@@ -186,6 +186,7 @@ def harden_scoring_server() -> bool:
 def _harden() -> bool:
     from mlflow.pyfunc import scoring_server
     from mlflow.utils import proto_json_utils
+    from mlflow.utils.proto_json_utils import MlflowInvalidInputException
 
     if getattr(scoring_server, "_recsys_hardened", False):
         return False
@@ -195,6 +196,11 @@ def _harden() -> bool:
     def decode_json_input(json_input):
         try:
             return decode(json_input)
+        except MlflowInvalidInputException as exc:
+            cause = exc.__cause__
+            if cause is None:
+                raise
+            raise contract_error(f"the request body is not JSON in UTF-8 ({type(cause).__name__}: {cause})") from None
         except RecursionError:
             raise contract_error("the request body nests JSON too deeply; send the rows as dataframe_records or "
                                  "dataframe_split") from None
