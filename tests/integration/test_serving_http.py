@@ -42,7 +42,9 @@ def servers(real_pipeline, tmp_path_factory):
     """Both champions served by MLflow's own scoring server on loopback: {"ranker": url, "rating": url}."""
     settings = real_pipeline["settings"]
     root = tmp_path_factory.mktemp("serve")
-    env = {**os.environ, "MLFLOW_TRACKING_URI": settings.mlflow_tracking_uri}
+    # the server starts uvicorn from PATH: this environment's, as docs/serving.md says
+    env = {**os.environ, "MLFLOW_TRACKING_URI": settings.mlflow_tracking_uri,
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     started = {}
     try:
         for (key, name), port in zip((("ranker", settings.registered_ranker), ("rating", settings.registered_model)),

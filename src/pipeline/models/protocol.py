@@ -217,7 +217,7 @@ def run_candidate(ctx, stage: str, fit: Fit, *, kind: str = "rating", eligible: 
         with tracking.quiet_mlflow():
             for path in fitted.artifacts:
                 mlflow.log_artifact(str(path))
-        uris = tracking.log_model(model, *served_inputs(ctx), rating=kind == "rating") if log_model else {}
+        uris = tracking.log_model(model, *served_inputs(split), rating=kind == "rating") if log_model else {}
         ranking = scores["ranking"]
         candidates = {"ranking_candidate": {
             "name": stage, "val_ndcg_at_10": ranking["val_ndcg_at_10"], "test_ndcg_at_10": ranking["test_ndcg_at_10"],
@@ -237,13 +237,14 @@ def run_candidate(ctx, stage: str, fit: Fit, *, kind: str = "rating", eligible: 
     return {"models": {stage: section}, **fitted.sections}
 
 
-def served_inputs(ctx) -> tuple[pd.DataFrame, pd.DataFrame | None]:
-    """(every validated rating, the movies) of the run: what a logged ranker answers known users and titles
-    from (``pipeline.serving.served_ranker``)."""
-    folder = ctx.stage_dir("validate")
-    ratings = pd.read_parquet(folder / "ratings.parquet", columns=["user_id", "movie_id", "rating"])
-    movies = folder / "movies.parquet"
-    return ratings, pd.read_parquet(movies) if movies.exists() else None
+def served_inputs(split: Split) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """(every rating of the split, the movies) of the run: what a logged ranker answers known users and titles
+    from (``pipeline.serving.served_ranker``). The split holds every validated rating, the recommend stage's
+    input, so a known user's list is their served list."""
+    ratings = pd.concat([frame[["user_id", "movie_id", "rating"]] for frame in (split.train, split.validation,
+                                                                                   split.test)], ignore_index=True)
+    movies = split.movies_path
+    return ratings, pd.read_parquet(movies) if movies is not None and Path(movies).exists() else None
 
 
 class _RankingOnly:
