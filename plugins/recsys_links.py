@@ -1,8 +1,9 @@
 """Extra links from the pipeline's tasks to where their results are browsed, and the Data Docs they link to.
 
-- **Run report** on every task of a DAG run: the run's report page (``report.html``, the ``report`` task's
-  ``report_page.path``), served by the API server under `/recsys/run-report/<dag>/<run>/report.html` to users who
-  may read the DAG's task instances; no button until the ``report`` task has returned it;
+- **Run report** on every task of a DAG run: the run's report page (``report.html``, ``report_page.path`` of the
+  report.json whose path the ``report`` task returns), served by the API server under
+  `/recsys/run-report/<dag>/<run>/report.html` to users who may read the DAG's task instances; no button until
+  the ``report`` task has returned it;
 - **MLflow run** on the model tasks (`baseline`, `als`, `autorec`, `knn`, `blend`, `implicit_als`, `ease`: the
   model's run, `models.<task>.mlflow_run_id` of the task's return value), the gates (`gate`, `ranking_gate`:
   the challenger's run, `<gate>.challenger_run_id`) and `report` (the run the page is logged to,
@@ -39,7 +40,7 @@ DEFAULT_MLFLOW_UI_URL = "http://127.0.0.1:5000"
 DOCS_PREFIX = "/recsys"  # where the Data Docs app is mounted on the API server
 MODEL_TASKS = ("baseline", "als", "autorec", "knn", "blend", "implicit_als", "ease")
 GATE_TASKS = ("gate", "ranking_gate")  # each one's report section has its name
-REPORT_TASK = "report"  # returns {"report_page": {"path", "mlflow_run_id", "artifact_uri"}}
+REPORT_TASK = "report"  # report.json's path; its section report_page: {"path", "mlflow_run_id", "artifact_uri"}
 REPORT_PAGE = "report.html"
 # the page is self-contained (charts are data: URIs): the browser loads nothing else, runs no script
 REPORT_PAGE_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; font-src data:"
@@ -80,12 +81,12 @@ def airflow_base_path() -> str:
 
 def mlflow_run_id(task_id: str, summary: Any) -> str | None:
     """The MLflow run of a task's summary: a model's run, or the gate's challenger run."""
+    if task_id == REPORT_TASK:
+        return (report_page(summary) or {}).get("mlflow_run_id") or None
     if not isinstance(summary, dict):
         return None
     if task_id in GATE_TASKS:
         return (summary.get(task_id) or {}).get("challenger_run_id") or None
-    if task_id == REPORT_TASK:
-        return (report_page(summary) or {}).get("mlflow_run_id") or None
     model = (summary.get("models") or {}).get(task_id)
     if isinstance(model, dict) and model.get("mlflow_run_id"):
         return model["mlflow_run_id"]
@@ -109,7 +110,14 @@ def data_docs_index(summary: Any) -> Path | None:
 
 
 def report_page(summary: Any) -> dict | None:
-    """The ``report_page`` section of the report task's summary (None before the page is written)."""
+    """The ``report_page`` section of the report task's return value (None before the page is written): the
+    stage summary itself, or the path of the run's report.json (what the DAG's ``report`` task returns, for REST
+    clients), whose section of that name it is."""
+    if isinstance(summary, str) and summary.endswith(".json"):
+        try:
+            summary = json.loads(Path(summary).read_text())
+        except (OSError, ValueError):
+            return None
     page = summary.get("report_page") if isinstance(summary, dict) else None
     return page if isinstance(page, dict) and page.get("path") else None
 
@@ -151,8 +159,8 @@ def task_return_value(dag_id: str, task_id: str, run_id: str, map_index: int = -
     if isinstance(value, (str, bytes)):  # stored as JSON text on some backends
         try:
             value = json.loads(value)
-        except ValueError:
-            return None
+        except ValueError:  # a plain string (the report task's path of report.json)
+            return value.decode(errors="replace") if isinstance(value, bytes) else value
     return value
 
 

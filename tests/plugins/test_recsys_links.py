@@ -30,8 +30,7 @@ def _summaries(data_docs: Path, report_html: Path) -> dict:
         "ranking_gate": {"ranking_gate": {"registered_model": "movielens-ranker", "challenger": "ease",
                                           "challenger_version": "2", "challenger_run_id": RUN_IDS["ranking_gate"],
                                           "decision": "promote"}},
-        "report": {"report_page": {"path": str(report_html), "mlflow_run_id": RUN_IDS["report"],
-                                   "artifact_uri": f"file:///x/mlruns/1/{RUN_IDS['report']}/artifacts/report.html"}},
+        "report": str(report_html.with_name("report.json")),  # as the DAG's report task returns
     }
 
 
@@ -45,11 +44,19 @@ def data_docs(tmp_path_factory) -> Path:
     return folder / "index.html"
 
 
+def _report_page(report_html: Path) -> dict:
+    """The report stage's summary (a section of report.json)."""
+    return {"report_page": {"path": str(report_html), "mlflow_run_id": RUN_IDS["report"],
+                            "artifact_uri": f"file:///x/mlruns/1/{RUN_IDS['report']}/artifacts/report.html"}}
+
+
 @pytest.fixture(scope="module")
 def report_html(data_docs) -> Path:
+    import json
+
     run = data_docs.parents[2]
-    (run / "report.json").write_text("{}")  # beside the page, never served
     (run / "report.html").write_text("<html>the run on one page</html>")
+    (run / "report.json").write_text(json.dumps({"run_id": "r", **_report_page(run / "report.html")}))  # not served
     return run / "report.html"
 
 
@@ -203,17 +210,19 @@ def report_value(probe_run):
 
 
 @pytest.mark.parametrize("task_id", ["validate", "olap", "als", "gate", "report"])
-def test_every_task_links_to_the_run_report_once_the_report_task_wrote_it(probe_run, report_value, monkeypatch,
-                                                                          task_id):
+def test_every_task_links_to_the_run_report_once_the_report_task_wrote_it(probe_run, report_html, report_value,
+                                                                          monkeypatch, task_id):
     from urllib.parse import quote
 
     monkeypatch.setenv("AIRFLOW__API__BASE_URL", "http://127.0.0.1:18080/")
     ti, task = probe_run.get_task_instance(task_id), _serialized_task("recsys_links_probe", task_id)
     assert "Run report" in task.extra_links
-    assert task.get_extra_links(ti, "Run report") == (
-        f"http://127.0.0.1:18080/recsys/run-report/recsys_links_probe/{quote(probe_run.run_id, safe='')}"
-        "/report.html")
-    for before in (None, "/x/report.json", {"report_page": {}}):  # not run yet, an older return value, no page
+    expected = (f"http://127.0.0.1:18080/recsys/run-report/recsys_links_probe/{quote(probe_run.run_id, safe='')}"
+                "/report.html")
+    assert task.get_extra_links(ti, "Run report") == expected  # from the report.json the report task returned
+    report_value(_report_page(report_html))  # the stage summary itself
+    assert task.get_extra_links(ti, "Run report") == expected
+    for before in (None, "/x/report.json", {"report_page": {}}):  # not run yet, no report.json there, no page
         report_value(before)
         assert task.get_extra_links(ti, "Run report") == "", before
 
@@ -243,6 +252,8 @@ def test_run_report_route_serves_only_the_runs_page(probe_run, report_html, repo
             assert client.get(f"{base}/{other}").status_code == 404, other
         assert client.get(f"{base}/../report.json").status_code == 404
         assert client.get("/run-report/recsys_links_probe/other-run/report.html").status_code == 404
+        report_value(_report_page(report_html))  # the stage summary itself
+        assert "the run on one page" in client.get(f"{base}/report.html").text
         report_value("/x/report.json")  # a report task that returned no page
         assert client.get(f"{base}/report.html").status_code == 404
     finally:
