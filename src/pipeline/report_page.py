@@ -248,17 +248,34 @@ def write_page(report: dict, run_dir: Path, order: list[str]) -> Path:
 
 
 def publish_report_page(ctx, order: list[str]) -> dict:
-    """Stage ``report``: write ``report.html`` and log it, with ``report.json``, to the MLflow run ``report``.
-    Returns the section ``report_page`` (what the Airflow link reads from the task's XCom)."""
-    import mlflow
-
+    """Stage ``report``: write ``report.html`` and log it, with ``report.json``, to the pipeline run's own MLflow
+    run (``tracking.pipeline_run``: the parent of every stage's run). Returns the section ``report_page`` (what
+    the Airflow link reads)."""
     from pipeline import report, tracking
 
     content = report.assemble(ctx, order)
     path = write_page(content, ctx.run_dir, order)
-    with tracking.start_run(ctx, "report", split=content.get("split")) as run, tracking.quiet_mlflow():
-        mlflow.log_artifact(str(path))
-        mlflow.log_text(storage.strict_json(content, indent=2, sort_keys=True) + "\n", report.REPORT)
-        uri = mlflow.get_artifact_uri(PAGE)
-    log.info("report: %s (MLflow run %s)", path, run.info.run_id)
-    return {"report_page": {"path": str(path), "mlflow_run_id": run.info.run_id, "artifact_uri": uri}}
+    run_id = tracking.pipeline_run(ctx, split=content.get("split"))
+    mlflow_client = tracking.client(ctx.settings)
+    with tracking.quiet_mlflow():
+        mlflow_client.log_artifact(run_id, str(path))
+        mlflow_client.log_text(run_id, storage.strict_json(content, indent=2, sort_keys=True) + "\n", report.REPORT)
+        for key, value in headline(content).items():
+            mlflow_client.set_tag(run_id, key, value)
+    uri = f"{mlflow_client.get_run(run_id).info.artifact_uri.rstrip('/')}/{PAGE}"
+    log.info("report: %s (MLflow run %s, the pipeline run's parent run)", path, run_id)
+    return {"report_page": {"path": str(path), "mlflow_run_id": run_id, "artifact_uri": uri}}
+
+
+def headline(content: dict) -> dict:
+    """The gates' outcomes as tags of the pipeline run's MLflow run (columns of MLflow's runs table)."""
+    tags = {}
+    for section, metric in (("gate", "rmse"), ("ranking_gate", "ndcg_at_10")):
+        gate = content.get(section) or {}
+        if gate:
+            tags[f"recsys.{section}.decision"] = gate.get("decision", "")
+            tags[f"recsys.{section}.challenger"] = gate.get("challenger", "")
+            score = gate.get(f"challenger_test_{metric}")
+            if score is not None:
+                tags[f"recsys.{section}.challenger_test_{metric}"] = f"{score:.4f}"
+    return tags

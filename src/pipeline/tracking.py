@@ -191,6 +191,46 @@ def run_tags(ctx, split: dict | None = None) -> dict:
     return tags
 
 
+ROLE_TAG, PIPELINE_ROLE = "recsys.role", "pipeline"
+
+
+def runs_of(ctx) -> list:
+    """Every MLflow run of this pipeline run (tag ``recsys.run_id``) in the experiment, oldest first."""
+    mlflow_client = client(ctx.settings)
+    experiment = configure(ctx.settings)
+    query = f"tags.`recsys.run_id` = '{ctx.run_id}'" if "'" not in ctx.run_id else ""
+    found, token = [], None
+    while True:
+        page = mlflow_client.search_runs([experiment], filter_string=query, max_results=1000, page_token=token)
+        found += [r for r in page if r.data.tags.get("recsys.run_id") == ctx.run_id]
+        token = page.token
+        if not token:
+            return sorted(found, key=lambda r: r.info.start_time or 0)
+
+
+def pipeline_run(ctx, split: dict | None = None) -> str:
+    """The id of the pipeline run's own MLflow run, named by its run id: the parent of every stage's run, from
+    the first stage run's start to now. Made by the report stage (found again when it runs again); the stage
+    runs of the pipeline run that have no parent are given it, so MLflow's runs table shows one row per
+    pipeline run, with its stages, and their grid points, nested below."""
+    import time
+
+    mlflow_client = client(ctx.settings)
+    runs = runs_of(ctx)
+    mine = [r for r in runs if r.data.tags.get(ROLE_TAG) == PIPELINE_ROLE]
+    if mine:
+        parent = mine[0].info.run_id
+    else:
+        start = min((r.info.start_time for r in runs if r.info.start_time), default=None)
+        parent = mlflow_client.create_run(configure(ctx.settings), start_time=start, run_name=ctx.run_id,
+                                          tags={**run_tags(ctx, split), ROLE_TAG: PIPELINE_ROLE}).info.run_id
+    for run in runs:
+        if run.info.run_id != parent and "mlflow.parentRunId" not in run.data.tags:
+            mlflow_client.set_tag(run.info.run_id, "mlflow.parentRunId", parent)
+    mlflow_client.set_terminated(parent, "FINISHED", end_time=int(time.time() * 1000))
+    return parent
+
+
 @contextmanager
 def quiet_mlflow():
     """MLflow logs a line per artifact upload and model-env inference; keep stage logs readable."""

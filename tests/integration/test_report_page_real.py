@@ -53,8 +53,26 @@ def test_the_report_page_is_logged_to_mlflow_with_report_json(real_pipeline):
     page = real_pipeline["first"]["report_page"]
     tracking.configure(real_pipeline["settings"])
     run = mlflow.get_run(page["mlflow_run_id"])
-    assert run.info.run_name == "report" and run.data.tags["recsys.run_id"] == real_pipeline["first"]["run_id"]
+    assert run.info.run_name == real_pipeline["first"]["run_id"] == run.data.tags["recsys.run_id"]
     assert {f.path for f in tracking.client(real_pipeline["settings"]).list_artifacts(run.info.run_id)} == \
         {"report.html", "report.json"}
     assert Path(mlflow.artifacts.download_artifacts(page["artifact_uri"])).read_bytes() == \
         Path(page["path"]).read_bytes()
+
+
+def test_the_pipeline_runs_mlflow_run_is_the_parent_of_every_stage_run(real_pipeline):
+    """One row per pipeline run in MLflow's runs table: its stages' runs nest under the run the page is logged
+    to, their grid points under them; the parent spans the stage runs."""
+    from pipeline import tracking
+    from pipeline.config import make_context
+
+    first = real_pipeline["first"]
+    ctx = make_context(run_id=first["run_id"], work_dir=real_pipeline["first_dir"], settings=real_pipeline["settings"])
+    runs = {r.info.run_id: r for r in tracking.runs_of(ctx)}
+    parent = runs.pop(first["report_page"]["mlflow_run_id"])
+    stage_runs = [r for r in runs.values() if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert {r.info.run_name for r in stage_runs} >= {"baseline", "als", "autorec", "ease", "implicit_als", "ltr"}
+    assert all(r.data.tags.get("mlflow.parentRunId") in runs or r in stage_runs for r in runs.values())
+    assert parent.info.start_time == min(r.info.start_time for r in runs.values())
+    assert parent.info.end_time >= max(r.info.end_time for r in stage_runs)
+    assert first["models"]["als"]["mlflow_run_id"] in {r.info.run_id for r in stage_runs}

@@ -174,7 +174,9 @@ def test_the_report_stage_writes_the_page_and_logs_it_to_mlflow(run, settings):
     assert RATING_REASON in Page(Path(page["path"]).read_text()).words
     client = tracking.client(settings)
     logged = client.get_run(page["mlflow_run_id"])
-    assert logged.info.run_name == "report" and logged.data.tags["recsys.run_id"] == "cli_test"
+    assert logged.info.run_name == "cli_test" and logged.data.tags["recsys.run_id"] == "cli_test"
+    assert logged.data.tags["recsys.role"] == "pipeline" and logged.info.status == "FINISHED"
+    assert logged.data.tags["recsys.ranking_gate.decision"] == content["ranking_gate"]["decision"]
     assert {f.path for f in client.list_artifacts(page["mlflow_run_id"])} == {"report.html", "report.json"}
     assert Path(mlflow.artifacts.download_artifacts(page["artifact_uri"])).read_bytes() == \
         Path(page["path"]).read_bytes()

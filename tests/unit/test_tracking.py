@@ -29,3 +29,26 @@ def test_a_rating_model_of_any_size_is_logged_with_an_input_example_of_its_own_p
         info.model_uri))
     assert len(saved) == min(3, max(n_users, n_movies))
     assert set(saved.user_id) <= set(model.user_ids) and set(saved.movie_id) <= set(model.movie_ids)
+
+
+def test_the_pipeline_run_becomes_the_parent_of_its_stage_runs_once(settings, tmp_path):
+    from pipeline.config import make_context
+
+    ctx = make_context(run_id="cli_nest", work_dir=tmp_path / "run", settings=settings)
+    other = make_context(run_id="cli_other", work_dir=tmp_path / "other", settings=settings)
+    with tracking.start_run(ctx, "baseline"):
+        pass
+    with tracking.start_run(ctx, "als") as als, tracking.child_run(als, ctx, "rank=8") as log:
+        log({"rank": 8}, {"val_rmse": 0.9})
+    with tracking.start_run(other, "baseline") as foreign:
+        pass
+    parent = tracking.pipeline_run(ctx)
+    client = tracking.client(settings)
+    runs = {r.info.run_name: r for r in tracking.runs_of(ctx)}
+    assert set(runs) == {"cli_nest", "baseline", "als", "rank=8"}
+    assert runs["cli_nest"].info.run_id == parent and runs["cli_nest"].info.status == "FINISHED"
+    assert runs["baseline"].data.tags["mlflow.parentRunId"] == runs["als"].data.tags["mlflow.parentRunId"] == parent
+    assert runs["rank=8"].data.tags["mlflow.parentRunId"] == als.info.run_id  # a grid point stays under its stage
+    assert runs["cli_nest"].info.start_time == runs["baseline"].info.start_time
+    assert "mlflow.parentRunId" not in client.get_run(foreign.info.run_id).data.tags  # another pipeline run's
+    assert tracking.pipeline_run(ctx) == parent and len(tracking.runs_of(ctx)) == 4  # again: the same run
