@@ -68,14 +68,21 @@ def _readable(path) -> Path | None:
     return Path(path) if path and Path(path).exists() else None
 
 
+def _section_table(report: dict, key: str, stage: str) -> tuple:
+    """(the report section, the table it names) or (why there is none, None)."""
+    section = report.get(key)
+    table = _readable(section and section.get("table"))
+    if table is None:
+        return (not_run(report, stage) if not section else f"not found: {section.get('table')}"), None
+    return section, pd.read_parquet(table)
+
+
 def similar_movies(report: dict, titles: Titles, ratings: pd.DataFrame | None) -> dict:
     """A few well-known movies (the most rated where none of them is in the table) and their similar movies,
     one column per metric."""
-    section = report.get("similarity")
-    table = _readable(section and section.get("table"))
-    if table is None:
-        return {"not_run": not_run(report, "similarity") if not section else f"not found: {section.get('table')}"}
-    frame = pd.read_parquet(table)
+    section, frame = _section_table(report, "similarity", "similarity")
+    if frame is None:
+        return {"not_run": section}
     present = set(frame["movie_id"].astype(int))
     chosen = [m for m in (titles.find(t) for t in WELL_KNOWN) if m in present]
     if len(chosen) < MOVIES_SHOWN and ratings is not None:
@@ -106,11 +113,9 @@ def _similar_cell(rows: pd.DataFrame, i: int, titles: Titles) -> dict | None:
 def user_lists(report: dict, titles: Titles, ratings: pd.DataFrame | None) -> dict:
     """The lists of a few users (the one with the fewest ratings, the median one, the one with the most), each
     beside the movies the user rated highest."""
-    section = report.get("recommendations")
-    table = _readable(section and section.get("table"))
-    if table is None:
-        return {"not_run": not_run(report, "recommend") if not section else f"not found: {section.get('table')}"}
-    recs = pd.read_parquet(table)
+    section, recs = _section_table(report, "recommendations", "recommend")
+    if recs is None:
+        return {"not_run": section}
     listed = set(recs["user_id"].astype(int))
     if ratings is not None and not ratings.empty:
         counts = ratings[ratings["user_id"].isin(listed)].groupby("user_id").size().sort_values(kind="stable")
