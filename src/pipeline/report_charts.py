@@ -92,7 +92,7 @@ def ndcg_chart(candidates: dict[str, dict], popularity: dict | None) -> str | No
                     fontsize=8, xytext=(3, 0), textcoords="offset points")
     if popularity and popularity.get("test_ndcg_at_10") is not None:
         ax.axvline(popularity["test_ndcg_at_10"], color=REFERENCE_COLOUR, ls="--", lw=1)
-    ax.set_xlim(0, max(values) * 1.18)
+    ax.set_xlim(0, (max(values) or 1.0) * 1.18)  # every figure 0: still a range
     ax.set(xlabel="test NDCG@10 (higher is better)", title="Every model as a ranker, beside popularity")
     return _figure_uri(fig)
 
