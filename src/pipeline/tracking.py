@@ -243,6 +243,22 @@ def quiet_mlflow():
         logger.setLevel(level)
 
 
+def _quiet_class(factory):
+    """Build a pyfunc class once per process, without MLflow's warning that its ``predict`` has no type hints
+    (the contract is the logged signature, pipeline.serving.contract)."""
+    import functools
+    import warnings
+
+    @functools.cache
+    def build():
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*type hints.*")
+            return factory()
+
+    return build
+
+
+@_quiet_class
 def _pyfunc_class():
     import mlflow.pyfunc
 
@@ -314,6 +330,7 @@ def log_rating_model(model, name: str = "model", registered_model_name: str | No
 log_factor_model = log_rating_model  # the name from before the kNN and blend models
 
 
+@_quiet_class
 def _ranker_pyfunc_class():
     import mlflow.pyfunc
 
