@@ -323,7 +323,7 @@ def log_rating_model(model, name: str = "model", registered_model_name: str | No
     example = input_example(model)
     with tempfile.TemporaryDirectory() as tmp:
         folder = model.save(Path(tmp) / "rating_model")
-        return _log_pyfunc(_pyfunc_class()(), "rating_model", folder, name, rating_signature(example), example,
+        return _log_pyfunc(_pyfunc_class()(), "rating_model", folder, name, rating_signature(), example,
                            _requirements(), registered_model_name)
 
 

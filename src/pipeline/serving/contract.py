@@ -43,11 +43,10 @@ def contract_error(message: str):
     return error
 
 
-def rating_signature(example: pd.DataFrame):
+def rating_signature():
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
-    del example  # the schema is the contract, not what one example happens to hold
     return ModelSignature(inputs=Schema([ColSpec("long", name) for name in RATING_INPUTS]),
                           outputs=Schema([ColSpec("double", "rating")]))
 
@@ -105,10 +104,15 @@ def _columns(frame, known: tuple[str, ...]) -> pd.DataFrame:
         frame = pd.DataFrame(frame)
     if not isinstance(frame, pd.DataFrame):
         raise contract_error(f"the input must be a table with columns {', '.join(known)}, got {type(frame).__name__}")
-    unknown = [str(c) for c in frame.columns if c not in known]
+    refuse_unknown(frame.columns, known)
+    return frame
+
+
+def refuse_unknown(columns, known) -> None:
+    """A 400 naming the columns of ``columns`` the model does not read."""
+    unknown = [str(c) for c in columns if c not in known]
     if unknown:
         raise contract_error(f"unknown input column(s) {', '.join(unknown)}; the model reads {', '.join(known)}")
-    return frame
 
 
 def rating_rows(frame) -> tuple[np.ndarray, np.ndarray]:
@@ -210,10 +214,8 @@ def _harden() -> bool:
         from mlflow.types.schema import Array
 
         named = schema is not None and schema.has_input_names()
-        unknown = [str(c) for c in pdf.columns if named and c not in schema.input_names()]
-        if unknown:
-            raise contract_error(f"unknown input column(s) {', '.join(unknown)}; the model reads "
-                                 f"{', '.join(schema.input_names())}")
+        if named:
+            refuse_unknown(pdf.columns, schema.input_names())
         for spec in schema.inputs if named else ():
             if spec.type == DataType.long and spec.name in pdf.columns:
                 for i, value in enumerate(pdf[spec.name]):

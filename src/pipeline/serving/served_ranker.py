@@ -40,11 +40,9 @@ class ServedRanker:
         from pipeline.models.popularity import popular_movies
 
         ratings = ratings[["user_id", "movie_id", "rating"]]
-        catalog = None if movies is None else movies[["movie_id", "title", "genres"]]
-        popular = popular_movies(ratings, catalog)[["movie_id", "title", "n_ratings"]]
-        titles = (pd.Series(dtype=object) if movies is None else
+        popular = popular_movies(ratings)[["movie_id", "n_ratings"]]
+        titles = (pd.Series(dtype=object) if movies is None else  # a movie without one is "movie <id>" (_rows)
                   pd.Series(movies["title"].to_numpy(object), index=movies["movie_id"].to_numpy(np.int64)))
-        titles = pd.concat([titles, pd.Series(popular["title"].to_numpy(object), index=popular["movie_id"])])
         return cls(model, Seen(ratings), popular, titles[~titles.index.duplicated()])
 
     # --- answering -------------------------------------------------------------------------------------------
