@@ -3,6 +3,7 @@ its routes serve only the run's Data Docs and report page, and only to an authen
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -173,24 +174,32 @@ def test_a_task_that_has_not_run_has_no_link():
     assert recsys_links.MlflowRunLink().get_link(None, ti_key=key) == ""
 
 
-def test_data_docs_route_serves_only_the_runs_docs(probe_run, data_docs):
+@contextlib.contextmanager
+def signed_in(route: str, run_id: str, page: str):
+    """(client, base URL) of ``route`` for the probe run on the docs app: ``page`` answers 401 without a login
+    first, then every request passes the authorization check (restored afterwards)."""
     from urllib.parse import quote
 
     from fastapi.testclient import TestClient
 
     client = TestClient(recsys_links.docs_app)
-    base = f"/data-docs/recsys_links_probe/{quote(probe_run.run_id, safe='')}"
-    assert client.get(f"{base}/index.html").status_code == 401  # no token, no cookie
+    base = f"/{route}/recsys_links_probe/{quote(run_id, safe='')}"
+    assert client.get(f"{base}/{page}").status_code == 401  # no token, no cookie
     recsys_links.docs_app.dependency_overrides[recsys_links._authorized] = lambda: None
     try:
+        yield client, base
+    finally:
+        recsys_links.docs_app.dependency_overrides.clear()
+
+
+def test_data_docs_route_serves_only_the_runs_docs(probe_run, data_docs):
+    with signed_in("data-docs", probe_run.run_id, "index.html") as (client, base):
         page = client.get(f"{base}/index.html")
         assert page.status_code == 200 and "GX index" in page.text
         assert "ratings suite" in client.get(f"{base}/validations/ratings.html").text
         assert client.get(f"{base}/..%2Fresult.json").status_code == 404  # outside the docs folder
         assert client.get(f"{base}/../result.json").status_code == 404
         assert client.get("/data-docs/recsys_links_probe/other-run/index.html").status_code == 404
-    finally:
-        recsys_links.docs_app.dependency_overrides.clear()
 
 
 @pytest.fixture
@@ -235,15 +244,7 @@ def test_report_task_links_to_the_pages_mlflow_run(probe_run, monkeypatch):
 
 
 def test_run_report_route_serves_only_the_runs_page(probe_run, report_html, report_value):
-    from urllib.parse import quote
-
-    from fastapi.testclient import TestClient
-
-    client = TestClient(recsys_links.docs_app)
-    base = f"/run-report/recsys_links_probe/{quote(probe_run.run_id, safe='')}"
-    assert client.get(f"{base}/report.html").status_code == 401  # no token, no cookie
-    recsys_links.docs_app.dependency_overrides[recsys_links._authorized] = lambda: None
-    try:
+    with signed_in("run-report", probe_run.run_id, "report.html") as (client, base):
         page = client.get(f"{base}/report.html")
         assert page.status_code == 200 and "the run on one page" in page.text
         assert page.headers["content-type"].startswith("text/html")
@@ -256,5 +257,3 @@ def test_run_report_route_serves_only_the_runs_page(probe_run, report_html, repo
         assert "the run on one page" in client.get(f"{base}/report.html").text
         report_value("/x/report.json")  # a report task that returned no page
         assert client.get(f"{base}/report.html").status_code == 404
-    finally:
-        recsys_links.docs_app.dependency_overrides.clear()
